@@ -1,0 +1,1 @@
+"""Flower glue shared by the coordinator and the sites."""

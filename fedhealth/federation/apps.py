@@ -1,0 +1,89 @@
+"""Factories for the Flower apps. ``server/`` and ``clients/`` expose them to ``flwr run``;
+``fedhealth simulate`` binds a config and data root directly (Flower's simulation API passes no
+run config)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedhealth.config import Config, site_settings, validate
+from fedhealth.errors import ConfigError
+from fedhealth.federation import site
+from fedhealth.federation.rundir import RunDir
+from fedhealth.federation.strategy import build_strategy
+from fedhealth.models import build_model
+from fedhealth.training import seed_everything
+
+log = logging.getLogger("fedhealth.coordinator")
+
+RUN_CONFIG_KEY = "fedhealth-config"
+
+
+def config_from_run_config(run_config: dict[str, object]) -> Config:
+    """The run's config travels as one JSON object of plain values under ``fedhealth-config``."""
+    raw = run_config.get(RUN_CONFIG_KEY, "")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"run config needs '{RUN_CONFIG_KEY}' (JSON of the resolved config)")
+    try:
+        return validate(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config '{RUN_CONFIG_KEY}' is not valid JSON: {exc}") from exc
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
+    """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``."""
+    seed_everything(cfg.seed)
+    initial = ArrayRecord(build_model(cfg.model).state_dict())
+    strategy = build_strategy(cfg, run_dir)
+    instruction = ConfigRecord(site_settings(cfg))
+
+    def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        line = run_dir.end_round(server_round, {k: v.numpy() for k, v in arrays.items()})
+        weighted = line.get("evaluate", {}).get("weighted", {})
+        if server_round:
+            sites = line["evaluate"]["sites"]
+            per_site = ", ".join(f"{n} {m['dice']:.3f}" for n, m in sorted(sites.items()))
+            log.info("round %d/%d: weighted dice %.4f | %s", server_round, cfg.rounds,
+                     weighted.get("dice", float("nan")), per_site)
+        return MetricRecord(weighted) if weighted else None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.rounds,
+        timeout=cfg.federation.round_timeout,
+        train_config=instruction,
+        evaluate_config=instruction,
+        evaluate_fn=end_round,
+    )
+    run_dir.finish()
+
+
+def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run_federation(grid, config, run_dir or RunDir.create(config))
+
+    return app
+
+
+def make_client_app(data_root: str | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return site.handle(msg, context, "train", data_root)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return site.handle(msg, context, "evaluate", data_root)
+
+    return app

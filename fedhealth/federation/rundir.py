@@ -1,0 +1,137 @@
+"""The run directory: what happened in one run, written as it happens.
+
+```
+<run_root>/<run_name>/
+  config.yaml            resolved configuration
+  metrics.jsonl          one JSON line per round: per-site and weighted train/evaluate metrics
+  checkpoints/           round-NNNN.safetensors + SHA256SUMS
+  manifest.json          versions, config hash, seed, rounds completed, checkpoint hashes
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhealth.config import Config, to_yaml
+from fedhealth.federation.checkpoint import CheckpointStore
+from fedhealth.io import append_line, atomic_write_text
+
+PACKAGES = ("fedhealth", "flwr", "torch", "monai", "opacus", "numpy", "safetensors")
+
+SiteMetrics = dict[str, float | int]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, float]:
+    """Example-weighted mean of ``keys`` over the sites' metric rows."""
+    total = sum(float(r["num-examples"]) for r in rows.values())
+    if total <= 0:
+        return {}
+    return {k: sum(float(r[k]) * float(r["num-examples"]) for r in rows.values()) / total
+            for k in keys if all(k in r for r in rows.values())}
+
+
+@dataclass
+class RoundLog:
+    train: dict[str, SiteMetrics] = field(default_factory=dict)
+    evaluate: dict[str, SiteMetrics] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: int = 0
+
+
+class RunDir:
+    """Creates and fills one run directory; the strategy calls it as rounds progress."""
+
+    def __init__(self, path: Path | str, cfg: Config) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = CheckpointStore(self.path / "checkpoints")
+        self.rounds: dict[int, RoundLog] = {}
+        self.started = time.time()
+        config_text = to_yaml(cfg)
+        atomic_write_text(self.path / "config.yaml", config_text)
+        self.manifest: dict[str, Any] = {
+            "run": self.path.name,
+            "started": _now(),
+            "finished": None,
+            "seed": cfg.seed,
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            "versions": package_versions(),
+            "rounds_planned": cfg.rounds,
+            "rounds_completed": 0,
+            "checkpoints": {},
+        }
+        self._write_manifest()
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunDir:
+        name = cfg.run_name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        return cls(Path(cfg.run_root) / name, cfg)
+
+    def log(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def end_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Checkpoint the global model and append the round's metrics line."""
+        ckpt, digest = self.checkpoints.save(server_round, arrays)
+        entry = self.log(server_round)
+        line: dict[str, Any] = {
+            "round": server_round,
+            "time": _now(),
+            "elapsed_s": round(time.time() - self.started, 3),
+            "checkpoint": {"file": f"checkpoints/{ckpt.name}", "sha256": digest},
+        }
+        if server_round > 0:
+            line["train"] = {
+                "sites": entry.train,
+                "weighted": weighted(entry.train, ("loss",)),
+                "rejected": entry.rejected,
+                "failed": entry.failed,
+            }
+            line["evaluate"] = {
+                "sites": entry.evaluate,
+                "weighted": weighted(entry.evaluate, ("dice", "loss")),
+            }
+        append_line(self.metrics, json.dumps(line, sort_keys=True))
+        self.manifest["checkpoints"][ckpt.name] = digest
+        self.manifest["rounds_completed"] = server_round
+        self._write_manifest()
+        return line
+
+    def finish(self) -> None:
+        self.manifest["finished"] = _now()
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=2))
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,83 @@
+"""Build MONAI segmentation networks that DP-SGD can train.
+
+DP-SGD needs per-sample gradients, so BatchNorm (which mixes samples) is never used: the U-Net
+uses InstanceNorm or GroupNorm, and activations are not in-place (Opacus's hook mode cannot
+handle in-place ops on its backward-hook views).
+
+``DP_READY`` maps each network to the Opacus ``grad_sample_mode`` it works with.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import SegResNet, UNet
+from torch import nn
+
+from fedhealth.config import ModelConfig
+from fedhealth.errors import ConfigError
+
+# Network -> Opacus grad_sample_mode known to work ("hooks": MONAI UNet; SegResNet's in-place
+# residual ``x += identity`` needs "ew").
+DP_READY: dict[str, str] = {"unet": "hooks", "segresnet": "ew"}
+
+_ACT = ("leakyrelu", {"negative_slope": 0.1, "inplace": False})
+
+
+def _norm(cfg: ModelConfig) -> tuple[str, dict[str, object]]:
+    if cfg.norm == "instance":
+        return ("instance", {"affine": True})
+    if cfg.norm == "group":
+        return ("group", {"num_groups": cfg.num_groups})
+    raise ConfigError(
+        f"model.norm={cfg.norm!r}: only 'instance' or 'group' (BatchNorm is not DP-compatible)"
+    )
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A fresh network for ``cfg``; the same seed gives the same initial weights."""
+    if cfg.name == "unet":
+        if len(cfg.strides) != len(cfg.channels) - 1:
+            raise ConfigError(
+                f"model.strides needs len(model.channels)-1 = {len(cfg.channels) - 1} entries"
+            )
+        model: nn.Module = UNet(
+            spatial_dims=3,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            channels=tuple(cfg.channels),
+            strides=tuple(cfg.strides),
+            num_res_units=cfg.num_res_units,
+            act=_ACT,
+            norm=_norm(cfg),
+        )
+    elif cfg.name == "segresnet":
+        model = SegResNet(
+            spatial_dims=3,
+            init_filters=cfg.channels[0],
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            act=("relu", {"inplace": False}),
+            norm=_norm(cfg),
+        )
+    else:
+        raise ConfigError(f"model.name={cfg.name!r}: choose one of {sorted(DP_READY)}")
+    check_dp_compatible(model)
+    return model
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Raise if the network holds a layer that breaks per-sample gradients."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(f"layer {name!r} is BatchNorm, which DP-SGD cannot train")
+        if getattr(module, "inplace", False):
+            raise ConfigError(f"layer {name!r} is in-place, which breaks Opacus hooks")
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_arrays(model: nn.Module) -> dict[str, "torch.Tensor"]:
+    """The model's state as detached CPU tensors, keyed as in ``state_dict``."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

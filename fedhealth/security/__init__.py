@@ -1,0 +1,1 @@
+"""Security: update validation (later: certificates, enrollment, secure aggregation)."""
