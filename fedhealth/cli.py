@@ -21,6 +21,7 @@ EXIT_USER_ERROR = 2
 
 
 def _setup_logging(verbose: bool) -> None:
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
