@@ -30,8 +30,10 @@ class CheckpointStore:
 
     def save(self, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[Path, str]:
         """Write the round's model atomically; returns (path, sha256)."""
+        # One metadata key only: safetensors writes a multi-key metadata map in hash order,
+        # which would make identical models hash differently.
         data = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                       metadata={"round": str(server_round), "format": "fedhealth-global-model"})
+                       metadata={"fedhealth-round": str(server_round)})
         path = self.path(server_round)
         digest = atomic_write_bytes(path, data)
         append_line(self.sums, f"{digest}  {path.name}")

@@ -56,7 +56,7 @@ class RoundLog:
     train: dict[str, SiteMetrics] = field(default_factory=dict)
     evaluate: dict[str, SiteMetrics] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
-    failed: int = 0
+    failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
 
 
 class RunDir:
@@ -108,11 +108,12 @@ class RunDir:
                 "sites": entry.train,
                 "weighted": weighted(entry.train, ("loss",)),
                 "rejected": entry.rejected,
-                "failed": entry.failed,
+                "failed": entry.failed["train"],
             }
             line["evaluate"] = {
                 "sites": entry.evaluate,
                 "weighted": weighted(entry.evaluate, ("dice", "loss")),
+                "failed": entry.failed["evaluate"],
             }
         append_line(self.metrics, json.dumps(line, sort_keys=True))
         self.manifest["checkpoints"][ckpt.name] = digest

@@ -130,7 +130,7 @@ class GuardedRounds:
         kept = []
         for msg in replies:
             if msg.has_error():
-                self.run_dir.log(server_round).failed += 1
+                self.run_dir.log(server_round).failed[phase] += 1
                 log.warning(
                     "round %d %s: node %d replied with error %d: %s", server_round, phase,
                     msg.metadata.src_node_id, msg.error.code, msg.error.reason,

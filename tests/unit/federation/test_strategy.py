@@ -96,4 +96,4 @@ def test_too_few_valid_updates_leave_the_model_unchanged(strategy):
     ins = Message(RecordDict(), dst_node_id=9, message_type="train")
     failed = Message(Error(code=1001, reason="site data invalid"), reply_to=ins)
     assert _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed]) is None
-    assert strategy.run_dir.log(1).failed == 1
+    assert strategy.run_dir.log(1).failed == {"train": 1, "evaluate": 0}
