@@ -1,0 +1,1 @@
+"""The hospital's Flower ClientApp (wiring only; the logic lives in ``fedhealth``)."""

@@ -1,0 +1,1 @@
+"""The coordinator's Flower ServerApp (wiring only; the logic lives in ``fedhealth``)."""

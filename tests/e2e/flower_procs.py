@@ -1,0 +1,88 @@
+"""Start real Flower processes on loopback for tests: every wait has a deadline, every process
+group is killed at the end, logs are kept for the failure message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # superlink spawns flower-superexec by name
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
+    return env
+
+
+class Procs:
+    """A set of background processes, each in its own session (so children die with it)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir, self.env = workdir, env
+        self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], cwd=self.workdir, env=self.env,
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.running.append((name, proc, log))
+        return proc
+
+    def wait_port(self, port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc, _ in self.running:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"port {port} not open after {timeout}s:\n{self.logs()}")
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {name} ---\n{log.read_text(errors='replace')[-tail:]}"
+                         for name, _, log in self.running if log.exists())
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _, proc, _ in self.running:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc, _ in self.running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict:
+    """Run the ``flwr`` CLI with ``--format json``; returns the parsed JSON."""
+    done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError as exc:
+        raise RuntimeError(f"flwr {args[0]} gave no JSON (exit {done.returncode}):\n"
+                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}") from exc
