@@ -82,6 +82,26 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """DP-SGD at every site (Opacus) and the site's budget.
+
+    ``enabled``, ``max_grad_norm``, ``accountant``, ``secure_rng`` and ``noise_multiplier`` are
+    the consortium's training settings, sent to sites each round. ``epsilon``, ``delta`` and
+    ``ledger_root`` are the site's own: in deployment each site sets them in its node config
+    (``epsilon-cap``, ``delta``, ``ledger-dir``) and the coordinator never sees them as inputs.
+    """
+
+    enabled: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    secure_rng: bool = False
+    noise_multiplier: float = 0.0
+    ledger_root: str = "ledgers"
+
+
+@dataclass
 class Config:
     """The whole run configuration (``configs/config.yaml``)."""
 
@@ -95,6 +115,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def config_dir() -> Path:
@@ -144,6 +165,11 @@ def _check_ranges(cfg: Config) -> None:
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
         "federation.round_timeout": cfg.federation.round_timeout > 0,
+        "privacy.epsilon": cfg.privacy.epsilon > 0,
+        "privacy.delta": 0 < cfg.privacy.delta < 1,
+        "privacy.max_grad_norm": cfg.privacy.max_grad_norm > 0,
+        "privacy.accountant": cfg.privacy.accountant in ("rdp", "prv"),
+        "privacy.noise_multiplier": cfg.privacy.noise_multiplier >= 0,
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
@@ -175,6 +201,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "strategy": StrategyConfig,
     "federation": FederationConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -199,7 +226,11 @@ def unflatten(flat: dict[str, Any]) -> Config:
 
 
 # What a site needs to train: sent by the coordinator as plain scalars in every instruction.
-SITE_KEYS = ("seed", "model.", "train.", "data.roi", "data.target_spacing", "data.cache")
+SITE_KEYS = (
+    "seed", "rounds", "model.", "train.", "data.roi", "data.target_spacing", "data.cache",
+    "privacy.enabled", "privacy.max_grad_norm", "privacy.accountant", "privacy.secure_rng",
+    "privacy.noise_multiplier",
+)
 
 
 def site_settings(cfg: Config) -> dict[str, bool | int | float | str]:

@@ -29,10 +29,17 @@ SITE_ERROR_CODES: dict[int, str] = {
     1001: "site data invalid or unreadable (see the site's log)",
     1002: "site training failed (see the site's log)",
     1003: "site refused the instruction (bad configuration from the coordinator)",
+    1004: "site refused: training this round would exceed its privacy budget",
+    1005: "site privacy ledger unreadable or corrupt: site stopped training",
 }
+BUDGET_REFUSAL = 1004
 
 
 def site_error_code(exc: BaseException) -> int:
+    if isinstance(exc, BudgetExhausted):
+        return 1004
+    if isinstance(exc, LedgerError):
+        return 1005
     if isinstance(exc, DataError):
         return 1001
     if isinstance(exc, ConfigError):
@@ -42,3 +49,15 @@ def site_error_code(exc: BaseException) -> int:
 
 class FederationError(FedHealthError):
     """A round cannot proceed: too few sites connected or replied before the deadline."""
+
+
+class LedgerError(FedHealthError):
+    """The privacy ledger is unreadable, corrupt or inconsistent: training must stop."""
+
+
+class BudgetExhausted(FedHealthError):
+    """Training this round would take the site past its (epsilon, delta) cap."""
+
+
+class RunStopped(FedHealthError):
+    """The coordinator stopped the run cleanly (for example: too few sites left)."""

@@ -26,6 +26,7 @@ from monai.transforms import (
     Spacingd,
 )
 from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from fedhealth.errors import DataError
 
@@ -67,7 +68,11 @@ def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteDat
         for i, item in enumerate(items):
             if not {"image", "label"} <= item.keys():
                 raise DataError(f"{path}: entry {i} of '{key}' needs 'image' and 'label'")
-        lists[split] = [{"image": str(it["image"]), "label": str(it["label"])} for it in items]
+        lists[split] = [
+            {"image": str(it["image"]), "label": str(it["label"]),
+             "patient": str(it.get("patient", f"{key}-{i}"))}
+            for i, it in enumerate(items)
+        ]
     if not lists["train"]:
         raise DataError(f"{path}: the 'training' list is empty")
     site = SiteData(path, lists["train"], lists["test"])
@@ -118,6 +123,31 @@ def transforms(roi: int, target_spacing: float, train: bool) -> Compose:
     return Compose(steps)
 
 
+class PatientDataset(TorchDataset):
+    """One record per patient, the privacy unit: item ``i`` is one of patient ``i``'s volumes.
+
+    Each draw picks one of the patient's volumes at random, so however many scans a patient
+    has, they enter a batch at most once and DP-SGD's per-record clipping bounds that
+    patient's whole contribution. ``len`` is the number of patients.
+    """
+
+    def __init__(self, volumes: TorchDataset, patients: list[str], seed: int) -> None:
+        self.volumes = volumes
+        groups: dict[str, list[int]] = {}
+        for index, patient in enumerate(patients):
+            groups.setdefault(patient, []).append(index)
+        self.groups = list(groups.values())
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict:
+        group = self.groups[index]
+        choice = group[0] if len(group) == 1 else group[int(self.rng.integers(len(group)))]
+        return self.volumes[choice]
+
+
 def make_loader(
     items: list[dict[str, str]],
     roi: int,
@@ -127,16 +157,19 @@ def make_loader(
     seed: int,
     cache: bool = True,
 ) -> TorchDataLoader:
-    """A seeded DataLoader over ``items``; random flips only in training."""
+    """A seeded DataLoader over ``items``; in training one record per patient and random flips."""
     import torch
 
     xform = transforms(roi, target_spacing, train)
+    volumes = [{"image": it["image"], "label": it["label"]} for it in items]
     if cache:
-        dataset = CacheDataset(items, xform, progress=False, num_workers=0)
+        dataset = CacheDataset(volumes, xform, progress=False, num_workers=0)
     else:
-        dataset = Dataset(items, xform)
+        dataset = Dataset(volumes, xform)
     if train:
         xform.set_random_state(seed)
+        dataset = PatientDataset(dataset, [it.get("patient", str(i)) for i, it in enumerate(items)],
+                                 seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, num_workers=0, generator=generator

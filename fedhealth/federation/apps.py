@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedhealth.config import Config, site_settings, validate
-from fedhealth.errors import ConfigError
+from fedhealth.config import Config, PrivacyConfig, site_settings, validate
+from fedhealth.errors import ConfigError, RunStopped
 from fedhealth.federation import site
 from fedhealth.federation.rundir import RunDir
 from fedhealth.federation.strategy import build_strategy
@@ -52,15 +52,20 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
                      weighted.get("dice", float("nan")), per_site)
         return MetricRecord(weighted) if weighted else None
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=instruction,
-        evaluate_config=instruction,
-        evaluate_fn=end_round,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.rounds,
+            timeout=cfg.federation.round_timeout,
+            train_config=instruction,
+            evaluate_config=instruction,
+            evaluate_fn=end_round,
+        )
+    except RunStopped as stop:
+        log.warning("run stopped cleanly: %s", stop)
+        run_dir.stop(run_dir.manifest["rounds_completed"] + 1, str(stop))
+        return
     run_dir.finish()
 
 
@@ -75,15 +80,16 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
     return app
 
 
-def make_client_app(data_root: str | None = None) -> ClientApp:
+def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None = None) -> ClientApp:
+    """``data_root`` and ``privacy`` (the sites' own budget) only in simulation."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return site.handle(msg, context, "train", data_root)
+        return site.handle(msg, context, "train", data_root, privacy)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return site.handle(msg, context, "evaluate", data_root)
+        return site.handle(msg, context, "evaluate", data_root, privacy)
 
     return app

@@ -56,6 +56,8 @@ class RoundLog:
     train: dict[str, SiteMetrics] = field(default_factory=dict)
     evaluate: dict[str, SiteMetrics] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
 
 
@@ -67,6 +69,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.metrics = self.path / "metrics.jsonl"
+        self.privacy = self.path / "privacy.jsonl"
         self.checkpoints = CheckpointStore(self.path / "checkpoints")
         self.rounds: dict[int, RoundLog] = {}
         self.started = time.time()
@@ -116,10 +119,27 @@ class RunDir:
                 "failed": entry.failed["evaluate"],
             }
         append_line(self.metrics, json.dumps(line, sort_keys=True))
+        self._write_privacy(server_round)
         self.manifest["checkpoints"][ckpt.name] = digest
         self.manifest["rounds_completed"] = server_round
         self._write_manifest()
         return line
+
+    def _write_privacy(self, server_round: int) -> None:
+        """The privacy table: one JSON line per site and round (trained or refused)."""
+        entry = self.log(server_round)
+        for site, row in sorted(entry.privacy.items()):
+            append_line(self.privacy, json.dumps({"round": server_round, "site": site,
+                                                  "status": "trained", **row}, sort_keys=True))
+        for site in sorted(entry.refused):
+            append_line(self.privacy, json.dumps({"round": server_round, "site": site,
+                                                  "status": "refused"}, sort_keys=True))
+
+    def stop(self, server_round: int, reason: str) -> None:
+        """The run stopped cleanly in ``server_round``: the global model stays as last saved."""
+        self._write_privacy(server_round)
+        self.manifest["stopped"] = {"round": server_round, "reason": reason}
+        self.finish()
 
     def finish(self) -> None:
         self.manifest["finished"] = _now()
@@ -129,9 +149,15 @@ class RunDir:
         atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=2))
 
 
-def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _now() -> str:

@@ -38,11 +38,11 @@ def simulate(cfg: Config) -> RunDir:
     }
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(str(root)),
+        client_app=make_client_app(str(root), cfg.privacy),
         num_supernodes=cfg.sites,
         backend_config=backend,
     )
-    if run_dir.manifest["rounds_completed"] != cfg.rounds:
+    if run_dir.manifest["rounds_completed"] != cfg.rounds and "stopped" not in run_dir.manifest:
         raise RuntimeError(
             f"simulation ended after {run_dir.manifest['rounds_completed']} of {cfg.rounds} "
             f"rounds; see the log above and {run_dir.path}"

@@ -15,12 +15,14 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedhealth.config import Config, from_site_settings
+from fedhealth.config import Config, PrivacyConfig, from_site_settings
 from fedhealth.data.loading import SiteData, make_loader, read_datalist
 from fedhealth.data.synth import site_dir
-from fedhealth.errors import SITE_ERROR_CODES, ConfigError, site_error_code
-from fedhealth.models import build_model
-from fedhealth.training import evaluate, seed_everything, train
+from fedhealth.errors import SITE_ERROR_CODES, ConfigError, LedgerError, site_error_code
+from fedhealth.models import DP_READY, build_model
+from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
+from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.training import DPSettings, evaluate, seed_everything, train
 
 log = logging.getLogger("fedhealth.site")
 
@@ -31,18 +33,31 @@ class Site:
 
     name: str
     data_dir: Path
+    budget: SiteBudget | None = None
 
     @classmethod
-    def from_context(cls, context: Context, data_root: str | None = None) -> Site:
-        """``data-dir`` (and optional ``site-name``) in the node config; in simulation,
-        ``partition-id`` under ``data_root``."""
+    def from_context(
+        cls, context: Context, data_root: str | None = None, privacy: PrivacyConfig | None = None
+    ) -> Site:
+        """Deployment: node config ``data-dir``, ``site-name``, ``ledger-dir``, ``epsilon-cap``,
+        ``delta``. Simulation: ``partition-id`` under ``data_root``, budget from ``privacy``."""
         node = context.node_config
         if "data-dir" in node:
             data_dir = Path(str(node["data-dir"]))
-            return cls(str(node.get("site-name", data_dir.name)), data_dir)
+            budget = None
+            if "ledger-dir" in node:
+                if "epsilon-cap" not in node:
+                    raise ConfigError("node config has 'ledger-dir' but no 'epsilon-cap'")
+                budget = SiteBudget(float(node["epsilon-cap"]), float(node.get("delta", 1e-5)),
+                                    Path(str(node["ledger-dir"])) / "ledger.sqlite")
+            return cls(str(node.get("site-name", data_dir.name)), data_dir, budget)
         if data_root is not None and "partition-id" in node:
             index = int(node["partition-id"])
-            return cls(f"site-{index}", site_dir(data_root, index))
+            budget = None
+            if privacy is not None:
+                budget = SiteBudget(privacy.epsilon, privacy.delta,
+                                    Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite")
+            return cls(f"site-{index}", site_dir(data_root, index), budget)
         raise ConfigError("node config needs 'data-dir' (path to the site's dataset directory)")
 
     def load(self) -> SiteData:
@@ -64,32 +79,64 @@ def _model_from(msg: Message, cfg: Config) -> nn.Module:
     return model
 
 
-def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.Module | None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.Module | None,
+           accountant: str = "") -> Message:
+    about = {"name": site.name, "accountant": accountant} if accountant else {"name": site.name}
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(about)})
     if model is not None:
         content["arrays"] = ArrayRecord(model.state_dict())
     return Message(content=content, reply_to=msg)
 
 
-def handle(msg: Message, context: Context, phase: str, data_root: str | None = None) -> Message:
+def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Config,
+           settings: dict, seed: int) -> Message:
+    server_round = int(settings.get("server-round", 0))
+    loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
+                         cfg.train.batch_size, True, seed, cfg.data.cache)
+    dp, privacy = None, {}
+    if cfg.privacy.enabled:
+        if site.budget is None:
+            raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
+        sample_rate, steps = 1.0 / len(loader), cfg.train.local_epochs * len(loader)
+        request = RoundRequest(
+            run=str(context.run_id), server_round=server_round, rounds_total=cfg.rounds,
+            sample_rate=sample_rate, steps=steps, max_grad_norm=cfg.privacy.max_grad_norm,
+            accountant=cfg.privacy.accountant, fixed_noise=cfg.privacy.noise_multiplier,
+        )
+        with PrivacyLedger(site.budget.ledger_path, site.name) as ledger:
+            entry = charge_round(ledger, site.budget, request, data.fingerprint(), site.name)
+        dp = DPSettings(entry.noise_multiplier, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
+                        cfg.privacy.secure_rng, DP_READY[cfg.model.name])
+        privacy = {"epsilon": entry.epsilon_after, "epsilon-cap": site.budget.epsilon_cap,
+                   "delta": site.budget.delta, "noise-multiplier": entry.noise_multiplier,
+                   "sample-rate": sample_rate, "dp-steps": steps}
+    model = _model_from(msg, cfg)
+    result = train(model, loader, cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay,
+                   float(settings.get("proximal-mu", 0.0)), dp)
+    if dp is not None and [list(p) for p in result.history] != [[dp.noise_multiplier, privacy["sample-rate"], privacy["dp-steps"]]]:
+        raise LedgerError(f"site {site.name}: Opacus ran {result.history}, ledger recorded "
+                          f"{(dp.noise_multiplier, privacy['sample-rate'], privacy['dp-steps'])}")
+    log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
+             f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
+    metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
+               **privacy}
+    return _reply(msg, site, metrics, model, cfg.privacy.accountant if privacy else "")
+
+
+def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,
+           privacy: PrivacyConfig | None = None) -> Message:
     """Run ``phase`` ("train" or "evaluate") for the instruction ``msg``."""
     try:
-        site = Site.from_context(context, data_root)
+        site = Site.from_context(context, data_root, privacy)
         settings = dict(msg.content["config"].items())
         cfg = from_site_settings(settings)
         server_round = int(settings.get("server-round", 0))
         data = site.load()
         seed = derive_seed(cfg.seed, site.name, server_round, phase)
         seed_everything(seed, cfg.train.num_threads)
-        model = _model_from(msg, cfg)
         if phase == "train":
-            loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
-                                 cfg.train.batch_size, True, seed, cfg.data.cache)
-            result = train(model, loader, cfg.train.local_epochs, cfg.train.lr,
-                           cfg.train.weight_decay, float(settings.get("proximal-mu", 0.0)))
-            log.info("site %s round %d: trained, loss %.4f", site.name, server_round, result.loss)
-            metrics = {"loss": result.loss, "num-examples": len(data.train), "steps": result.steps}
-            return _reply(msg, site, metrics, model)
+            return _train(msg, context, site, data, cfg, settings, seed)
+        model = _model_from(msg, cfg)
         loader = make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
                              cfg.train.batch_size, False, seed, cfg.data.cache)
         ev = evaluate(model, loader)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedhealth.config import Config
-from fedhealth.errors import ConfigError, FederationError, UpdateRejected
+from fedhealth.errors import BUDGET_REFUSAL, ConfigError, FederationError, RunStopped, UpdateRejected
 from fedhealth.federation.rundir import RunDir
 from fedhealth.security.validation import WEIGHT_KEY, validate_update
 
@@ -34,10 +34,17 @@ BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps")
+
+
+def _about(msg: Message) -> dict[str, Any]:
+    record = msg.content.config_records.get("site") if msg.has_content() else None
+    return dict(record.items()) if record is not None else {}
+
+
 def site_name(msg: Message) -> str:
     """The site's self-declared name from the reply's ``site`` ConfigRecord, or its node id."""
-    record = msg.content.config_records.get("site") if msg.has_content() else None
-    name = record.get("name") if record is not None else None
+    name = _about(msg).get("name")
     if isinstance(name, str) and _SITE_NAME.match(name):
         return name
     return f"node-{msg.metadata.src_node_id}"
@@ -55,6 +62,7 @@ class GuardedRounds:
     def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float) -> None:
         self.run_dir, self.max_examples = run_dir, max_examples
         self.min_sites, self.wait_timeout = min_sites, wait_timeout
+        self.node_names: dict[int, str] = {}
 
     def wait_for_sites(self, grid: Grid, server_round: int) -> None:
         deadline = time.monotonic() + self.wait_timeout
@@ -94,14 +102,23 @@ class GuardedRounds:
                 log.warning("round %d: rejected update: %s", server_round, exc)
                 entry.rejected[name] = str(exc)
                 continue
-            entry.train[name] = _metrics(msg)
+            metrics = _metrics(msg)
+            if accepted and set(metrics) != set(_metrics(accepted[0])):
+                entry.rejected[name] = f"site {name}: metric keys {sorted(metrics)} differ"
+                continue
+            entry.train[name] = metrics
+            if "epsilon" in metrics:
+                entry.privacy[name] = {
+                    **{k.replace("-", "_"): metrics[k] for k in PRIVACY_KEYS if k in metrics},
+                    "accountant": str(_about(msg).get("accountant", "")),
+                }
             accepted.append(msg)
         if len(accepted) < self.min_sites:
-            log.warning(
-                "round %d: %d valid update(s), fewer than the %d required; global model unchanged",
-                server_round, len(accepted), self.min_sites,
-            )
-            return None, None
+            reason = (f"round {server_round}: {len(accepted)} valid update(s), fewer than the "
+                      f"{self.min_sites} required (refused: {sorted(entry.refused) or 'none'}, "
+                      f"failed: {entry.failed['train']}, rejected: {sorted(entry.rejected) or 'none'})")
+            log.warning("%s; stopping the run, global model unchanged", reason)
+            raise RunStopped(reason)
         accepted.sort(key=site_name)
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
@@ -128,14 +145,20 @@ class GuardedRounds:
         self, server_round: int, replies: Iterable[Message], phase: str
     ) -> list[Message]:
         kept = []
+        entry = self.run_dir.log(server_round)
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                self.run_dir.log(server_round).failed[phase] += 1
+                if msg.error.code == BUDGET_REFUSAL and phase == "train":
+                    entry.refused.append(self.node_names.get(node, f"node-{node}"))
+                else:
+                    entry.failed[phase] += 1
                 log.warning(
                     "round %d %s: node %d replied with error %d: %s", server_round, phase,
                     msg.metadata.src_node_id, msg.error.code, msg.error.reason,
                 )
             elif len(msg.content.metric_records) == 1:
+                self.node_names[node] = site_name(msg)
                 kept.append(msg)
             else:
                 log.warning("round %d %s: reply from %s has no single MetricRecord",

@@ -1,5 +1,12 @@
 """Local training and evaluation at a site (MONAI losses and metrics)."""
 
-from fedhealth.training.loop import EvalResult, TrainResult, evaluate, seed_everything, train
+from fedhealth.training.loop import (
+    DPSettings,
+    EvalResult,
+    TrainResult,
+    evaluate,
+    seed_everything,
+    train,
+)
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "seed_everything", "train"]
+__all__ = ["DPSettings", "EvalResult", "TrainResult", "evaluate", "seed_everything", "train"]

@@ -15,6 +15,29 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 from torch import nn
+from torch.utils.data import DataLoader
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """DP-SGD for one local training phase (Abadi et al. 2016, https://arxiv.org/abs/1607.00133),
+    run by Opacus: per-sample clipping to ``max_grad_norm``, Gaussian noise of
+    ``noise_multiplier * max_grad_norm``, Poisson sampling of records.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+    max_grad_norm : float
+    accountant : str, default "rdp" ("prv" also)
+    secure_rng : bool, default False: cryptographically secure noise (Opacus ``secure_mode``)
+    grad_sample_mode : str, default "hooks": see :data:`fedhealth.models.DP_READY`
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+    secure_rng: bool = False
+    grad_sample_mode: str = "hooks"
 
 
 @dataclass(frozen=True)
@@ -22,6 +45,7 @@ class TrainResult:
     loss: float
     num_examples: int
     steps: int
+    history: tuple[tuple[float, float, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,31 +75,71 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
 
 def train(
     model: nn.Module,
-    loader: Iterable[dict[str, torch.Tensor]],
+    loader: DataLoader,
     epochs: int,
     lr: float,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with Adam; returns the mean loss over the last epoch."""
-    model.train()
+    """Train ``model`` in place with Adam (DP-Adam through Opacus when ``dp`` is given).
+
+    Returns the mean loss over the last epoch and, with DP, the accountant's history. The
+    FedProx gradient ``mu * (w - w_global)`` depends on no record, so under DP it is added
+    after clipping and noise (post-processing), not through the per-sample gradients.
+    """
     criterion = loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    engine = None
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
+        )
+    model.train()
     steps, seen, last_epoch_loss = 0, 0, 0.0
     for _ in range(epochs):
         total, count = 0.0, 0
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(batch["image"]), batch["label"])
-            if anchor:
-                loss = loss + 0.5 * proximal_mu * proximal_term(model, anchor)
-            loss.backward()
-            optimizer.step()
             n = batch["image"].shape[0]
-            total, count, steps = total + loss.item() * n, count + n, steps + 1
+            if n:
+                loss = criterion(model(batch["image"]), batch["label"])
+                loss.backward()
+                total, count = total + loss.item() * n, count + n
+            elif engine is not None:  # Poisson sampling drew no record: a noise-only step
+                for p in params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+            _step(optimizer, params, anchor, proximal_mu, private=engine is not None)
+            steps += 1
         seen, last_epoch_loss = count, total / max(count, 1)
-    return TrainResult(loss=last_epoch_loss, num_examples=seen, steps=steps)
+    history: tuple[tuple[float, float, int], ...] = ()
+    if engine is not None:
+        history = tuple(engine.accountant.history)
+        model._close()  # type: ignore[operator]  # removes Opacus's hooks and grad_sample
+    return TrainResult(loss=last_epoch_loss, num_examples=seen, steps=steps, history=history)
+
+
+def _step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], anchor: list[torch.Tensor],
+          mu: float, private: bool) -> None:
+    if private:  # DPOptimizer: pre_step clips, noises and averages into p.grad
+        if not optimizer.pre_step():  # type: ignore[attr-defined]
+            return
+        inner = optimizer.original_optimizer  # type: ignore[attr-defined]
+    else:
+        inner = optimizer
+    if anchor:
+        with torch.no_grad():
+            for p, a in zip(params, anchor, strict=True):
+                prox = mu * (p - a)
+                p.grad = prox if p.grad is None else p.grad + prox
+    inner.step()
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ import pytest
 from fedhealth.config import compose
 from fedhealth.federation.checkpoint import CheckpointStore
 from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.rundir import read_metrics
+from fedhealth.federation.rundir import read_jsonl, read_metrics
+from fedhealth.privacy.ledger import PrivacyLedger
 
 from .flower_procs import Procs, flower_env, flwr, free_port
 
@@ -32,7 +33,8 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
             procs.start(f"supernode-{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                 "--port", str(port),
-                "--node-config", f"data-dir='{Path(cohort) / f'site-{i}'}' site-name='hospital-{i}'",
+                "--node-config", f"data-dir='{Path(cohort) / f'site-{i}'}' site-name='hospital-{i}' "
+                f"ledger-dir='{tmp_path / f'ledger-{i}'}' epsilon-cap=8.0 delta=1e-5",
             ])
         home = tmp_path / "flwr-home"
         home.mkdir(exist_ok=True)
@@ -63,4 +65,11 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
     store = CheckpointStore(run / "checkpoints")
     assert store.rounds() == [0, 1, 2]
     store.load(2)  # verifies the sha256
+    privacy = read_jsonl(run / "privacy.jsonl")
+    assert {(row["round"], row["site"]) for row in privacy} == {
+        (r, f"hospital-{i}") for r in (1, 2) for i in (0, 1)}
+    assert all(0 < row["epsilon"] <= 8.0 for row in privacy)
+    for i in (0, 1):
+        with PrivacyLedger(tmp_path / f"ledger-{i}" / "ledger.sqlite") as ledger:
+            assert [e.round for e in ledger.entries] == [1, 2]
     assert (run / "config.yaml").is_file() and (run / "manifest.json").is_file()

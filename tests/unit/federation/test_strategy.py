@@ -5,6 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedhealth.config import compose
+from fedhealth.errors import RunStopped
 from fedhealth.federation.rundir import RunDir
 from fedhealth.federation.strategy import build_strategy
 
@@ -91,9 +92,13 @@ def test_example_count_is_bounded(strategy, count):
     assert "num-examples" in strategy.run_dir.log(1).rejected["site-liar"]
 
 
-def test_too_few_valid_updates_leave_the_model_unchanged(strategy):
+def test_too_few_valid_updates_stop_the_run_cleanly(strategy):
     rng = np.random.default_rng(5)
     ins = Message(RecordDict(), dst_node_id=9, message_type="train")
     failed = Message(Error(code=1001, reason="site data invalid"), reply_to=ins)
-    assert _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed]) is None
+    refused = Message(Error(code=1004, reason="budget"), reply_to=Message(
+        RecordDict(), dst_node_id=8, message_type="train"))
+    with pytest.raises(RunStopped, match="1 valid update"):
+        _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed, refused])
     assert strategy.run_dir.log(1).failed == {"train": 1, "evaluate": 0}
+    assert strategy.run_dir.log(1).refused == ["node-8"]

@@ -1,0 +1,80 @@
+"""The site's budget policy: plan the noise to fit the cap, and refuse past it (hard stop).
+
+Before each round's training the site (1) plans, once per run, the smallest noise multiplier
+that keeps its epsilon within its cap for all the run's remaining rounds, given everything its
+ledger says it has already spent; (2) computes the epsilon this round would bring it to and
+refuses if that exceeds the cap; (3) records the round in its ledger, durably, before any
+training happens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedhealth.errors import BudgetExhausted
+from fedhealth.privacy.accounting import epsilon, plan_noise
+from fedhealth.privacy.ledger import Entry, Plan, PrivacyLedger
+
+log = logging.getLogger("fedhealth.privacy")
+
+
+@dataclass(frozen=True)
+class SiteBudget:
+    """A site's own cap and where its ledger lives (never set by the coordinator)."""
+
+    epsilon_cap: float
+    delta: float
+    ledger_path: Path
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the coordinator asks of the site this round, in DP terms."""
+
+    run: str
+    server_round: int
+    rounds_total: int
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    accountant: str
+    fixed_noise: float = 0.0
+
+
+def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
+                 fingerprint: str, site: str) -> Entry:
+    """Plan (once per run), check the cap, and record the round; raises BudgetExhausted."""
+    history = ledger.history()
+    spent = epsilon(history, budget.delta, req.accountant)
+    plan = ledger.plan(req.run)
+    if plan is None:
+        rounds_left = max(1, req.rounds_total - req.server_round + 1)
+        planned_steps = req.steps * rounds_left
+        sigma = req.fixed_noise or plan_noise(history, req.sample_rate, planned_steps,
+                                              budget.epsilon_cap, budget.delta, req.accountant)
+        if sigma is None:
+            raise BudgetExhausted(
+                f"site {site}: {spent:.3f} of epsilon cap {budget.epsilon_cap} spent; "
+                f"{rounds_left} more round(s) of {req.steps} steps cannot fit at any noise level"
+            )
+        planned = epsilon([*history, (sigma, req.sample_rate, planned_steps)], budget.delta,
+                          req.accountant)
+        plan = Plan(req.run, sigma, req.sample_rate, req.steps, rounds_left, planned)
+        ledger.save_plan(plan)
+        log.info(
+            "site %s: privacy plan for run %s: noise multiplier %.3f, sample rate %.4f, "
+            "%d rounds x %d steps; epsilon %.3f spent before, %.3f planned after, cap %.3f "
+            "(delta %.1e, %s accountant)", site, req.run, sigma, req.sample_rate, rounds_left,
+            req.steps, spent, planned, budget.epsilon_cap, budget.delta, req.accountant,
+        )
+    phase = (plan.noise_multiplier, req.sample_rate, req.steps)
+    would = epsilon([*history, phase], budget.delta, req.accountant)
+    if would > budget.epsilon_cap:
+        raise BudgetExhausted(
+            f"site {site}: round {req.server_round} would bring epsilon to {would:.3f}, over "
+            f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
+        )
+    return ledger.record(req.run, req.server_round, phase, req.max_grad_norm, req.accountant,
+                         budget.delta, budget.epsilon_cap, fingerprint)

@@ -1,0 +1,197 @@
+"""The site's privacy ledger: a durable, verified record of every DP-SGD phase it took part in.
+
+SQLite in WAL mode with ``synchronous=FULL``: an entry is on disk when :meth:`record` returns,
+and the site records *before* it trains, so a crash can only over-count, never under-count.
+Each entry carries the sha256 of the previous one (a hash chain), and opening the ledger checks
+SQLite's integrity, the chain, and that each stored epsilon is what the accountant computes
+from the stored parameters. Any failure is a :class:`LedgerError`: the site stops instead of
+starting again from zero.
+
+One ledger per site; it outlives runs. It is keyed to the site's dataset fingerprint: entries
+record the fingerprint they were spent on, and spending continues to accumulate when the
+dataset changes (patients still present keep their past loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedhealth.errors import LedgerError
+from fedhealth.privacy.accounting import Phase, epsilon
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    run TEXT NOT NULL, round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
+    max_grad_norm REAL NOT NULL, accountant TEXT NOT NULL,
+    delta REAL NOT NULL, epsilon_after REAL NOT NULL, epsilon_cap REAL NOT NULL,
+    dataset_fingerprint TEXT NOT NULL, accountant_state TEXT NOT NULL,
+    created TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plans (
+    run TEXT PRIMARY KEY, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
+    steps_per_round INTEGER NOT NULL, rounds INTEGER NOT NULL, epsilon_planned REAL NOT NULL,
+    created TEXT NOT NULL
+);
+"""
+GENESIS = "0" * 64
+REL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One DP-SGD phase (a site's local training in one round)."""
+
+    run: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    accountant: str
+    delta: float
+    epsilon_after: float
+    epsilon_cap: float
+    dataset_fingerprint: str
+    accountant_state: str
+    created: str
+    prev_hash: str = GENESIS
+    hash: str = ""
+
+    @property
+    def phase(self) -> Phase:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def digest(self) -> str:
+        body = {k: v for k, v in asdict(self).items() if k != "hash"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    run: str
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    epsilon_planned: float
+
+
+class PrivacyLedger:
+    """Open (creating if needed) and verify the ledger at ``path``."""
+
+    def __init__(self, path: Path | str, site: str = "site") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_now(),))
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: privacy ledger unreadable ({exc})") from exc
+        self.entries = self.verify()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def verify(self) -> list[Entry]:
+        """Integrity, hash chain and recomputed epsilons; returns the entries in order."""
+        try:
+            status = self.db.execute("PRAGMA integrity_check").fetchone()[0]
+            schema = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            rows = self.db.execute(
+                "SELECT run, round, noise_multiplier, sample_rate, steps, max_grad_norm, "
+                "accountant, delta, epsilon_after, epsilon_cap, dataset_fingerprint, "
+                "accountant_state, created, prev_hash, hash FROM entries ORDER BY seq"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: privacy ledger unreadable ({exc})") from exc
+        if status != "ok":
+            raise LedgerError(f"{self.path}: SQLite integrity check failed: {status}")
+        if schema is None or int(schema[0]) != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path}: unknown ledger schema {schema}")
+        entries = [Entry(*row) for row in rows]
+        prev, history = GENESIS, []
+        for i, entry in enumerate(entries):
+            if entry.prev_hash != prev or entry.digest() != entry.hash:
+                raise LedgerError(f"{self.path}: entry {i + 1} (run {entry.run}, round "
+                                  f"{entry.round}) breaks the hash chain: ledger was altered")
+            history.append(entry.phase)
+            if json.loads(entry.accountant_state) != [list(p) for p in history]:
+                raise LedgerError(f"{self.path}: entry {i + 1}: accountant state does not "
+                                  "match the recorded phases")
+            prev = entry.hash
+        if entries:
+            last = entries[-1]
+            recomputed = epsilon(history, last.delta, last.accountant)
+            if abs(recomputed - last.epsilon_after) > REL_TOL * max(1.0, recomputed):
+                raise LedgerError(f"{self.path}: stored epsilon {last.epsilon_after:.6f} != "
+                                  f"{recomputed:.6f} recomputed from the recorded phases")
+        return entries
+
+    def history(self) -> list[Phase]:
+        return [e.phase for e in self.entries]
+
+    def spent(self, delta: float, accountant: str) -> float:
+        return epsilon(self.history(), delta, accountant)
+
+    def plan(self, run: str) -> Plan | None:
+        row = self.db.execute(
+            "SELECT run, noise_multiplier, sample_rate, steps_per_round, rounds, epsilon_planned "
+            "FROM plans WHERE run=?", (run,)).fetchone()
+        return Plan(*row) if row else None
+
+    # -- writing -----------------------------------------------------------------------------
+    def save_plan(self, plan: Plan) -> None:
+        self.db.execute("INSERT OR IGNORE INTO plans VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (*asdict(plan).values(), _now()))
+
+    def record(
+        self, run: str, server_round: int, phase: Phase, max_grad_norm: float, accountant: str,
+        delta: float, cap: float, fingerprint: str,
+    ) -> Entry:
+        """Append one phase; durable (fsynced WAL commit) when this returns."""
+        history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
+        entry = Entry(
+            run=run, round=server_round, noise_multiplier=float(phase[0]),
+            sample_rate=float(phase[1]), steps=int(phase[2]), max_grad_norm=max_grad_norm,
+            accountant=accountant, delta=delta,
+            epsilon_after=epsilon(history, delta, accountant), epsilon_cap=cap,
+            dataset_fingerprint=fingerprint,
+            accountant_state=json.dumps([list(p) for p in history]),
+            created=_now(), prev_hash=self.entries[-1].hash if self.entries else GENESIS,
+        )
+        entry = Entry(**{**asdict(entry), "hash": entry.digest()})
+        try:
+            self.db.execute("INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
+                            "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
+                            "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            tuple(asdict(entry).values()))
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: could not record privacy spend ({exc})") from exc
+        self.entries.append(entry)
+        return entry
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
