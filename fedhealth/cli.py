@@ -3,6 +3,7 @@
     fedhealth simulate [overrides...]            N sites on Flower's simulation engine
     fedhealth data synth [overrides...]          write the synthetic multi-site cohort
     fedhealth baseline centralized|local [...]   the comparison points for federation
+    fedhealth report privacy <run dir | ledger>  privacy budget report for a privacy officer
 
 Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 """
@@ -14,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fedhealth.errors import FedHealthError
 
@@ -43,7 +45,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for site, row in sorted(last["evaluate"]["sites"].items()):
         print(f"  {site:<12} {row['dice']:.4f}  ({row['num-examples']} patients)")
     print(f"  {'weighted':<12} {last['evaluate']['weighted']['dice']:.4f}")
+    if "stopped" in run_dir.manifest:
+        print(f"run stopped early: {run_dir.manifest['stopped']['reason']}")
+    if cfg.privacy.enabled:
+        from fedhealth.reports import privacy as privacy_report
+
+        paths = privacy_report.write(privacy_report.load(run_dir.path), run_dir.path)
+        print(f"privacy budget report: {paths['html'].resolve()} (+ .json, .md)")
     return 0
+
+
+def cmd_report_privacy(args: argparse.Namespace) -> int:
+    from fedhealth.reports import privacy as privacy_report
+
+    report = privacy_report.load(args.path)
+    out = args.out or (args.path if args.path.is_dir() else args.path.parent)
+    paths = privacy_report.write(report, out)
+    for site in report.sites:
+        print(f"{site.site:<14} epsilon {site.epsilon_spent:.4f} of {site.epsilon_cap:g} "
+              f"(delta {site.delta:g}, {site.accountant}); rounds left: {site.rounds_left}; "
+              f"{site.status}")
+    print(f"independent check (dp-accounting): "
+          f"{'all agree within 1%' if report.all_agree else 'NOT all confirmed'}")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0 if report.all_agree else 1
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -98,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["centralized", "local"])
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_baseline)
+    report = sub.add_parser("report", help="reports for people").add_subparsers(
+        dest="report_cmd", required=True)
+    p = report.add_parser("privacy", help="privacy budget report (HTML, JSON, Markdown)")
+    p.add_argument("path", type=Path, help="a run directory, a ledger.sqlite, or a ledger root")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: beside input)")
+    p.set_defaults(func=cmd_report_privacy)
     return parser
 
 

@@ -82,6 +82,13 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
 
 def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None = None) -> ClientApp:
     """``data_root`` and ``privacy`` (the sites' own budget) only in simulation."""
+    site_log = logging.getLogger("fedhealth")
+    if not site_log.handlers:  # the site's log: plan, spend, refusals, data errors
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        site_log.addHandler(handler)
+        site_log.setLevel(logging.INFO)
+        site_log.propagate = False
     app = ClientApp()
 
     @app.train()

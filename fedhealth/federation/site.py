@@ -80,8 +80,8 @@ def _model_from(msg: Message, cfg: Config) -> nn.Module:
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.Module | None,
-           accountant: str = "") -> Message:
-    about = {"name": site.name, "accountant": accountant} if accountant else {"name": site.name}
+           about: dict | None = None) -> Message:
+    about = {"name": site.name, **(about or {})}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(about)})
     if model is not None:
         content["arrays"] = ArrayRecord(model.state_dict())
@@ -93,7 +93,7 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
     server_round = int(settings.get("server-round", 0))
     loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
                          cfg.train.batch_size, True, seed, cfg.data.cache)
-    dp, privacy = None, {}
+    dp, privacy, accounting = None, {}, {}
     if cfg.privacy.enabled:
         if site.budget is None:
             raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
@@ -105,11 +105,18 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
         )
         with PrivacyLedger(site.budget.ledger_path, site.name) as ledger:
             entry = charge_round(ledger, site.budget, request, data.fingerprint(), site.name)
+            history = ledger.history()
+        # The phases behind the reported epsilon, so anyone can recompute it independently.
+        accounting = {"accountant": cfg.privacy.accountant,
+                      "history-noise": [h[0] for h in history],
+                      "history-rate": [h[1] for h in history],
+                      "history-steps": [h[2] for h in history]}
         dp = DPSettings(entry.noise_multiplier, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         cfg.privacy.secure_rng, DP_READY[cfg.model.name])
         privacy = {"epsilon": entry.epsilon_after, "epsilon-cap": site.budget.epsilon_cap,
                    "delta": site.budget.delta, "noise-multiplier": entry.noise_multiplier,
-                   "sample-rate": sample_rate, "dp-steps": steps}
+                   "sample-rate": sample_rate, "dp-steps": steps,
+                   "max-grad-norm": cfg.privacy.max_grad_norm}
     model = _model_from(msg, cfg)
     result = train(model, loader, cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay,
                    float(settings.get("proximal-mu", 0.0)), dp)
@@ -120,7 +127,7 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
                **privacy}
-    return _reply(msg, site, metrics, model, cfg.privacy.accountant if privacy else "")
+    return _reply(msg, site, metrics, model, accounting)
 
 
 def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,

@@ -34,7 +34,8 @@ BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps")
+PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps",
+                "max-grad-norm")
 
 
 def _about(msg: Message) -> dict[str, Any]:
@@ -108,9 +109,13 @@ class GuardedRounds:
                 continue
             entry.train[name] = metrics
             if "epsilon" in metrics:
+                about = _about(msg)
                 entry.privacy[name] = {
                     **{k.replace("-", "_"): metrics[k] for k in PRIVACY_KEYS if k in metrics},
-                    "accountant": str(_about(msg).get("accountant", "")),
+                    "accountant": str(about.get("accountant", "")),
+                    "history": [list(h) for h in zip(about.get("history-noise", []),
+                                                     about.get("history-rate", []),
+                                                     about.get("history-steps", []))],
                 }
             accepted.append(msg)
         if len(accepted) < self.min_sites:

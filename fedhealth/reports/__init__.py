@@ -1,0 +1,1 @@
+"""Reports for people: privacy budget reports (HTML with plots, JSON, Markdown)."""
