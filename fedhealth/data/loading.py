@@ -7,8 +7,10 @@ of a tensor-shape error deep inside a batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from fedhealth.errors import DataError
 SPLITS = {"train": "training", "test": "test"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class SiteData:
     """A site's datalists, resolved to absolute paths and checked."""
 
@@ -41,13 +43,46 @@ class SiteData:
     train: list[dict[str, str]]
     test: list[dict[str, str]]
 
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over the datalist and the bytes of every file it names (stays on site)."""
+        """sha256 over the bytes of every file the datalist names (stays on site)."""
         digest = hashlib.sha256()
         for item in self.train + self.test:
             for key in ("image", "label"):
                 digest.update(Path(item[key]).read_bytes())
         return digest.hexdigest()
+
+
+_VERIFIED: dict[str, tuple[tuple, SiteData]] = {}
+_VOLUMES: dict[tuple, CacheDataset] = {}
+
+
+def _signature(paths: list[str]) -> tuple:
+    """(path, size, mtime) of every file: a changed or replaced file invalidates caches."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((p, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((p, -1, -1))
+    return tuple(out)
+
+
+def load_site(dataset_json: Path | str) -> SiteData:
+    """:func:`read_datalist` with its file checks done once per process while no file changes
+    (in simulation one ClientApp process answers many rounds for several sites)."""
+    path = Path(dataset_json)
+    cached = _VERIFIED.get(str(path))
+    if cached is not None and cached[0] == _site_signature(path, cached[1]):
+        return cached[1]
+    site = read_datalist(path)
+    _VERIFIED[str(path)] = (_site_signature(path, site), site)
+    return site
+
+
+def _site_signature(path: Path, site: SiteData) -> tuple:
+    return _signature([str(path), *(i[k] for i in site.train + site.test for k in ("image", "label"))])
 
 
 def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteData:
@@ -163,7 +198,14 @@ def make_loader(
     xform = transforms(roi, target_spacing, train)
     volumes = [{"image": it["image"], "label": it["label"]} for it in items]
     if cache:
-        dataset = CacheDataset(volumes, xform, progress=False, num_workers=0)
+        key = (_signature([v[k] for v in volumes for k in ("image", "label")]), roi,
+               target_spacing, train)
+        if key not in _VOLUMES:
+            if len(_VOLUMES) >= 64:
+                _VOLUMES.clear()
+            _VOLUMES[key] = CacheDataset(volumes, xform, progress=False, num_workers=0)
+        dataset = _VOLUMES[key]
+        xform = dataset.transform
     else:
         dataset = Dataset(volumes, xform)
     if train:

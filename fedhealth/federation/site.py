@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from torch import nn
 
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
-from fedhealth.data.loading import SiteData, make_loader, read_datalist
+from fedhealth.data.loading import SiteData, load_site, make_loader
 from fedhealth.data.synth import site_dir
 from fedhealth.errors import SITE_ERROR_CODES, ConfigError, LedgerError, site_error_code
 from fedhealth.models import DP_READY, build_model
@@ -61,7 +61,7 @@ class Site:
         raise ConfigError("node config needs 'data-dir' (path to the site's dataset directory)")
 
     def load(self) -> SiteData:
-        return read_datalist(self.data_dir / "dataset.json")
+        return load_site(self.data_dir / "dataset.json")
 
 
 def derive_seed(seed: int, site: str, server_round: int, phase: str) -> int:
@@ -104,7 +104,7 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
             accountant=cfg.privacy.accountant, fixed_noise=cfg.privacy.noise_multiplier,
         )
         with PrivacyLedger(site.budget.ledger_path, site.name) as ledger:
-            entry = charge_round(ledger, site.budget, request, data.fingerprint(), site.name)
+            entry = charge_round(ledger, site.budget, request, data.fingerprint, site.name)
             history = ledger.history()
         # The phases behind the reported epsilon, so anyone can recompute it independently.
         accounting = {"accountant": cfg.privacy.accountant,
