@@ -133,8 +133,10 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
 def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,
            privacy: PrivacyConfig | None = None) -> Message:
     """Run ``phase`` ("train" or "evaluate") for the instruction ``msg``."""
+    name = "unknown"
     try:
         site = Site.from_context(context, data_root, privacy)
+        name = site.name
         settings = dict(msg.content["config"].items())
         cfg = from_site_settings(settings)
         server_round = int(settings.get("server-round", 0))
@@ -152,4 +154,5 @@ def handle(msg: Message, context: Context, phase: str, data_root: str | None = N
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
         code = site_error_code(exc)
         log.exception("%s failed (error %d): %s", phase, code, exc)
-        return Message(Error(code=code, reason=SITE_ERROR_CODES[code]), reply_to=msg)
+        return Message(Error(code=code, reason=f"site {name}: {SITE_ERROR_CODES[code]}"),
+                       reply_to=msg)

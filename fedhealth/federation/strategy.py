@@ -32,6 +32,7 @@ log = logging.getLogger("fedhealth.coordinator")
 
 BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ERROR_SITE = re.compile(r"^site ([A-Za-z0-9_.-]{1,64}): ")
 
 
 PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps",
@@ -154,6 +155,9 @@ class GuardedRounds:
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
+                named = _ERROR_SITE.match(msg.error.reason or "")
+                if named:
+                    self.node_names.setdefault(node, named.group(1))
                 if msg.error.code == BUDGET_REFUSAL and phase == "train":
                     entry.refused.append(self.node_names.get(node, f"node-{node}"))
                 else:
