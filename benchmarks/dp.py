@@ -20,8 +20,9 @@ import time
 
 STEP_OVERRIDES = ["data.train_per_site=16", "data.root=data/bench-dp-step", "sites=1",
                   "train.batch_size=16"]
-FED_DEFAULTS = ["sites=4", "rounds=15", "train.local_epochs=1", "data.train_per_site=96",
-                "data.test_per_site=16", "train.batch_size=16", "data.root=data/bench-dp96",
+FED_DEFAULTS = ["sites=4", "rounds=15", "train.local_epochs=1", "data.train_per_site=192",
+                "data.test_per_site=16", "train.batch_size=32", "privacy.max_grad_norm=0.5",
+                "data.root=data/bench-dp192",
                 "run_root=runs/bench"]
 
 

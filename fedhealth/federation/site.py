@@ -93,7 +93,7 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
     server_round = int(settings.get("server-round", 0))
     loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
                          cfg.train.batch_size, True, seed, cfg.data.cache)
-    dp, privacy, accounting = None, {}, {}
+    dp, entry, privacy, accounting = None, None, {}, {}
     if cfg.privacy.enabled:
         if site.budget is None:
             raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
@@ -120,9 +120,9 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
     model = _model_from(msg, cfg)
     result = train(model, loader, cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay,
                    float(settings.get("proximal-mu", 0.0)), dp)
-    if dp is not None and [list(p) for p in result.history] != [[dp.noise_multiplier, privacy["sample-rate"], privacy["dp-steps"]]]:
-        raise LedgerError(f"site {site.name}: Opacus ran {result.history}, ledger recorded "
-                          f"{(dp.noise_multiplier, privacy['sample-rate'], privacy['dp-steps'])}")
+    if entry is not None and list(result.history) != [entry.phase]:
+        raise LedgerError(f"site {site.name}: Opacus ran {result.history}, the ledger recorded "
+                          f"{entry.phase}: refusing to send the update")
     log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
