@@ -4,6 +4,7 @@
     fedhealth data synth [overrides...]          write the synthetic multi-site cohort
     fedhealth baseline centralized|local [...]   the comparison points for federation
     fedhealth report privacy <run dir | ledger>  privacy budget report for a privacy officer
+    fedhealth certs init|site|check              consortium CA, coordinator TLS, site keys
 
 Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 """
@@ -105,6 +106,28 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedhealth.security import certs
+
+    directory: Path = args.dir
+    if args.certs_cmd == "init":
+        ca = certs.create_ca(directory, rotate=args.rotate)
+        server = certs.create_server_cert(ca, directory, args.server_name, rotate=args.rotate)
+        print(f"consortium CA: {directory / 'ca.crt'} (key {directory / 'ca.key'}, 0600)")
+        print(f"coordinator TLS: {server} for {', '.join(args.server_name)}")
+    elif args.certs_cmd == "site":
+        for site in args.names:
+            key, pub = certs.create_site_keys(directory, site, rotate=args.rotate)
+            print(f"{site}: private {key} (0600, stays at the site), public {pub} (register it)")
+    warnings = certs.expiry_warnings(directory)
+    for line in warnings:
+        print(f"WARNING: {line}", file=sys.stderr)
+    if args.certs_cmd == "check":
+        print("certificates ok" if not warnings else f"{len(warnings)} certificate(s) need attention")
+        return 1 if warnings else 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhealth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["centralized", "local"])
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_baseline)
+    certs = sub.add_parser("certs", help="consortium CA, coordinator TLS cert, site auth keys")
+    certs_sub = certs.add_subparsers(dest="certs_cmd", required=True)
+    p = certs_sub.add_parser("init", help="create the consortium CA and the coordinator's TLS cert")
+    p.add_argument("--server-name", nargs="+", default=["localhost", "127.0.0.1", "::1"],
+                   help="DNS names / IP addresses sites use to reach the coordinator")
+    p = certs_sub.add_parser("site", help="create a site's SuperNode authentication key pair")
+    p.add_argument("names", nargs="+")
+    certs_sub.add_parser("check", help="warn about expired or soon-expiring certificates")
+    for sp in certs_sub.choices.values():
+        sp.add_argument("--dir", type=Path, default=Path("certs"), help="key directory")
+        sp.add_argument("--rotate", action="store_true",
+                        help="replace existing keys/certs (old files kept as .bak)")
+        sp.set_defaults(func=cmd_certs)
+
     report = sub.add_parser("report", help="reports for people").add_subparsers(
         dest="report_cmd", required=True)
     p = report.add_parser("privacy", help="privacy budget report (HTML, JSON, Markdown)")

@@ -79,6 +79,17 @@ def _model_from(msg: Message, cfg: Config) -> nn.Module:
     return model
 
 
+def _check_outgoing(model: nn.Module, msg: Message, site: str) -> None:
+    """A site validates what it sends: same keys, shapes and dtypes as the global model it
+    received, finite values (the coordinator re-checks, but under secure aggregation it can
+    only see the sum)."""
+    from fedhealth.security.validation import validate_update
+
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "metrics": MetricRecord({"num-examples": 1})})
+    validate_update(msg.content["arrays"], content, max_examples=1, site=site)
+
+
 def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.Module | None,
            about: dict | None = None) -> Message:
     about = {"name": site.name, **(about or {})}
@@ -123,6 +134,7 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
     if entry is not None and list(result.history) != [entry.phase]:
         raise LedgerError(f"site {site.name}: Opacus ran {result.history}, the ledger recorded "
                           f"{entry.phase}: refusing to send the update")
+    _check_outgoing(model, msg, site.name)
     log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,

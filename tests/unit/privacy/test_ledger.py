@@ -41,29 +41,25 @@ def test_garbage_file_is_refused_with_its_name(tmp_path):
         PrivacyLedger(path)
 
 
-def test_edited_entry_breaks_the_chain(tmp_path):
-    path = tmp_path / "ledger.sqlite"
-    with PrivacyLedger(path) as ledger:
-        _record(ledger, rnd=1)
-        _record(ledger, rnd=2)
+def _tamper(path, sql, *args):
     db = sqlite3.connect(path)
-    db.execute("UPDATE entries SET steps = 1 WHERE seq = 1")
+    db.execute(sql, args)
     db.commit()
     db.close()
-    with pytest.raises(LedgerError, match="hash chain"):
-        PrivacyLedger(path)
 
 
-def test_deleted_entry_breaks_the_chain(tmp_path):
+@pytest.mark.parametrize("sql, error", [
+    ("UPDATE entries SET steps = 1 WHERE seq = 1", "entry 1 .*hash chain"),
+    ("DELETE FROM entries WHERE seq = 2", "entry 2 .*hash chain"),
+    ("UPDATE entries SET noise_multiplier = 9.0 WHERE seq = 3", "entry 3 .*hash chain"),
+])
+def test_edited_or_deleted_entry_breaks_the_chain(tmp_path, sql, error):
     path = tmp_path / "ledger.sqlite"
     with PrivacyLedger(path) as ledger:
         for rnd in (1, 2, 3):
             _record(ledger, rnd=rnd)
-    db = sqlite3.connect(path)
-    db.execute("DELETE FROM entries WHERE seq = 2")
-    db.commit()
-    db.close()
-    with pytest.raises(LedgerError, match="entry 2"):
+    _tamper(path, sql)
+    with pytest.raises(LedgerError, match=error):
         PrivacyLedger(path)
 
 
@@ -75,11 +71,8 @@ def test_rewritten_epsilon_with_rehashed_chain_is_caught_by_recomputation(tmp_pa
         entry = _record(ledger)
     forged = replace(entry, epsilon_after=0.01)
     forged = replace(forged, hash=forged.digest())
-    db = sqlite3.connect(path)
-    db.execute("UPDATE entries SET epsilon_after = ?, hash = ? WHERE seq = 1",
-               (forged.epsilon_after, forged.hash))
-    db.commit()
-    db.close()
+    _tamper(path, "UPDATE entries SET epsilon_after = ?, hash = ? WHERE seq = 1",
+            forged.epsilon_after, forged.hash)
     with pytest.raises(LedgerError, match="recomputed"):
         PrivacyLedger(path)
     assert asdict(entry)["epsilon_after"] > 1.0

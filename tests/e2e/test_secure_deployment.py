@@ -1,0 +1,90 @@
+"""TLS on every link and enrolled sites only, on a real SuperLink: the good path and every way in
+that must be refused (unregistered key, foreign CA, plaintext)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fedhealth.config import compose
+from fedhealth.federation.deploy import write_run_config
+from fedhealth.federation.rundir import read_metrics
+from fedhealth.security.certs import CA, create_ca, create_server_cert, create_site_keys
+
+from .flower_procs import Procs, flower_env, flwr, free_port
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path):
+    keys, foreign = tmp_path / "certs", tmp_path / "foreign"
+    ca = create_ca(keys)
+    create_server_cert(ca, keys, ["localhost", "127.0.0.1"])
+    create_ca(foreign)
+    for site in ("hospital-0", "hospital-1", "intruder"):
+        create_site_keys(keys, site)
+
+    env = flower_env(tmp_path / "flwr-home")
+    procs = Procs(tmp_path, env)
+    link = free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{keys / "ca.crt"}"\n')
+
+    def supernode(name: str, key: str | None, *transport: str, data: int = 0):
+        auth = ["--auth-supernode-private-key", str(keys / "sites" / key / "auth.key")] if key else []
+        return procs.start(name, [
+            "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+            *transport, *auth,
+            "--node-config", f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'",
+        ])
+
+    try:
+        procs.start("superlink", [
+            "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
+            "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
+            "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
+            "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
+        ])
+        procs.wait_port(link)
+        for site in ("hospital-0", "hospital-1"):
+            flwr(env, ["supernode", "register", str(keys / "sites" / site / "auth.pub"), "tls",
+                       "--name", site], cwd=tmp_path, timeout=60)
+        tls = ["--root-certificates", str(keys / "ca.crt")]
+        supernode("hospital-0", "hospital-0", *tls, data=0)
+        supernode("hospital-1", "hospital-1", *tls, data=1)
+        unregistered = supernode("intruder", "intruder", *tls, data=2)
+        foreign_ca = supernode("foreign", "hospital-0", "--root-certificates",
+                               str(foreign / "ca.crt"), data=2)
+        plaintext = supernode("plaintext", None, "--insecure", data=2)  # no TLS, no key
+
+        deadline = time.monotonic() + 60
+        while unregistered.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert unregistered.returncode == 305, procs.logs()  # SUPERNODE_CONNECTION_ERROR
+
+        cfg = compose(["sites=3", "rounds=1", "train.local_epochs=1", "privacy=off",
+                       "strategy.min_sites=2", f"run_root={tmp_path / 'runs'}",
+                       "run_name=secure", "federation.round_timeout=240"])
+        submitted = flwr(env, ["run", str(PROJECT), "tls", "--stream", "--run-config",
+                               str(write_run_config(cfg, tmp_path / "run.toml"))],
+                         cwd=tmp_path, timeout=420)
+        listing = flwr(env, ["ls", "tls", "--run-id", str(submitted["run-id"])], cwd=tmp_path,
+                       timeout=60)
+        assert listing["runs"][0]["status"] == "finished:completed", procs.logs()
+        assert foreign_ca.poll() is None or foreign_ca.returncode != 0
+        assert plaintext.poll() is None or plaintext.returncode != 0
+    finally:
+        procs.stop()
+
+    lines = read_metrics(tmp_path / "runs" / "secure")
+    assert set(lines[1]["train"]["sites"]) == {"hospital-0", "hospital-1"}, "no intruder in a round"
+    logs = {name: log.read_text(errors="replace") for name, _, log in procs.running}
+    assert "foreign" not in str(lines) and "plaintext" not in str(lines)
+    assert logs["foreign"] and logs["plaintext"]
