@@ -46,11 +46,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Local training at a site."""
+    """Local training at a site; round ``r`` trains with ``lr * lr_decay ** (r - 1)``."""
 
     local_epochs: int = 2
     batch_size: int = 4
     lr: float = 3e-3
+    lr_decay: float = 1.0
     weight_decay: float = 0.0
     num_threads: int = 1
 
@@ -162,6 +163,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.local_epochs": cfg.train.local_epochs >= 1,
         "train.batch_size": cfg.train.batch_size >= 1,
         "train.lr": cfg.train.lr > 0,
+        "train.lr_decay": 0 < cfg.train.lr_decay <= 1,
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
         "federation.round_timeout": cfg.federation.round_timeout > 0,

@@ -129,7 +129,8 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
                    "sample-rate": sample_rate, "dp-steps": steps,
                    "max-grad-norm": cfg.privacy.max_grad_norm}
     model = _model_from(msg, cfg)
-    result = train(model, loader, cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay,
+    lr = cfg.train.lr * cfg.train.lr_decay ** max(0, server_round - 1)
+    result = train(model, loader, cfg.train.local_epochs, lr, cfg.train.weight_decay,
                    float(settings.get("proximal-mu", 0.0)), dp)
     if entry is not None and list(result.history) != [entry.phase]:
         raise LedgerError(f"site {site.name}: Opacus ran {result.history}, the ledger recorded "

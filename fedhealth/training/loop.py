@@ -96,7 +96,15 @@ def train(
     if dp is not None:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
+        try:
+            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
+        except ImportError as exc:  # Opacus's secure mode needs the torchcsprng package
+            from fedhealth.errors import ConfigError
+
+            raise ConfigError(
+                "privacy.secure_rng=true needs Opacus's secure mode and the torchcsprng package, "
+                f"which is not installed ({exc}); no noise was drawn and nothing was trained"
+            ) from exc
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
