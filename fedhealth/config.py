@@ -75,11 +75,18 @@ class StrategyConfig:
 
 @dataclass
 class FederationConfig:
-    """How rounds are run: deadlines and the simulation backend."""
+    """How rounds are run: deadlines, the simulation backend, secure aggregation (SecAgg+:
+    Shamir threshold as a fraction of the round's sites, neighbours per site with 0 = all,
+    update clipping range and the public bound on a site's example count)."""
 
     round_timeout: float = 600.0
     cpus_per_site: float = 1.0
     ray_num_cpus: int = 0
+    secure_aggregation: bool = True
+    secagg_threshold: float = 0.51
+    secagg_degree: int = 0
+    secagg_clipping_range: float = 8.0
+    secagg_max_examples: int = 1024
 
 
 @dataclass
@@ -167,6 +174,8 @@ def _check_ranges(cfg: Config) -> None:
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
         "federation.round_timeout": cfg.federation.round_timeout > 0,
+        "federation.secagg_threshold": 0 < cfg.federation.secagg_threshold <= 1,
+        "federation.secagg_max_examples": cfg.federation.secagg_max_examples >= 1,
         "privacy.epsilon": cfg.privacy.epsilon > 0,
         "privacy.delta": 0 < cfg.privacy.delta < 1,
         "privacy.max_grad_norm": cfg.privacy.max_grad_norm > 0,

@@ -39,6 +39,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
     """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``."""
     seed_everything(cfg.seed)
     initial = ArrayRecord(build_model(cfg.model).state_dict())
+    fed = cfg.federation
+    if fed.secure_aggregation:
+        from fedhealth.federation.secure import SecureGrid
+
+        grid = SecureGrid(grid, fed.secagg_threshold, fed.secagg_degree,
+                          fed.secagg_clipping_range, fed.secagg_max_examples)
     strategy = build_strategy(cfg, run_dir)
     instruction = ConfigRecord(site_settings(cfg))
 
@@ -80,8 +86,10 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
     return app
 
 
-def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None = None) -> ClientApp:
-    """``data_root`` and ``privacy`` (the sites' own budget) only in simulation."""
+def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None = None,
+                    mods: list | None = None) -> ClientApp:
+    """``data_root`` and ``privacy`` (the sites' own budget) only in simulation; ``mods`` are
+    Flower client mods (tests use one to capture every byte a site sends)."""
     site_log = logging.getLogger("fedhealth")
     if not site_log.handlers:  # the site's log: plan, spend, refusals, data errors
         handler = logging.StreamHandler()
@@ -89,7 +97,7 @@ def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None 
         site_log.addHandler(handler)
         site_log.setLevel(logging.INFO)
         site_log.propagate = False
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -98,5 +106,13 @@ def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return site.handle(msg, context, "evaluate", data_root, privacy)
+
+    from fedhealth.federation.secure import STAGES, handle_stage
+
+    for stage in STAGES:
+        def run_stage(msg: Message, context: Context, stage: str = stage) -> Message:
+            return handle_stage(msg, context, stage, data_root, privacy)
+
+        app.train(stage)(run_stage)
 
     return app

@@ -27,7 +27,7 @@ def ensure_cohort(cfg: Config) -> Path:
     return root
 
 
-def simulate(cfg: Config) -> RunDir:
+def simulate(cfg: Config, client_mods: list | None = None) -> RunDir:
     """Run the configured federation over ``cfg.sites`` virtual sites; returns the run dir."""
     root = ensure_cohort(cfg)
     run_dir = RunDir.create(cfg)
@@ -38,7 +38,7 @@ def simulate(cfg: Config) -> RunDir:
     }
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(str(root), cfg.privacy),
+        client_app=make_client_app(str(root), cfg.privacy, client_mods),
         num_supernodes=cfg.sites,
         backend_config=backend,
     )

@@ -99,8 +99,9 @@ def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.
     return Message(content=content, reply_to=msg)
 
 
-def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Config,
-           settings: dict, seed: int) -> Message:
+def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg: Config,
+                 settings: dict, seed: int) -> tuple[nn.Module, dict, dict]:
+    """Local (DP-)training for one instruction: (model, metrics, accounting for the reply)."""
     server_round = int(settings.get("server-round", 0))
     loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
                          cfg.train.batch_size, True, seed, cfg.data.cache)
@@ -140,7 +141,26 @@ def _train(msg: Message, context: Context, site: Site, data: SiteData, cfg: Conf
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
                **privacy}
-    return _reply(msg, site, metrics, model, accounting)
+    return model, metrics, accounting
+
+
+def prepare(msg: Message, context: Context, phase: str, data_root: str | None,
+            privacy: PrivacyConfig | None) -> tuple[Site, SiteData, Config, dict, int]:
+    """Who the site is, its data, the run config from the instruction, and this phase's seed."""
+    site = Site.from_context(context, data_root, privacy)
+    settings = dict(msg.content["config"].items())
+    cfg = from_site_settings(settings)
+    server_round = int(settings.get("server-round", 0))
+    data = site.load()
+    seed = derive_seed(cfg.seed, site.name, server_round, phase)
+    seed_everything(seed, cfg.train.num_threads)
+    return site, data, cfg, settings, seed
+
+
+def error_reply(msg: Message, exc: Exception, phase: str, name: str) -> Message:
+    code = site_error_code(exc)
+    log.exception("%s failed (error %d): %s", phase, code, exc)
+    return Message(Error(code=code, reason=f"site {name}: {SITE_ERROR_CODES[code]}"), reply_to=msg)
 
 
 def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,
@@ -148,24 +168,16 @@ def handle(msg: Message, context: Context, phase: str, data_root: str | None = N
     """Run ``phase`` ("train" or "evaluate") for the instruction ``msg``."""
     name = "unknown"
     try:
-        site = Site.from_context(context, data_root, privacy)
+        site, data, cfg, settings, seed = prepare(msg, context, phase, data_root, privacy)
         name = site.name
-        settings = dict(msg.content["config"].items())
-        cfg = from_site_settings(settings)
-        server_round = int(settings.get("server-round", 0))
-        data = site.load()
-        seed = derive_seed(cfg.seed, site.name, server_round, phase)
-        seed_everything(seed, cfg.train.num_threads)
         if phase == "train":
-            return _train(msg, context, site, data, cfg, settings, seed)
+            model, metrics, accounting = train_update(msg, context, site, data, cfg, settings, seed)
+            return _reply(msg, site, metrics, model, accounting)
         model = _model_from(msg, cfg)
         loader = make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
                              cfg.train.batch_size, False, seed, cfg.data.cache)
         ev = evaluate(model, loader)
-        log.info("site %s round %d: dice %.4f", site.name, server_round, ev.dice)
+        log.info("site %s round %s: dice %.4f", site.name, settings.get("server-round"), ev.dice)
         return _reply(msg, site, {"dice": ev.dice, "loss": ev.loss, "num-examples": ev.num_examples}, None)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
-        code = site_error_code(exc)
-        log.exception("%s failed (error %d): %s", phase, code, exc)
-        return Message(Error(code=code, reason=f"site {name}: {SITE_ERROR_CODES[code]}"),
-                       reply_to=msg)
+        return error_reply(msg, exc, phase, name)

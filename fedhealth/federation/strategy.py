@@ -61,9 +61,13 @@ class GuardedRounds:
     wait_timeout: float
     _reference: ArrayRecord | None = None
 
-    def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float) -> None:
+    def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
+              secure: bool = False) -> None:
         self.run_dir, self.max_examples = run_dir, max_examples
         self.min_sites, self.wait_timeout = min_sites, wait_timeout
+        # Only with secure aggregation do replies come from SecureGrid (built on the
+        # coordinator); otherwise a site could forge the secagg markers, so they are ignored.
+        self.secure = secure
         self.node_names: dict[int, str] = {}
 
     def wait_for_sites(self, grid: Grid, server_round: int) -> None:
@@ -93,13 +97,21 @@ class GuardedRounds:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.run_dir.log(server_round)
-        accepted = []
+        accepted, contributors = [], 0
         for msg in self._without_errors(server_round, replies, "train"):
             name = site_name(msg)
+            about = _about(msg)
+            if not self.secure:
+                about = {k: v for k, v in about.items() if not k.startswith("secagg")}
+            if about.get("secagg-metrics-only"):  # a site's metrics; its update is in the sum
+                self._record_site(entry, name, _metrics(msg), about)
+                contributors += 1
+                continue
+            bound = self.max_examples * int(about.get("secagg-sites", 1))
             try:
                 if self._reference is None:
                     raise UpdateRejected("no reference model for this round")
-                validate_update(self._reference, msg.content, self.max_examples, site=name)
+                validate_update(self._reference, msg.content, bound, site=name)
             except UpdateRejected as exc:
                 log.warning("round %d: rejected update: %s", server_round, exc)
                 entry.rejected[name] = str(exc)
@@ -108,19 +120,12 @@ class GuardedRounds:
             if accepted and set(metrics) != set(_metrics(accepted[0])):
                 entry.rejected[name] = f"site {name}: metric keys {sorted(metrics)} differ"
                 continue
-            entry.train[name] = metrics
-            if "epsilon" in metrics:
-                about = _about(msg)
-                entry.privacy[name] = {
-                    **{k.replace("-", "_"): metrics[k] for k in PRIVACY_KEYS if k in metrics},
-                    "accountant": str(about.get("accountant", "")),
-                    "history": [list(h) for h in zip(about.get("history-noise", []),
-                                                     about.get("history-rate", []),
-                                                     about.get("history-steps", []))],
-                }
+            if not about.get("secagg-sum"):
+                self._record_site(entry, name, metrics, about)
+                contributors += 1
             accepted.append(msg)
-        if len(accepted) < self.min_sites:
-            reason = (f"round {server_round}: {len(accepted)} valid update(s), fewer than the "
+        if contributors < self.min_sites or not accepted:
+            reason = (f"round {server_round}: {contributors} valid update(s), fewer than the "
                       f"{self.min_sites} required (refused: {sorted(entry.refused) or 'none'}, "
                       f"failed: {entry.failed['train']}, rejected: {sorted(entry.rejected) or 'none'})")
             log.warning("%s; stopping the run, global model unchanged", reason)
@@ -146,6 +151,18 @@ class GuardedRounds:
             return None
         accepted.sort(key=site_name)
         return super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc]
+
+    @staticmethod
+    def _record_site(entry: Any, name: str, metrics: dict[str, Any], about: dict[str, Any]) -> None:
+        entry.train[name] = metrics
+        if "epsilon" in metrics:
+            entry.privacy[name] = {
+                **{k.replace("-", "_"): metrics[k] for k in PRIVACY_KEYS if k in metrics},
+                "accountant": str(about.get("accountant", "")),
+                "history": [list(h) for h in zip(about.get("history-noise", []),
+                                                 about.get("history-rate", []),
+                                                 about.get("history-steps", []))],
+            }
 
     def _without_errors(
         self, server_round: int, replies: Iterable[Message], phase: str
@@ -200,5 +217,6 @@ def build_strategy(cfg: Config, run_dir: RunDir) -> FedAvg:
         kwargs.update(eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     cls = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})
     strategy = cls(**kwargs)
-    strategy.guard(run_dir, s.max_examples_per_site, need, cfg.federation.round_timeout)
+    strategy.guard(run_dir, s.max_examples_per_site, need, cfg.federation.round_timeout,
+                   secure=cfg.federation.secure_aggregation)
     return strategy

@@ -60,20 +60,32 @@ class SecAggParams:
         number of surviving neighbours of every site.
     clipping_range : float, default 8.0: each coordinate of a site's weighted update is clipped
         to [-clipping_range, clipping_range] before quantization.
-    quantization_levels : int, default 2**20: levels per site in that range.
-    max_examples : int, default 100000: public bound on a site's example count; updates are
+    quantization_levels : int, default 2**20: levels per site in that range
+        (:meth:`sized` picks the most that cannot wrap for a given number of sites).
+    max_examples : int, default 1024: public bound on a site's example count; updates are
         scaled by ``count / max_examples`` before masking, so weighted FedAvg survives masking.
     """
 
     threshold: int
     clipping_range: float = 8.0
     quantization_levels: int = 1 << 20
-    max_examples: int = 100_000
+    max_examples: int = 1024
+
+    @classmethod
+    def sized(cls, participants: int, threshold: int, clipping_range: float = 8.0,
+              max_examples: int = 1024) -> SecAggParams:
+        """The finest quantization whose sum over ``participants`` cannot wrap mod 2^32."""
+        levels = 1 << 30
+        while participants * (levels + 1 + max_examples) >= 1 << MODULUS_BITS:
+            levels >>= 1
+        params = cls(threshold, clipping_range, levels, max_examples)
+        params.check(participants)
+        return params
 
     def check(self, participants: int) -> None:
         if not 2 <= self.threshold <= participants:
             raise SecAggError(f"threshold {self.threshold} must be in [2, {participants}]")
-        if participants * self.quantization_levels + self.max_examples * participants >= 1 << MODULUS_BITS:
+        if participants * (self.quantization_levels + 1 + self.max_examples) >= 1 << MODULUS_BITS:
             raise SecAggError("quantization_levels too large: the sum would wrap modulo 2^32")
 
 
@@ -110,13 +122,15 @@ def _pair_info(i: int, j: int, kind: bytes) -> bytes:
     return b"fedhealth-secagg/" + kind + struct.pack("<QQ", lo, hi)
 
 
-def quantize(update: np.ndarray, weight: int, params: SecAggParams) -> np.ndarray:
+def quantize(update: np.ndarray, weight: int, params: SecAggParams,
+             rng: np.random.Generator | None = None) -> np.ndarray:
     """Scale by ``weight / max_examples``, clip, quantize (stochastic rounding) to uint32."""
     scaled = np.clip(update.astype(np.float64) * (weight / params.max_examples),
                      -params.clipping_range, params.clipping_range)
     levels = (scaled + params.clipping_range) * (params.quantization_levels / (2 * params.clipping_range))
     floor = np.floor(levels)
-    rounded = floor + (np.random.default_rng().random(levels.shape) < (levels - floor))
+    rng = rng or np.random.default_rng()
+    rounded = floor + (rng.random(levels.shape) < (levels - floor))
     return rounded.astype(np.uint32)
 
 
@@ -140,6 +154,34 @@ class SecAggSite:
     _publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     _received: dict[int, bytes] = field(default_factory=dict)
     _revealed: dict[int, str] = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        """Plain values for the site's Flower ``context.state`` (it never leaves the site)."""
+        raw = serialization.PrivateFormat.Raw
+        return {
+            "site-id": self.site_id, "neighbours": list(self.neighbours),
+            "threshold": self.params.threshold, "clip": self.params.clipping_range,
+            "levels": self.params.quantization_levels, "max-examples": self.params.max_examples,
+            "c": self._c.private_bytes(_RAW, raw, serialization.NoEncryption()),
+            "s": self._s.private_bytes(_RAW, raw, serialization.NoEncryption()),
+            "seed": self._seed,
+            "pub-ids": list(self._publics), "pub-c": [v[0] for v in self._publics.values()],
+            "pub-s": [v[1] for v in self._publics.values()],
+            "rx-ids": list(self._received), "rx": list(self._received.values()),
+            "rev-ids": list(self._revealed), "rev": list(self._revealed.values()),
+        }
+
+    @classmethod
+    def from_state(cls, st: dict) -> SecAggSite:
+        params = SecAggParams(int(st["threshold"]), float(st["clip"]), int(st["levels"]),
+                              int(st["max-examples"]))
+        site = cls(int(st["site-id"]), params, [int(n) for n in st["neighbours"]],
+                   X25519PrivateKey.from_private_bytes(st["c"]),
+                   X25519PrivateKey.from_private_bytes(st["s"]), bytes(st["seed"]))
+        site._publics = {int(i): (c, s) for i, c, s in zip(st["pub-ids"], st["pub-c"], st["pub-s"])}
+        site._received = {int(i): b for i, b in zip(st["rx-ids"], st["rx"])}
+        site._revealed = {int(i): k for i, k in zip(st["rev-ids"], st["rev"])}
+        return site
 
     # stage 1
     def advertise(self) -> tuple[bytes, bytes]:
@@ -175,14 +217,15 @@ class SecAggSite:
         return nonce + self._aead(peer).encrypt(nonce, plaintext, aad)
 
     # stage 3
-    def masked_input(self, update: np.ndarray, weight: int, received: dict[int, bytes]) -> np.ndarray:
+    def masked_input(self, update: np.ndarray, weight: int, received: dict[int, bytes],
+                     rng: np.random.Generator | None = None) -> np.ndarray:
         """The masked, quantized, weighted update with the example count as last word."""
         if not isinstance(weight, int) or not 1 <= weight <= self.params.max_examples:
             raise SecAggError(f"site {self.site_id}: example count {weight} out of bounds")
         if not np.isfinite(update).all():
             raise SecAggError(f"site {self.site_id}: update has NaN or infinite values")
         self._received = dict(received)
-        vector = np.concatenate([quantize(update.ravel(), weight, self.params),
+        vector = np.concatenate([quantize(update.ravel(), weight, self.params, rng),
                                  np.array([weight], dtype=np.uint32)])
         masked = vector + prg(self._seed, vector.size)
         for j in self.neighbours:

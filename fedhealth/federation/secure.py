@@ -1,0 +1,221 @@
+"""Secure aggregation on Flower's Message API: the coordinator learns only the sum.
+
+Flower's own SecAgg+ runs only on its legacy workflow, so this module carries the protocol of
+:mod:`fedhealth.security.secagg` over Message-API messages:
+
+* :class:`SecureGrid` wraps the ServerApp's ``Grid``. When a strategy sends a round's ``train``
+  instructions, it runs the four stages instead (``train.secagg_advertise``,
+  ``train.secagg_share``, ``train.secagg_mask`` carrying the real training instruction,
+  ``train.secagg_unmask``) and hands the strategy one reply holding the unmasked weighted mean
+  with the total example count, plus one metrics-only reply per contributing site. Any Flower
+  strategy (FedAvg, FedProx, FedAdam) then aggregates as usual.
+* :func:`handle_stage` is the site's side. Its protocol secrets live in the SuperNode's
+  ``context.state`` between stages and never leave the site.
+
+Every stage has the round's deadline. A site that fails a stage is dropped; when fewer than the
+threshold remain, the round fails cleanly: the strategy receives no update and the global model
+stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedhealth.config import PrivacyConfig
+from fedhealth.federation import site as site_ops
+from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, SecAggSite, neighbour_graph
+
+log = logging.getLogger("fedhealth.secagg")
+
+STAGES = ("secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask")
+STATE_KEY = "secagg"
+
+
+def flatten(arrays: ArrayRecord) -> np.ndarray:
+    return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in sorted(arrays)])
+
+
+def unflatten(vector: np.ndarray, template: ArrayRecord) -> ArrayRecord:
+    out, offset = {}, 0
+    for key in sorted(template):
+        ref = template[key].numpy()
+        out[key] = Array(vector[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype))
+        offset += ref.size
+    return ArrayRecord({k: out[k] for k in template})
+
+
+class SecureGrid:
+    """A ``Grid`` whose train rounds are securely aggregated (see the module docstring).
+
+    Parameters
+    ----------
+    grid : Grid, the ServerApp's grid; everything but train rounds passes through.
+    threshold_fraction : float, default 0.51: Shamir threshold as a fraction of the round's sites
+        (at least 2; above one half, so no two disjoint groups can each unmask).
+    degree : int, default 0: neighbours per site in the SecAgg+ graph; 0 = all (SecAgg).
+    clipping_range, max_examples : see :class:`fedhealth.security.secagg.SecAggParams`.
+    """
+
+    def __init__(self, grid: Grid, threshold_fraction: float = 0.51, degree: int = 0,
+                 clipping_range: float = 8.0, max_examples: int = 1024) -> None:
+        self.grid = grid
+        self.threshold_fraction, self.degree = threshold_fraction, degree
+        self.clipping_range, self.max_examples = clipping_range, max_examples
+        self.bytes_in = 0
+        self._errors: list[Message] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        msgs = list(messages)
+        if not msgs or msgs[0].metadata.message_type != "train":
+            return self.grid.send_and_receive(msgs, timeout=timeout)
+        self._errors = []
+        try:
+            return [*self._secure_round(msgs, timeout), *self._errors]
+        except SecAggError as exc:
+            log.warning("secure aggregation failed, no update this round: %s", exc)
+            return list(self._errors)  # the strategy sees who failed; the model stays as it was
+
+    def _stage(self, stage: str, contents: dict[int, RecordDict], node_of: dict[int, int],
+               timeout: float | None) -> dict[int, Message]:
+        """Send each protocol id its content; replies by protocol id (errors dropped)."""
+        pid_of = {node: pid for pid, node in node_of.items()}
+        out = [Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()]
+        replies = {}
+        for reply in self.grid.send_and_receive(out, timeout=timeout):
+            pid = pid_of.get(reply.metadata.src_node_id)
+            if pid is None:
+                continue
+            if reply.has_error():
+                log.warning("%s: site %d dropped (%s)", stage, pid, reply.error.reason)
+                self._errors.append(reply)  # passed on: the strategy counts failures/refusals
+            else:
+                replies[pid] = reply
+        return replies
+
+    def _secure_round(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        # Protocol ids 1..n (Flower node ids are unsigned 64-bit, beyond ConfigRecord's ints).
+        node_of = {pid: m.metadata.dst_node_id for pid, m in enumerate(msgs, start=1)}
+        by_node = {pid: m for pid, m in enumerate(msgs, start=1)}
+        nodes = sorted(by_node)
+        threshold = max(2, math.ceil(self.threshold_fraction * len(nodes)))
+        if len(nodes) < threshold:
+            raise SecAggError(f"{len(nodes)} site(s) sampled, fewer than the threshold {threshold}")
+        params = SecAggParams.sized(len(nodes), threshold, self.clipping_range, self.max_examples)
+        graph = neighbour_graph(nodes, self.degree or None)
+        server = SecAggServer(params, graph)
+
+        setup = {n: RecordDict({"secagg": ConfigRecord({
+            "site-id": n, "neighbours": graph[n], "threshold": params.threshold,
+            "clip": params.clipping_range, "levels": params.quantization_levels,
+            "max-examples": params.max_examples})}) for n in nodes}
+        for node, reply in self._stage("secagg_advertise", setup, node_of, timeout).items():
+            rec = reply.content["secagg"]
+            server.publics[node] = (bytes(rec["c"]), bytes(rec["s"]))
+
+        shares = {}
+        for n in server.publics:
+            peers = [p for p in [n, *graph[n]] if p in server.publics]
+            shares[n] = RecordDict({"secagg": ConfigRecord({
+                "ids": peers, "c": [server.publics[p][0] for p in peers],
+                "s": [server.publics[p][1] for p in peers]})})
+        for node, reply in self._stage("secagg_share", shares, node_of, timeout).items():
+            rec = reply.content["secagg"]
+            server.shared[node] = {int(d): bytes(b) for d, b in zip(rec["to"], rec["blobs"])}
+
+        inbox = server.route()
+        masks = {}
+        for n, received in inbox.items():
+            content = RecordDict({**by_node[n].content})
+            content["secagg"] = ConfigRecord({"from": list(received) or [0],
+                                              "blobs": list(received.values()) or [b""]})
+            masks[n] = content
+        site_replies = {}
+        for node, reply in self._stage("secagg_mask", masks, node_of, timeout).items():
+            server.masked[node] = reply.content["masked"]["masked"].numpy().astype(np.uint32)
+            self.bytes_in += server.masked[node].nbytes
+            site_replies[node] = reply
+
+        survivors, dropped = server.survivors_and_dropped()
+        unmask = {n: RecordDict({"secagg": ConfigRecord({"survivors": survivors,
+                                                          "dropped": dropped or [0]})})
+                  for n in survivors}
+        reveals = {}
+        for node, reply in self._stage("secagg_unmask", unmask, node_of, timeout).items():
+            rec = reply.content["secagg"]
+            reveals[node] = {int(o): bytes(sh) for o, sh in zip(rec["owners"], rec["shares"])}
+        mean, count = server.aggregate(reveals)
+        log.info("secure aggregation: %d site(s) summed, %d dropped, %d examples",
+                 len(survivors), len(dropped), count)
+
+        template = by_node[survivors[0]].content["arrays"]
+        losses = [float(site_replies[n].content["metrics"]["loss"]) *
+                  int(site_replies[n].content["metrics"]["num-examples"]) for n in survivors]
+        aggregate = Message(RecordDict({
+            "arrays": unflatten(mean, template),
+            "metrics": MetricRecord({"num-examples": count, "loss": sum(losses) / count}),
+            "site": ConfigRecord({"name": "secure-sum", "secagg-sum": True,
+                                  "secagg-sites": len(survivors)}),
+        }), reply_to=by_node[survivors[0]])
+        per_site = [Message(RecordDict({
+            "metrics": site_replies[n].content["metrics"],
+            "site": ConfigRecord({**site_replies[n].content["site"], "secagg-metrics-only": True}),
+        }), reply_to=by_node[n]) for n in survivors]
+        return [aggregate, *per_site]
+
+
+def handle_stage(msg: Message, context: Context, stage: str, data_root: str | None = None,
+                 privacy: PrivacyConfig | None = None) -> Message:
+    """The site's side of one stage; protocol secrets stay in ``context.state``."""
+    name = "unknown"
+    try:
+        rec = dict(msg.content["secagg"].items())
+        if stage == "secagg_advertise":
+            params = SecAggParams(int(rec["threshold"]), float(rec["clip"]), int(rec["levels"]),
+                                  int(rec["max-examples"]))
+            agent = SecAggSite(int(rec["site-id"]), params, [int(n) for n in rec["neighbours"]])
+            c_pub, s_pub = agent.advertise()
+            reply = RecordDict({"secagg": ConfigRecord({"c": c_pub, "s": s_pub})})
+        else:
+            agent = SecAggSite.from_state(dict(context.state[STATE_KEY].items()))
+            if stage == "secagg_share":
+                publics = {int(i): (bytes(c), bytes(s))
+                           for i, c, s in zip(rec["ids"], rec["c"], rec["s"])}
+                blobs = agent.share_keys(publics)
+                reply = RecordDict({"secagg": ConfigRecord({"to": list(blobs),
+                                                            "blobs": list(blobs.values())})})
+            elif stage == "secagg_mask":
+                reply, name = _mask(msg, context, agent, rec, data_root, privacy)
+            else:
+                dropped = [int(d) for d in rec["dropped"] if int(d)]
+                shares = agent.unmask([int(s) for s in rec["survivors"]], dropped)
+                reply = RecordDict({"secagg": ConfigRecord({
+                    "owners": list(shares) or [0], "shares": list(shares.values()) or [b""]})})
+        context.state[STATE_KEY] = ConfigRecord(agent.to_state())
+        return Message(reply, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
+        return site_ops.error_reply(msg, exc, stage, name)
+
+
+def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_root: str | None,
+          privacy: PrivacyConfig | None) -> tuple[RecordDict, str]:
+    site, data, cfg, settings, seed = site_ops.prepare(msg, context, "train", data_root, privacy)
+    model, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
+    arrays = ArrayRecord(model.state_dict())
+    received = {int(i): bytes(b) for i, b in zip(rec["from"], rec["blobs"]) if int(i)}
+    masked = agent.masked_input(flatten(arrays), int(metrics["num-examples"]), received,
+                                rng=np.random.default_rng(seed))
+    about = {"name": site.name, **accounting}
+    return RecordDict({"masked": ArrayRecord({"masked": Array(masked)}),
+                       "metrics": MetricRecord(metrics),
+                       "site": ConfigRecord(about)}), site.name
