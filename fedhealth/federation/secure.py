@@ -195,7 +195,8 @@ def handle_stage(msg: Message, context: Context, stage: str, data_root: str | No
                 reply = RecordDict({"secagg": ConfigRecord({"to": list(blobs),
                                                             "blobs": list(blobs.values())})})
             elif stage == "secagg_mask":
-                reply, name = _mask(msg, context, agent, rec, data_root, privacy)
+                name = site_ops.Site.from_context(context, data_root, privacy).name
+                reply = _mask(msg, context, agent, rec, data_root, privacy)
             else:
                 dropped = [int(d) for d in rec["dropped"] if int(d)]
                 shares = agent.unmask([int(s) for s in rec["survivors"]], dropped)
@@ -208,7 +209,7 @@ def handle_stage(msg: Message, context: Context, stage: str, data_root: str | No
 
 
 def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_root: str | None,
-          privacy: PrivacyConfig | None) -> tuple[RecordDict, str]:
+          privacy: PrivacyConfig | None) -> RecordDict:
     site, data, cfg, settings, seed = site_ops.prepare(msg, context, "train", data_root, privacy)
     model, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
     arrays = ArrayRecord(model.state_dict())
@@ -218,4 +219,4 @@ def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_roo
     about = {"name": site.name, **accounting}
     return RecordDict({"masked": ArrayRecord({"masked": Array(masked)}),
                        "metrics": MetricRecord(metrics),
-                       "site": ConfigRecord(about)}), site.name
+                       "site": ConfigRecord(about)})

@@ -67,7 +67,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
         deadline = time.monotonic() + 60
         while unregistered.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert unregistered.returncode == 305, procs.logs()  # SUPERNODE_CONNECTION_ERROR
+        assert unregistered.returncode not in (None, 0), procs.logs()
 
         cfg = compose(["sites=3", "rounds=1", "train.local_epochs=1", "privacy=off",
                        "strategy.min_sites=2", f"run_root={tmp_path / 'runs'}",
@@ -86,5 +86,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
     lines = read_metrics(tmp_path / "runs" / "secure")
     assert set(lines[1]["train"]["sites"]) == {"hospital-0", "hospital-1"}, "no intruder in a round"
     logs = {name: log.read_text(errors="replace") for name, _, log in procs.running}
-    assert "foreign" not in str(lines) and "plaintext" not in str(lines)
-    assert logs["foreign"] and logs["plaintext"]
+    assert "Failed to activate SuperNode" in logs["intruder"]  # the SuperLink said no
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["foreign"]      # our CA did not sign it
+    assert "Connection attempt failed" in logs["plaintext"]    # no TLS, no way in
+    assert "intruder" not in str(lines) and "foreign" not in str(lines)
