@@ -22,7 +22,8 @@ STEP_OVERRIDES = ["data.train_per_site=16", "data.root=data/bench-dp-step", "sit
                   "train.batch_size=16"]
 FED_DEFAULTS = ["sites=4", "rounds=15", "train.local_epochs=1", "data.train_per_site=192",
                 "data.test_per_site=16", "train.batch_size=32", "privacy.max_grad_norm=0.5",
-                "data.root=data/bench-dp192", "train.lr_decay=0.85", "run_root=runs/bench"]
+                "data.root=data/bench-dp192", "train.lr_decay=0.85", "train.lr=0.003",
+                "run_root=runs/bench"]
 # DP-SGD wants a larger step than the non-private run (the noise shrinks Adam's effective step);
 # the same decay schedule is used by both.
 DP_TUNING = ["train.lr=0.01"]

@@ -19,7 +19,8 @@ from fedhealth.federation.rundir import read_metrics
 from fedhealth.federation.simulation import ensure_cohort, simulate
 from fedhealth.training import baselines
 
-DEFAULTS = ["sites=4", "rounds=30", "train.local_epochs=2", "privacy=off", "data.train_per_site=16",
+DEFAULTS = ["sites=4", "rounds=30", "train.local_epochs=2", "privacy=off", "train.batch_size=4",
+            "train.lr=0.003", "train.lr_decay=1.0", "data.train_per_site=16",
             "data.test_per_site=8", "data.root=data/bench-quality", "run_root=runs/bench",
             "run_name=quality-fedavg"]
 

@@ -2,9 +2,11 @@
 
 The SuperNode's node config says where the site's data is:
 ``--node-config "data-dir='/srv/site-a' site-name='site-a'"`` (``dataset.json`` inside).
-Only model parameters and aggregate metrics are sent back.
+Only model parameters and aggregate metrics are sent back; with ``egress-log='/path'`` in the node
+config, every reply is also logged there (size and sha256) for the hospital's own audit.
 """
 
 from fedhealth.federation.apps import make_client_app
+from fedhealth.federation.egress import EgressLog
 
-app = make_client_app()
+app = make_client_app(mods=[EgressLog()])

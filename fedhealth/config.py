@@ -36,7 +36,7 @@ class DataConfig:
     """Synthetic multi-site MRI cohort; see :mod:`fedhealth.data.synth`."""
 
     root: str = "data/synthetic"
-    train_per_site: int = 16
+    train_per_site: int = 64
     test_per_site: int = 8
     roi: int = 32
     target_spacing: float = 1.0
@@ -48,10 +48,10 @@ class DataConfig:
 class TrainConfig:
     """Local training at a site; round ``r`` trains with ``lr * lr_decay ** (r - 1)``."""
 
-    local_epochs: int = 2
-    batch_size: int = 4
-    lr: float = 3e-3
-    lr_decay: float = 1.0
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-2
+    lr_decay: float = 0.9
     weight_decay: float = 0.0
     num_threads: int = 1
 
@@ -102,7 +102,7 @@ class PrivacyConfig:
     enabled: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.5
     accountant: str = "rdp"
     secure_rng: bool = False
     noise_multiplier: float = 0.0
@@ -115,7 +115,7 @@ class Config:
 
     seed: int = 0
     sites: int = 3
-    rounds: int = 3
+    rounds: int = 10
     run_root: str = "runs"
     run_name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -38,20 +38,28 @@ def _record_bytes(content: RecordDict) -> bytes:
 
 
 class EgressLog:
-    """Client mod: ``ClientApp(mods=[EgressLog(path)])``."""
+    """Client mod: ``ClientApp(mods=[EgressLog(path)])``; with no path, the SuperNode's node
+    config key ``egress-log`` names the file (and no key means no log)."""
 
-    def __init__(self, path: Path | str, raw: bool = False) -> None:
-        self.path, self.raw = Path(path), raw
+    def __init__(self, path: Path | str | None = None, raw: bool = False) -> None:
+        self.path, self.raw = (Path(path) if path else None), raw
 
     def __call__(self, msg: Message, context: Context,
                  call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(msg, context)
+        path = self.path or (Path(str(context.node_config["egress-log"]))
+                             if "egress-log" in context.node_config else None)
+        if path is None:
+            return reply
         data = payload_bytes(reply)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_line(self.path, json.dumps({
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_line(path, json.dumps({
             "type": msg.metadata.message_type, "bytes": len(data),
+            "round": msg.content["config"]["server-round"]
+            if "config" in msg.content.config_records and "server-round" in msg.content["config"]
+            else None,
             "sha256": hashlib.sha256(data).hexdigest(), "error": reply.has_error()}))
         if self.raw:
-            with open(self.path.with_suffix(".bin"), "ab") as handle:
+            with open(path.with_suffix(".bin"), "ab") as handle:
                 handle.write(data)
         return reply

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,7 @@ def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg
                    "sample-rate": sample_rate, "dp-steps": steps,
                    "max-grad-norm": cfg.privacy.max_grad_norm}
     model = _model_from(msg, cfg)
+    started = time.perf_counter()
     lr = cfg.train.lr * cfg.train.lr_decay ** max(0, server_round - 1)
     result = train(model, loader, cfg.train.local_epochs, lr, cfg.train.weight_decay,
                    float(settings.get("proximal-mu", 0.0)), dp)
@@ -140,7 +142,7 @@ def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg
     log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
-               **privacy}
+               "train-seconds": time.perf_counter() - started, **privacy}
     return model, metrics, accounting
 
 

@@ -12,7 +12,7 @@ from fedhealth.federation.deploy import write_run_config
 from fedhealth.federation.rundir import read_jsonl, read_metrics
 from fedhealth.privacy.ledger import PrivacyLedger
 
-from .flower_procs import Procs, flower_env, flwr, free_port
+from fedhealth.federation.loopback import Procs, flower_env, flwr, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from fedhealth.federation.deploy import write_run_config
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.security.certs import CA, create_ca, create_server_cert, create_site_keys
 
-from .flower_procs import Procs, flower_env, flwr, free_port
+from fedhealth.federation.loopback import Procs, flower_env, flwr, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from fedhealth.training.baselines import evaluate_on_sites, load_sites, pooled_d
 pytestmark = pytest.mark.slow
 
 E2E = ["sites=3", "data.train_per_site=6", "data.test_per_site=3", "train.local_epochs=2",
-       "rounds=3", "privacy=off"]
+       "rounds=3", "privacy=off", "train.batch_size=4", "train.lr=0.003", "train.lr_decay=1.0"]
 
 
 def _pooled_dice_of(store: CheckpointStore, server_round: int, cfg) -> float:

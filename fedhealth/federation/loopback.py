@@ -1,5 +1,6 @@
-"""Start real Flower processes on loopback for tests: every wait has a deadline, every process
-group is killed at the end, logs are kept for the failure message."""
+"""Real Flower processes on one machine (SuperLink, SuperNodes, the ``flwr`` CLI), for the
+end-to-end tests and benchmarks: every wait has a deadline, every process group is killed at
+the end, and each process's log is kept for the failure message."""
 
 from __future__ import annotations
 
