@@ -46,5 +46,5 @@ def test_proximal_term_keeps_weights_near_the_global_model(cohort, small_cfg):
         model = build_model(small_cfg.model)
         anchor = [p.detach().clone() for p in model.parameters()]
         train(model, tr, epochs=1, lr=3e-3, proximal_mu=mu)
-        drift[mu] = float(proximal_term(model, anchor))
+        drift[mu] = float(proximal_term(model, anchor).detach())
     assert drift[1000.0] < 0.5 * drift[0.0]
