@@ -90,14 +90,18 @@ def test_masked_update_is_uncorrelated_with_the_plaintext(updates):
         assert abs(masked.astype(np.float64).mean() / 2**31 - 1) < 0.05
 
 
-def test_no_site_reveals_both_shares_of_one_site():
+def _three_sites_sharing():
     ids = [1, 2, 3]
     graph = neighbour_graph(ids)
     params = SecAggParams(threshold=2, max_examples=10)
     sites = {i: SecAggSite(i, params, graph[i]) for i in ids}
     publics = {i: s.advertise() for i, s in sites.items()}
     shared = {i: s.share_keys(publics) for i, s in sites.items()}
-    inbox = {i: {src: boxes[i] for src, boxes in shared.items()} for i in ids}
+    return sites, {i: {src: boxes[i] for src, boxes in shared.items()} for i in ids}
+
+
+def test_no_site_reveals_both_shares_of_one_site():
+    sites, inbox = _three_sites_sharing()
     for i, s in sites.items():
         s.masked_input(np.zeros(4), 1, inbox[i])
     sites[1].unmask([1, 2], [3])  # seeds of 1, 2; key of 3
@@ -108,13 +112,7 @@ def test_no_site_reveals_both_shares_of_one_site():
 
 
 def test_tampered_share_fails_authentication():
-    ids = [1, 2, 3]
-    graph = neighbour_graph(ids)
-    params = SecAggParams(threshold=2, max_examples=10)
-    sites = {i: SecAggSite(i, params, graph[i]) for i in ids}
-    publics = {i: s.advertise() for i, s in sites.items()}
-    shared = {i: s.share_keys(publics) for i, s in sites.items()}
-    inbox = {i: {src: boxes[i] for src, boxes in shared.items()} for i in ids}
+    sites, inbox = _three_sites_sharing()
     blob = bytearray(inbox[1][2])
     blob[-1] ^= 1
     inbox[1][2] = bytes(blob)
