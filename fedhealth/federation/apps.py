@@ -11,13 +11,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedhealth.config import Config, PrivacyConfig, site_settings, validate
+from typing import TYPE_CHECKING
+
 from fedhealth.errors import ConfigError, RunStopped
-from fedhealth.federation import site
-from fedhealth.federation.rundir import RunDir
-from fedhealth.federation.strategy import build_strategy
-from fedhealth.models import build_model
-from fedhealth.training import seed_everything
+
+if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
+    # secure-aggregation stages start fast in a fresh ClientApp process.
+    from fedhealth.config import Config, PrivacyConfig
+    from fedhealth.federation.rundir import RunDir
 
 log = logging.getLogger("fedhealth.coordinator")
 
@@ -26,6 +27,8 @@ RUN_CONFIG_KEY = "fedhealth-config"
 
 def config_from_run_config(run_config: dict[str, object]) -> Config:
     """The run's config travels as one JSON object of plain values under ``fedhealth-config``."""
+    from fedhealth.config import validate
+
     raw = run_config.get(RUN_CONFIG_KEY, "")
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"run config needs '{RUN_CONFIG_KEY}' (JSON of the resolved config)")
@@ -37,6 +40,11 @@ def config_from_run_config(run_config: dict[str, object]) -> Config:
 
 def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
     """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``."""
+    from fedhealth.config import site_settings
+    from fedhealth.federation.strategy import build_strategy
+    from fedhealth.models import build_model
+    from fedhealth.training import seed_everything
+
     seed_everything(cfg.seed)
     initial = ArrayRecord(build_model(cfg.model).state_dict())
     fed = cfg.federation
@@ -80,6 +88,8 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedhealth.federation.rundir import RunDir
+
         config = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
         run_federation(grid, config, run_dir or RunDir.create(config))
 
@@ -101,10 +111,14 @@ def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from fedhealth.federation import site
+
         return site.handle(msg, context, "train", data_root, privacy)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from fedhealth.federation import site
+
         return site.handle(msg, context, "evaluate", data_root, privacy)
 
     from fedhealth.federation.secure import STAGES, handle_stage

@@ -22,15 +22,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedhealth.config import PrivacyConfig
-from fedhealth.federation import site as site_ops
+from fedhealth.federation.replies import error_reply
 from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, SecAggSite, neighbour_graph
+
+if TYPE_CHECKING:
+    from fedhealth.config import PrivacyConfig
 
 log = logging.getLogger("fedhealth.secagg")
 
@@ -195,6 +197,8 @@ def handle_stage(msg: Message, context: Context, stage: str, data_root: str | No
                 reply = RecordDict({"secagg": ConfigRecord({"to": list(blobs),
                                                             "blobs": list(blobs.values())})})
             elif stage == "secagg_mask":
+                from fedhealth.federation import site as site_ops  # torch/MONAI: mask stage only
+
                 name = site_ops.Site.from_context(context, data_root, privacy).name
                 reply = _mask(msg, context, agent, rec, data_root, privacy)
             else:
@@ -205,11 +209,13 @@ def handle_stage(msg: Message, context: Context, stage: str, data_root: str | No
         context.state[STATE_KEY] = ConfigRecord(agent.to_state())
         return Message(reply, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
-        return site_ops.error_reply(msg, exc, stage, name)
+        return error_reply(msg, exc, stage, name)
 
 
 def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_root: str | None,
           privacy: PrivacyConfig | None) -> RecordDict:
+    from fedhealth.federation import site as site_ops
+
     site, data, cfg, settings, seed = site_ops.prepare(msg, context, "train", data_root, privacy)
     model, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
     arrays = ArrayRecord(model.state_dict())

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
 from fedhealth.data.loading import SiteData, load_site, make_loader
 from fedhealth.data.synth import site_dir
-from fedhealth.errors import SITE_ERROR_CODES, ConfigError, LedgerError, site_error_code
+from fedhealth.errors import ConfigError, LedgerError
+from fedhealth.federation.replies import error_reply
 from fedhealth.models import DP_READY, build_model
 from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
 from fedhealth.privacy.ledger import PrivacyLedger
@@ -157,12 +158,6 @@ def prepare(msg: Message, context: Context, phase: str, data_root: str | None,
     seed = derive_seed(cfg.seed, site.name, server_round, phase)
     seed_everything(seed, cfg.train.num_threads)
     return site, data, cfg, settings, seed
-
-
-def error_reply(msg: Message, exc: Exception, phase: str, name: str) -> Message:
-    code = site_error_code(exc)
-    log.exception("%s failed (error %d): %s", phase, code, exc)
-    return Message(Error(code=code, reason=f"site {name}: {SITE_ERROR_CODES[code]}"), reply_to=msg)
 
 
 def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,
