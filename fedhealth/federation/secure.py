@@ -70,7 +70,6 @@ class SecureGrid:
         self.grid = grid
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.clipping_range, self.max_examples = clipping_range, max_examples
-        self.bytes_in = 0
         self._errors: list[Message] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -145,7 +144,6 @@ class SecureGrid:
         site_replies = {}
         for node, reply in self._stage("secagg_mask", masks, node_of, timeout).items():
             server.masked[node] = reply.content["masked"]["masked"].numpy().astype(np.uint32)
-            self.bytes_in += server.masked[node].nbytes
             site_replies[node] = reply
 
         survivors, dropped = server.survivors_and_dropped()

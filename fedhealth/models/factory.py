@@ -9,7 +9,6 @@ handle in-place ops on its backward-hook views).
 
 from __future__ import annotations
 
-import torch
 from monai.networks.nets import SegResNet, UNet
 from torch import nn
 
@@ -79,7 +78,3 @@ def check_dp_compatible(model: nn.Module) -> None:
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def state_arrays(model: nn.Module) -> dict[str, "torch.Tensor"]:
-    """The model's state as detached CPU tensors, keyed as in ``state_dict``."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

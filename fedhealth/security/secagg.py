@@ -27,7 +27,6 @@ Stages (site ``SecAggSite`` / coordinator ``SecAggServer``):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -331,7 +330,3 @@ class SecAggServer:
             return combine_shares(shares[: self.params.threshold])
         except ValueError as exc:
             raise SecAggError(f"shares of site {owner}'s secret do not combine") from exc
-
-
-def fingerprint(vector: np.ndarray) -> str:
-    return hashlib.sha256(vector.tobytes()).hexdigest()[:16]
