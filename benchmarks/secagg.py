@@ -21,7 +21,7 @@ from pathlib import Path
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
 from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_port
+from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.models.factory import build_model, num_parameters
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
@@ -65,7 +65,7 @@ def main() -> int:
         create_server_cert(ca, keys, ["127.0.0.1"])
         env = flower_env(work / "flwr-home")
         procs = Procs(work, env)
-        link = free_port()
+        link, *node_ports = free_ports(SITES + 1)
         (work / "flwr-home").mkdir()
         (work / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "bench"\n[superlink.bench]\naddress = "127.0.0.1:{link}"\n'
@@ -82,7 +82,7 @@ def main() -> int:
                 key, pub = create_site_keys(keys, f"site-{site}")
                 flwr(env, ["supernode", "register", str(pub), "bench"], cwd=work, timeout=60)
                 procs.start(f"supernode-{site}", [
-                    "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+                    "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(node_ports[site]),
                     "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key", str(key),
                     "--node-config", f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
                                      f"egress-log='{work / f'egress-{site}.jsonl'}'"])

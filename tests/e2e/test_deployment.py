@@ -12,7 +12,7 @@ from fedhealth.federation.deploy import write_run_config
 from fedhealth.federation.rundir import read_jsonl, read_metrics
 from fedhealth.privacy.ledger import PrivacyLedger
 
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_port
+from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
     env = flower_env(tmp_path / "flwr-home")
     procs = Procs(tmp_path, env)
-    link, nodes = free_port(), [free_port(), free_port()]
+    link, *nodes = free_ports(3)
     try:
         procs.start("superlink", [
             "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),

@@ -13,7 +13,7 @@ from fedhealth.federation.deploy import write_run_config
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.security.certs import CA, create_ca, create_server_cert, create_site_keys
 
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_port
+from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
 
     env = flower_env(tmp_path / "flwr-home")
     procs = Procs(tmp_path, env)
-    link = free_port()
+    link, *node_ports = free_ports(6)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -40,7 +40,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
     def supernode(name: str, key: str | None, *transport: str, data: int = 0):
         auth = ["--auth-supernode-private-key", str(keys / "sites" / key / "auth.key")] if key else []
         return procs.start(name, [
-            "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+            "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(node_ports.pop()),
             *transport, *auth,
             "--node-config", f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'",
         ])
