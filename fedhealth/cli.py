@@ -5,6 +5,8 @@
     fedhealth baseline centralized|local [...]   the comparison points for federation
     fedhealth report privacy <run dir | ledger>  privacy budget report for a privacy officer
     fedhealth certs init|site|check              consortium CA, coordinator TLS, site keys
+    fedhealth site run|check|status --config site.yaml        the hospital's daemon
+    fedhealth server run|launch --config coordinator.yaml     the coordinator service, runs
 
 Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 """
@@ -128,6 +130,49 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from fedhealth.service import site
+
+    settings = site.load(args.config, args.settings, args.insecure)
+    if args.site_cmd == "run":
+        return site.run(settings)
+    if args.site_cmd == "check":
+        items = site.check(settings)
+        for item in items:
+            print(f"{'PASS' if item.ok else 'FAIL'}  {item.name:<12} {item.detail}")
+        failed = [i.name for i in items if not i.ok]
+        print(f"site {settings.name}: " + (f"{len(failed)} check(s) failed: {', '.join(failed)}"
+                                           if failed else "ready"))
+        return 1 if failed else 0
+    report = site.status(settings)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    daemon = report["daemon"]
+    if isinstance(daemon, dict):
+        print(f"site {settings.name}: {daemon.get('state')} since {daemon.get('since')} "
+              f"(pid {daemon.get('pid')}, coordinator {daemon.get('coordinator')})")
+        for key in ("activity", "last_trained", "last_evaluated", "reason"):
+            if daemon.get(key):
+                print(f"  {key.replace('_', ' ')}: {daemon[key]}")
+    else:
+        print(f"site {settings.name}: daemon {daemon}")
+    p = report["privacy"]
+    print(f"  privacy: epsilon {p['epsilon_spent']:.4f} of {p['epsilon_cap']:g} spent in "
+          f"{p['rounds_trained']} round(s)" + (f"; last: {p['last']}" if p.get("last") else ""))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedhealth.service import coordinator
+
+    if args.server_cmd == "run":
+        return coordinator.run(coordinator.load(args.config, args.settings, args.insecure))
+    given = [f"{k}={v}" for k, v in (("ca", args.ca), ("state_dir", args.state_dir)) if v]
+    settings = coordinator.load(args.config, given, args.insecure, role="launch")
+    return coordinator.launch(settings, args.settings, args.address, args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhealth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +205,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--rotate", action="store_true",
                         help="replace existing keys/certs (old files kept as .bak)")
         sp.set_defaults(func=cmd_certs)
+
+    site = sub.add_parser("site", help="the hospital's site daemon").add_subparsers(
+        dest="site_cmd", required=True)
+    for name, text in (("run", "keep this site's SuperNode connected (until SIGTERM)"),
+                       ("check", "preflight: data, keys, ledger, coordinator"),
+                       ("status", "what the daemon is doing and what the site has spent")):
+        p = site.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, default=None, help="site.yaml")
+        p.add_argument("--insecure", action="store_true",
+                       help="NO TLS, NO authentication (labs only)")
+        p.add_argument("settings", nargs="*", help="key=value overrides of site.yaml")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_site)
+
+    server = sub.add_parser("server", help="the coordinator service").add_subparsers(
+        dest="server_cmd", required=True)
+    p = server.add_parser("run", help="SuperLink with TLS, site enrolment, state db (until SIGTERM)")
+    p.add_argument("settings", nargs="*", help="key=value overrides of coordinator.yaml")
+    p = server.add_parser("launch", help="submit a run, follow it to the end, write the report")
+    p.add_argument("settings", nargs="*", help="Hydra overrides of the run config")
+    p.add_argument("--address", default=None,
+                   help="the coordinator's host:port (default: 127.0.0.1:<port of --config>)")
+    p.add_argument("--ca", default=None, help="consortium CA certificate (default: from --config)")
+    p.add_argument("--state-dir", default=None, help="where the launcher keeps its Flower config")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    for p in server.choices.values():
+        p.add_argument("--config", type=Path, default=None, help="coordinator.yaml")
+        p.add_argument("--insecure", action="store_true",
+                       help="NO TLS, NO site authentication (labs only)")
+        p.set_defaults(func=cmd_server)
 
     report = sub.add_parser("report", help="reports for people").add_subparsers(
         dest="report_cmd", required=True)

@@ -12,4 +12,18 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# docker-compose (Debian's 1.29 is enough): tests/e2e/test_compose.py validates docker/docker-compose.yml
+# with `docker-compose config`, which needs no Docker engine. Installed only as root with apt-get;
+# never fails the set-up.
+if ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
+           || { apt-get update -qq >/dev/null 2>&1 \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1; }; }; then
+      echo "note: could not install docker-compose with apt-get; tests/e2e/test_compose.py will skip" >&2
+    fi
+  else
+    echo "note: docker-compose not found (install it: apt-get install docker-compose); tests/e2e/test_compose.py will skip" >&2
+  fi
+fi
 .venv/bin/python -c 'import torch, flwr, monai, opacus; print(f"fedhealth env ready: torch {torch.__version__}, flwr {flwr.__version__}, monai {monai.__version__}, opacus {opacus.__version__}")'

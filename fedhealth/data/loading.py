@@ -91,14 +91,15 @@ def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteDat
     if not path.is_file():
         raise DataError(f"{path}: dataset.json not found")
     try:
-        json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     lists = {}
     for split, key in SPLITS.items():
         try:
-            items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
-        except (KeyError, ValueError) as exc:
+            items = (load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+                     if not isinstance(raw, dict) or raw.get(key) != [] else [])
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise DataError(f"{path}: missing or malformed '{key}' list ({exc})") from exc
         for i, item in enumerate(items):
             if not {"image", "label"} <= item.keys():

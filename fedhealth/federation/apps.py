@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -38,25 +39,65 @@ def config_from_run_config(run_config: dict[str, object]) -> Config:
         raise ConfigError(f"run config '{RUN_CONFIG_KEY}' is not valid JSON: {exc}") from exc
 
 
+STRATEGY_STATE = ("m_t", "v_t")  # FedOpt moments (FedAdam): the strategy's state across rounds
+
+
+def strategy_state(strategy: object) -> dict[str, np.ndarray]:
+    out = {}
+    for name in STRATEGY_STATE:
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            out[f"{name}/{key}"] = np.asarray(value)
+    return out
+
+
+def restore_strategy_state(strategy: object, arrays: dict[str, np.ndarray]) -> None:
+    for name in STRATEGY_STATE:
+        part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
+        if part:
+            setattr(strategy, name, part)
+
+
 def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
-    """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``."""
+    """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``.
+
+    A run directory left by a killed coordinator is resumed: the global model and the
+    strategy's state come from the last completed round's checkpoints (sha256-verified) and the
+    remaining rounds keep their round numbers, seeds and learning rates.
+    """
     from fedhealth.config import site_settings
     from fedhealth.federation.strategy import build_strategy
     from fedhealth.models import build_model
     from fedhealth.training import seed_everything
 
+    if run_dir.finished:
+        log.info("run %s already finished; nothing to do", run_dir.path.name)
+        return
     seed_everything(cfg.seed)
     initial = ArrayRecord(build_model(cfg.model).state_dict())
+    done = run_dir.resumed_from or 0
+    strategy = build_strategy(cfg, run_dir)
+    if run_dir.resumed_from is not None:
+        arrays = run_dir.checkpoints.load(done)  # refuses a file whose sha256 does not match
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(arrays[k])) for k in initial})
+        if done in run_dir.checkpoints.rounds("strategy"):
+            restore_strategy_state(strategy, run_dir.checkpoints.load(done, "strategy"))
+        strategy.round_offset = done
+        log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
     fed = cfg.federation
     if fed.secure_aggregation:
         from fedhealth.federation.secure import SecureGrid
 
         grid = SecureGrid(grid, fed.secagg_threshold, fed.secagg_degree,
                           fed.secagg_clipping_range, fed.secagg_max_examples)
-    strategy = build_strategy(cfg, run_dir)
-    instruction = ConfigRecord(site_settings(cfg))
+    instruction = ConfigRecord({**site_settings(cfg), "run-key": run_dir.key})
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done
+        if server_round == done and run_dir.resumed_from is not None:
+            return None  # the resumed round's checkpoint and line are already written
+        state = strategy_state(strategy)
+        if state:
+            run_dir.checkpoints.save(server_round, state, "strategy")
         line = run_dir.end_round(server_round, {k: v.numpy() for k, v in arrays.items()})
         weighted = line.get("evaluate", {}).get("weighted", {})
         if server_round:
@@ -70,7 +111,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=cfg.rounds,
+            num_rounds=cfg.rounds - done,
             timeout=cfg.federation.round_timeout,
             train_config=instruction,
             evaluate_config=instruction,

@@ -7,6 +7,10 @@
   checkpoints/           round-NNNN.safetensors + SHA256SUMS
   manifest.json          versions, config hash, seed, rounds completed, checkpoint hashes
 ```
+A run directory that exists is resumed, not overwritten: same configuration (hash of
+config.yaml) -> the run continues after its last completed round (lines written for a round
+that did not complete are dropped); a finished run is left as it is; a different configuration
+is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedhealth.config import Config, to_yaml
+from fedhealth.errors import ConfigError
 from fedhealth.federation.checkpoint import CheckpointStore
 from fedhealth.io import append_line, atomic_write_text
 
@@ -55,7 +60,8 @@ def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, f
 class RoundLog:
     train: dict[str, SiteMetrics] = field(default_factory=dict)
     evaluate: dict[str, SiteMetrics] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # train replies: site -> reason
+    rejected_evaluate: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
@@ -74,19 +80,50 @@ class RunDir:
         self.rounds: dict[int, RoundLog] = {}
         self.started = time.time()
         config_text = to_yaml(cfg)
+        config_sha = hashlib.sha256(config_text.encode()).hexdigest()
+        self.resumed_from: int | None = None
+        manifest = self.path / "manifest.json"
+        if manifest.is_file():
+            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+            if self.manifest.get("config_sha256") != config_sha:
+                raise ConfigError(f"{self.path}: exists with a different configuration "
+                                  "(config.yaml); choose another run_name")
+            if not self.manifest.get("finished"):
+                self.resumed_from = int(self.manifest["rounds_completed"])
+                self._drop_lines_after(self.resumed_from)
+                self.manifest.setdefault("resumed", []).append(
+                    {"at": _now(), "after_round": self.resumed_from})
+                self._write_manifest()
+            return
         atomic_write_text(self.path / "config.yaml", config_text)
-        self.manifest: dict[str, Any] = {
+        self.manifest = {
             "run": self.path.name,
             "started": _now(),
             "finished": None,
             "seed": cfg.seed,
-            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            "config_sha256": config_sha,
             "versions": package_versions(),
             "rounds_planned": cfg.rounds,
             "rounds_completed": 0,
             "checkpoints": {},
         }
         self._write_manifest()
+
+    @property
+    def key(self) -> str:
+        """Stable across resubmissions of the same run (sites key their ledger entries by it)."""
+        return f"{self.path.name}@{self.manifest['config_sha256'][:16]}"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.manifest.get("finished"))
+
+    def _drop_lines_after(self, server_round: int) -> None:
+        for path in (self.metrics, self.privacy):
+            lines = [ln for ln in read_jsonl(path) if ln["round"] <= server_round]
+            if path.is_file():
+                atomic_write_text(path, "".join(json.dumps(ln, sort_keys=True) + "\n"
+                                                for ln in lines))
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
@@ -116,6 +153,7 @@ class RunDir:
             line["evaluate"] = {
                 "sites": entry.evaluate,
                 "weighted": weighted(entry.evaluate, ("dice", "loss")),
+                "rejected": entry.rejected_evaluate,
                 "failed": entry.failed["evaluate"],
             }
         append_line(self.metrics, json.dumps(line, sort_keys=True))

@@ -28,7 +28,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedhealth.errors import UpdateRejected
 from fedhealth.federation.replies import error_reply
+from fedhealth.security.validation import validate_metrics
 from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, SecAggSite, neighbour_graph
 
 if TYPE_CHECKING:
@@ -85,11 +87,14 @@ class SecureGrid:
             return [*self._secure_round(msgs, timeout), *self._errors]
         except SecAggError as exc:
             log.warning("secure aggregation failed, no update this round: %s", exc)
-            return list(self._errors)  # the strategy sees who failed; the model stays as it was
+        except Exception:  # noqa: BLE001 - whatever a site sent, the coordinator goes on
+            log.exception("secure aggregation failed on a malformed reply, no update this round")
+        return list(self._errors)  # the strategy sees who failed; the model stays as it was
 
     def _stage(self, stage: str, contents: dict[int, RecordDict], node_of: dict[int, int],
-               timeout: float | None) -> dict[int, Message]:
-        """Send each protocol id its content; replies by protocol id (errors dropped)."""
+               timeout: float | None, parse: Any = None) -> dict[int, Any]:
+        """Send each protocol id its content; replies by protocol id, each passed through
+        ``parse``; an error reply or one ``parse`` cannot read drops that site."""
         pid_of = {node: pid for pid, node in node_of.items()}
         out = [Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()]
         replies = {}
@@ -100,8 +105,13 @@ class SecureGrid:
             if reply.has_error():
                 log.warning("%s: site %d dropped (%s)", stage, pid, reply.error.reason)
                 self._errors.append(reply)  # passed on: the strategy counts failures/refusals
-            else:
-                replies[pid] = reply
+                continue
+            try:
+                replies[pid] = parse(reply) if parse is not None else reply
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    UpdateRejected) as exc:
+                log.warning("%s: site %d dropped: malformed reply (%s: %.200s)", stage, pid,
+                            type(exc).__name__, exc)
         return replies
 
     def _secure_round(self, msgs: list[Message], timeout: float | None) -> list[Message]:
@@ -120,9 +130,7 @@ class SecureGrid:
             "site-id": n, "neighbours": graph[n], "threshold": params.threshold,
             "clip": params.clipping_range, "levels": params.quantization_levels,
             "max-examples": params.max_examples})}) for n in nodes}
-        for node, reply in self._stage("secagg_advertise", setup, node_of, timeout).items():
-            rec = reply.content["secagg"]
-            server.publics[node] = (bytes(rec["c"]), bytes(rec["s"]))
+        server.publics.update(self._stage("secagg_advertise", setup, node_of, timeout, _publics))
 
         shares = {}
         for n in server.publics:
@@ -130,9 +138,7 @@ class SecureGrid:
             shares[n] = RecordDict({"secagg": ConfigRecord({
                 "ids": peers, "c": [server.publics[p][0] for p in peers],
                 "s": [server.publics[p][1] for p in peers]})})
-        for node, reply in self._stage("secagg_share", shares, node_of, timeout).items():
-            rec = reply.content["secagg"]
-            server.shared[node] = {int(d): bytes(b) for d, b in zip(rec["to"], rec["blobs"])}
+        server.shared.update(self._stage("secagg_share", shares, node_of, timeout, _blobs))
 
         inbox = server.route()
         masks = {}
@@ -141,19 +147,32 @@ class SecureGrid:
             content["secagg"] = ConfigRecord({"from": list(received) or [0],
                                               "blobs": list(received.values()) or [b""]})
             masks[n] = content
-        site_replies = {}
-        for node, reply in self._stage("secagg_mask", masks, node_of, timeout).items():
+        size = sum(a.numpy().size for a in by_node[nodes[0]].content["arrays"].values()) + 1
+
+        def masked(reply: Message) -> Message:
+            vector = reply.content["masked"]["masked"].numpy()
+            if vector.shape != (size,) or vector.dtype.kind not in "ui":
+                raise ValueError(f"masked vector {vector.dtype}{vector.shape}, expected "
+                                 f"({size},): the model plus the example count")
+            validate_metrics(dict(reply.content["metrics"].items()), self.max_examples,
+                             f"protocol id {pid_of_reply(reply)}", ("num-examples", "loss"))
+            dict(reply.content["site"].items())
+            return reply
+
+        pid_of_node = {node: pid for pid, node in node_of.items()}
+
+        def pid_of_reply(reply: Message) -> int:
+            return pid_of_node.get(reply.metadata.src_node_id, 0)
+
+        site_replies = self._stage("secagg_mask", masks, node_of, timeout, masked)
+        for node, reply in site_replies.items():
             server.masked[node] = reply.content["masked"]["masked"].numpy().astype(np.uint32)
-            site_replies[node] = reply
 
         survivors, dropped = server.survivors_and_dropped()
         unmask = {n: RecordDict({"secagg": ConfigRecord({"survivors": survivors,
                                                           "dropped": dropped or [0]})})
                   for n in survivors}
-        reveals = {}
-        for node, reply in self._stage("secagg_unmask", unmask, node_of, timeout).items():
-            rec = reply.content["secagg"]
-            reveals[node] = {int(o): bytes(sh) for o, sh in zip(rec["owners"], rec["shares"])}
+        reveals = self._stage("secagg_unmask", unmask, node_of, timeout, _reveals)
         mean, count = server.aggregate(reveals)
         log.info("secure aggregation: %d site(s) summed, %d dropped, %d examples",
                  len(survivors), len(dropped), count)
@@ -172,6 +191,24 @@ class SecureGrid:
             "site": ConfigRecord({**site_replies[n].content["site"], "secagg-metrics-only": True}),
         }), reply_to=by_node[n]) for n in survivors]
         return [aggregate, *per_site]
+
+
+def _publics(reply: Message) -> tuple[bytes, bytes]:
+    rec = reply.content["secagg"]
+    keys = (bytes(rec["c"]), bytes(rec["s"]))
+    if any(len(k) > 1024 for k in keys):
+        raise ValueError("public key too long")
+    return keys
+
+
+def _blobs(reply: Message) -> dict[int, bytes]:
+    rec = reply.content["secagg"]
+    return {int(d): bytes(b) for d, b in zip(rec["to"], rec["blobs"], strict=True)}
+
+
+def _reveals(reply: Message) -> dict[int, bytes]:
+    rec = reply.content["secagg"]
+    return {int(o): bytes(sh) for o, sh in zip(rec["owners"], rec["shares"], strict=True)}
 
 
 def handle_stage(msg: Message, context: Context, stage: str, data_root: str | None = None,

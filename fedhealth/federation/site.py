@@ -72,6 +72,16 @@ def derive_seed(seed: int, site: str, server_round: int, phase: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def model_digest(arrays: ArrayRecord) -> str:
+    """sha256 over the global model's keys, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = arrays[key]
+        digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
 def _model_from(msg: Message, cfg: Config) -> nn.Module:
     model = build_model(cfg.model)
     try:
@@ -113,12 +123,13 @@ def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg
             raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
         sample_rate, steps = 1.0 / len(loader), cfg.train.local_epochs * len(loader)
         request = RoundRequest(
-            run=str(context.run_id), server_round=server_round, rounds_total=cfg.rounds,
+            run=str(settings.get("run-key") or context.run_id), server_round=server_round, rounds_total=cfg.rounds,
             sample_rate=sample_rate, steps=steps, max_grad_norm=cfg.privacy.max_grad_norm,
             accountant=cfg.privacy.accountant, fixed_noise=cfg.privacy.noise_multiplier,
         )
         with PrivacyLedger(site.budget.ledger_path, site.name) as ledger:
-            entry = charge_round(ledger, site.budget, request, data.fingerprint, site.name)
+            entry = charge_round(ledger, site.budget, request, data.fingerprint, site.name,
+                                 model_digest(msg.content["arrays"]))
             history = ledger.history()
         # The phases behind the reported epsilon, so anyone can recompute it independently.
         accounting = {"accountant": cfg.privacy.accountant,

@@ -13,20 +13,25 @@ mixed in front of them and adds what a consortium needs around the algorithm:
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedhealth.config import Config
-from fedhealth.errors import BUDGET_REFUSAL, ConfigError, FederationError, RunStopped, UpdateRejected
+from fedhealth.errors import BUDGET_REFUSAL, ConfigError, RunStopped, UpdateRejected
 from fedhealth.federation.rundir import RunDir
-from fedhealth.security.validation import WEIGHT_KEY, validate_update
+from fedhealth.security.validation import (
+    WEIGHT_KEY,
+    validate_accounting,
+    validate_metrics,
+    validate_update,
+)
 
 log = logging.getLogger("fedhealth.coordinator")
 
@@ -34,6 +39,9 @@ BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ERROR_SITE = re.compile(r"^site ([A-Za-z0-9_.-]{1,64}): ")
 
+
+TRAIN_METRICS = (WEIGHT_KEY, "loss")  # what a reply must report (the round log, secure sum)
+EVALUATE_METRICS = (WEIGHT_KEY, "dice", "loss")
 
 PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps",
                 "max-grad-norm")
@@ -47,7 +55,7 @@ def _about(msg: Message) -> dict[str, Any]:
 def site_name(msg: Message) -> str:
     """The site's self-declared name from the reply's ``site`` ConfigRecord, or its node id."""
     name = _about(msg).get("name")
-    if isinstance(name, str) and _SITE_NAME.match(name):
+    if isinstance(name, str) and _SITE_NAME.fullmatch(name):  # "$" would pass "name\n"
         return name
     return f"node-{msg.metadata.src_node_id}"
 
@@ -60,6 +68,7 @@ class GuardedRounds:
     min_sites: int
     wait_timeout: float
     _reference: ArrayRecord | None = None
+    round_offset: int = 0  # rounds completed before a resumed run's Flower loop started
 
     def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
               secure: bool = False) -> None:
@@ -74,7 +83,7 @@ class GuardedRounds:
         deadline = time.monotonic() + self.wait_timeout
         while (connected := len(list(grid.get_node_ids()))) < self.min_sites:
             if time.monotonic() > deadline:
-                raise FederationError(
+                raise RunStopped(
                     f"round {server_round}: only {connected} of the {self.min_sites} required "
                     f"sites connected within {self.wait_timeout:.0f}s"
                 )
@@ -83,6 +92,7 @@ class GuardedRounds:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.wait_for_sites(grid, server_round)
         self._reference = arrays
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
@@ -90,35 +100,44 @@ class GuardedRounds:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.wait_for_sites(grid, server_round)
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         entry = self.run_dir.log(server_round)
         accepted, contributors = [], 0
-        for msg in self._without_errors(server_round, replies, "train"):
-            name = site_name(msg)
+        for name, msg in self._without_errors(server_round, replies, "train"):
             about = _about(msg)
             if not self.secure:
                 about = {k: v for k, v in about.items() if not k.startswith("secagg")}
+            metrics = _metrics(msg)
             if about.get("secagg-metrics-only"):  # a site's metrics; its update is in the sum
-                self._record_site(entry, name, _metrics(msg), about)
                 contributors += 1
+                try:
+                    validate_metrics(metrics, self.max_examples, name, TRAIN_METRICS)
+                    if "epsilon" in metrics:
+                        validate_accounting(about, name)
+                except UpdateRejected as exc:
+                    log.warning("round %d: metrics not recorded (the update is in the secure "
+                                "sum): %s", server_round, exc)
+                    entry.rejected[name] = f"{exc} (metrics only: the update is in the sum)"
+                    continue
+                self._record_site(entry, name, metrics, about)
                 continue
             bound = self.max_examples * int(about.get("secagg-sites", 1))
             try:
                 if self._reference is None:
                     raise UpdateRejected("no reference model for this round")
-                validate_update(self._reference, msg.content, bound, site=name)
+                validate_update(self._reference, msg.content, bound, name, TRAIN_METRICS)
+                if "epsilon" in metrics:
+                    validate_accounting(about, name)
             except UpdateRejected as exc:
                 log.warning("round %d: rejected update: %s", server_round, exc)
                 entry.rejected[name] = str(exc)
-                continue
-            metrics = _metrics(msg)
-            if accepted and set(metrics) != set(_metrics(accepted[0])):
-                entry.rejected[name] = f"site {name}: metric keys {sorted(metrics)} differ"
                 continue
             if not about.get("secagg-sum"):
                 self._record_site(entry, name, metrics, about)
@@ -130,27 +149,39 @@ class GuardedRounds:
                       f"failed: {entry.failed['train']}, rejected: {sorted(entry.rejected) or 'none'})")
             log.warning("%s; stopping the run, global model unchanged", reason)
             raise RunStopped(reason)
-        accepted.sort(key=site_name)
-        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(  # type: ignore[misc]
+            server_round, _plain(accepted, True))
+        if arrays is not None and self._reference is not None:
+            # FedAdam's step (and any mean of integer buffers) comes back as float64: sites train
+            # and reply in the global model's dtypes, which validation then requires exactly.
+            arrays = ArrayRecord({k: Array(_as_dtype(arrays[k].numpy(), ref.dtype))
+                                  for k, ref in self._reference.items()})
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         entry = self.run_dir.log(server_round)
         accepted = []
-        for msg in self._without_errors(server_round, replies, "evaluate"):
+        for name, msg in self._without_errors(server_round, replies, "evaluate"):
             metrics = _metrics(msg)
-            count = metrics.get(WEIGHT_KEY)
-            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
-            if not finite or not isinstance(count, int) or not 1 <= count <= self.max_examples:
-                log.warning("round %d: malformed evaluation from %s", server_round, site_name(msg))
+            try:
+                if msg.content.array_records:
+                    raise UpdateRejected(f"site {name}: an evaluation reply carries no "
+                                         f"ArrayRecord, got {len(msg.content.array_records)}")
+                validate_metrics(metrics, self.max_examples, name, EVALUATE_METRICS,
+                                 {"dice": (0.0, 1.0)})
+            except UpdateRejected as exc:
+                log.warning("round %d: rejected evaluation: %s", server_round, exc)
+                entry.rejected_evaluate[name] = str(exc)
                 continue
-            entry.evaluate[site_name(msg)] = metrics
+            entry.evaluate[name] = metrics
             accepted.append(msg)
         if not accepted:
             return None
-        accepted.sort(key=site_name)
-        return super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc]
+        plain = _plain(accepted, False)
+        return super().aggregate_evaluate(server_round, plain)  # type: ignore[misc]
 
     @staticmethod
     def _record_site(entry: Any, name: str, metrics: dict[str, Any], about: dict[str, Any]) -> None:
@@ -166,35 +197,75 @@ class GuardedRounds:
 
     def _without_errors(
         self, server_round: int, replies: Iterable[Message], phase: str
-    ) -> list[Message]:
-        kept = []
+    ) -> list[tuple[str, Message]]:
+        """Error replies counted and logged; the others as (site name, reply) in name, then
+        node order, those without exactly one MetricRecord rejected. A name that more than one
+        node claims this round is ambiguous: each claimant gets its node id appended."""
+        kept, answered, errors = [], [], []
         entry = self.run_dir.log(server_round)
+        rejected = entry.rejected if phase == "train" else entry.rejected_evaluate
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                named = _ERROR_SITE.match(msg.error.reason or "")
-                if named:
-                    self.node_names.setdefault(node, named.group(1))
-                if msg.error.code == BUDGET_REFUSAL and phase == "train":
-                    entry.refused.append(self.node_names.get(node, f"node-{node}"))
-                else:
-                    entry.failed[phase] += 1
-                log.warning(
-                    "round %d %s: node %d replied with error %d: %s", server_round, phase,
-                    msg.metadata.src_node_id, msg.error.code, msg.error.reason,
-                )
-            elif len(msg.content.metric_records) == 1:
-                self.node_names[node] = site_name(msg)
-                kept.append(msg)
+            (errors if msg.has_error() else answered).append(msg)
+        claims: dict[str, set[int]] = {}
+        for msg in answered:
+            claims.setdefault(site_name(msg), set()).add(msg.metadata.src_node_id)
+        if clashes := sorted(n for n, nodes in claims.items() if len(nodes) > 1):
+            log.warning("round %d %s: site name(s) %s claimed by more than one node",
+                        server_round, phase, clashes[:5])
+        named = sorted(((f"{name}#node-{msg.metadata.src_node_id}" if name in clashes else name,
+                         msg) for name, msg in ((site_name(m), m) for m in answered)),
+                       key=lambda pair: (pair[0], pair[1].metadata.src_node_id))
+        for name, msg in named:
+            records = msg.content.metric_records
+            if len(records) == 1:
+                self.node_names[msg.metadata.src_node_id] = name
+                kept.append((name, msg))
             else:
-                log.warning("round %d %s: reply from %s has no single MetricRecord",
-                            server_round, phase, site_name(msg))
+                rejected[name] = (f"site {name}: expected exactly one MetricRecord, got "
+                                  f"{len(records)}")
+                log.warning("round %d %s: rejected reply: %s", server_round, phase, rejected[name])
+        owner = {name: node for node, name in self.node_names.items()}
+        for msg in errors:
+            node = msg.metadata.src_node_id
+            named_in = _ERROR_SITE.match(msg.error.reason or "")
+            # an error's text names the site only if no other node is known by that name
+            if named_in and owner.setdefault(named_in.group(1), node) == node:
+                self.node_names.setdefault(node, named_in.group(1))
+            if msg.error.code == BUDGET_REFUSAL and phase == "train":
+                entry.refused.append(self.node_names.get(node, f"node-{node}"))
+            else:
+                entry.failed[phase] += 1
+            log.warning(  # the reason is the site's text: shortened, quoted
+                "round %d %s: node %d replied with error %d: %r", server_round, phase,
+                node, msg.error.code, (msg.error.reason or "")[:200],
+            )
         return kept
 
 
 def _metrics(msg: Message) -> dict[str, Any]:
     record = next(iter(msg.content.metric_records.values()))
     return dict(record.items())
+
+
+def _as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    if np.dtype(dtype).kind in "iu":
+        values = np.rint(values)
+    return np.asarray(values).astype(dtype, copy=False)
+
+
+def _plain(replies: list[Message], arrays: bool) -> list[Message]:
+    """The validated replies as Flower's aggregation gets them: the arrays, and the metrics that
+    every reply has under one record name (Flower stops the round when record names or metric
+    keys differ; a site with DP metrics among sites without is no reason to)."""
+    metrics = [_metrics(msg) for msg in replies]
+    common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
+    out = []
+    for msg, values in zip(replies, metrics):
+        content = RecordDict({"metrics": MetricRecord({k: values[k] for k in sorted(common)})})
+        if arrays:
+            content["arrays"] = msg.content["arrays"]
+        out.append(Message(content=content, metadata=msg.metadata))
+    return out
 
 
 def build_strategy(cfg: Config, run_dir: RunDir) -> FedAvg:

@@ -44,8 +44,20 @@ class RoundRequest:
 
 
 def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
-                 fingerprint: str, site: str) -> Entry:
-    """Plan (once per run), check the cap, and record the round; raises BudgetExhausted."""
+                 fingerprint: str, site: str, model_sha256: str = "") -> Entry:
+    """Plan (once per run), check the cap, and record the round; raises BudgetExhausted.
+
+    A round asked again with the same global model (a coordinator that resumed a run after a
+    crash) is a replay: the site trains with the same seed, so the same noise, and releases the
+    same update again, which costs nothing more; the ledger keeps its one entry for it.
+    """
+    if model_sha256:
+        prior = ledger.release(req.run, req.server_round, model_sha256)
+        if prior is not None:
+            log.info("site %s: round %d of run %s replayed with the same global model and seed: "
+                     "no new privacy spend (epsilon stays %.3f)", site, req.server_round,
+                     req.run, ledger.entries[-1].epsilon_after)
+            return prior
     history = ledger.history()
     spent = epsilon(history, budget.delta, req.accountant)
     plan = ledger.plan(req.run)
@@ -77,4 +89,4 @@ def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
             f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
         )
     return ledger.record(req.run, req.server_round, phase, req.max_grad_norm, req.accountant,
-                         budget.delta, budget.epsilon_cap, fingerprint)
+                         budget.delta, budget.epsilon_cap, fingerprint, model_sha256)

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS plans (
     steps_per_round INTEGER NOT NULL, rounds INTEGER NOT NULL, epsilon_planned REAL NOT NULL,
     created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS releases (
+    run TEXT NOT NULL, round INTEGER NOT NULL, model_sha256 TEXT NOT NULL,
+    entry_hash TEXT NOT NULL, PRIMARY KEY (run, round, model_sha256)
+);
 """
 GENESIS = "0" * 64
 REL_TOL = 1e-6
@@ -154,6 +158,14 @@ class PrivacyLedger:
     def spent(self, delta: float, accountant: str) -> float:
         return epsilon(self.history(), delta, accountant)
 
+    def release(self, run: str, server_round: int, model_sha256: str) -> Entry | None:
+        """The entry already charged for this run, round and incoming global model, if any."""
+        row = self.db.execute("SELECT entry_hash FROM releases WHERE run=? AND round=? AND "
+                              "model_sha256=?", (run, server_round, model_sha256)).fetchone()
+        if row is None:
+            return None
+        return next((e for e in self.entries if e.hash == row[0]), None)
+
     def plan(self, run: str) -> Plan | None:
         row = self.db.execute(
             "SELECT run, noise_multiplier, sample_rate, steps_per_round, rounds, epsilon_planned "
@@ -167,9 +179,11 @@ class PrivacyLedger:
 
     def record(
         self, run: str, server_round: int, phase: Phase, max_grad_norm: float, accountant: str,
-        delta: float, cap: float, fingerprint: str,
+        delta: float, cap: float, fingerprint: str, model_sha256: str = "",
     ) -> Entry:
-        """Append one phase; durable (fsynced WAL commit) when this returns."""
+        """Append one phase; durable (fsynced WAL commit) when this returns. With
+        ``model_sha256`` the release (run, round, incoming model) is recorded in the same
+        transaction, so :meth:`release` finds it after a crash."""
         history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
         entry = Entry(
             run=run, round=server_round, noise_multiplier=float(phase[0]),
@@ -182,12 +196,19 @@ class PrivacyLedger:
         )
         entry = Entry(**{**asdict(entry), "hash": entry.digest()})
         try:
+            self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
                             "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
                             "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             tuple(asdict(entry).values()))
+            if model_sha256:
+                self.db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?)",
+                                (run, server_round, model_sha256, entry.hash))
+            self.db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise LedgerError(f"{self.path}: could not record privacy spend ({exc})") from exc
         self.entries.append(entry)
         return entry

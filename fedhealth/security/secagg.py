@@ -190,9 +190,12 @@ class SecAggSite:
     # stage 2
     def share_keys(self, publics: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
         """Encrypted shares for each neighbour (and one for itself), keyed by recipient."""
-        missing = [j for j in self.neighbours if j not in publics]
-        if missing:
-            raise SecAggError(f"site {self.site_id}: no public keys for neighbours {missing}")
+        # Neighbours that did not advertise dropped before any secret was shared: no pairwise
+        # mask with them; the round goes on while threshold holders remain.
+        self.neighbours = [j for j in self.neighbours if j in publics]
+        if self.site_id not in publics or len(self.neighbours) + 1 < self.params.threshold:
+            raise SecAggError(f"site {self.site_id}: {len(self.neighbours)} neighbour(s) advertised "
+                              f"keys, fewer than the threshold {self.params.threshold} - 1")
         if len({c for c, _ in publics.values()}) != len(publics):
             raise SecAggError(f"site {self.site_id}: duplicate public keys advertised")
         self._publics = dict(publics)
@@ -228,6 +231,8 @@ class SecAggSite:
                                  np.array([weight], dtype=np.uint32)])
         masked = vector + prg(self._seed, vector.size)
         for j in self.neighbours:
+            if j not in received:  # j dropped before sharing its secrets: no mask with it
+                continue
             pair = prg(_agree(self._s, self._publics[j][1], _pair_info(self.site_id, j, b"mask")),
                        vector.size)
             masked = masked + pair if self.site_id < j else masked - pair
@@ -311,7 +316,7 @@ class SecAggServer:
         for j in dropped:
             s_j = X25519PrivateKey.from_private_bytes(self._rebuild(j, reveals))
             for i in self.graph[j]:
-                if i in survivors:
+                if i in survivors and i in self.shared[j]:  # i masked with j: j shared to i
                     pair = prg(_agree(s_j, self.publics[i][1], _pair_info(i, j, b"mask")), length)
                     # survivor i added +pair if i < j else -pair; remove it
                     total = total - pair if i < j else total + pair

@@ -1,51 +1,178 @@
-"""Validate a site's training reply before it can touch the global model.
+"""Validate a site's reply before it can touch the global model or the round log.
 
-A reply is accepted only if its arrays have exactly the global model's keys, shapes and dtypes,
-every value is finite, and its example count is a whole number within ``[1, max_examples]``
-(FedAvg weights by that count, so an unbounded count would let one site outvote the rest).
+A training reply is accepted only if
+
+* it holds exactly one ArrayRecord, ``arrays``, with exactly the global model's keys and no more
+  bytes than the global model: both are checked before any array is decoded;
+* for every parameter, the Array's metadata *and* the ``.npy`` header inside its bytes give the
+  global model's dtype and shape, the bytes hold exactly that many values (no more, no less) and
+  every value is finite. Flower aggregates what the bytes decode to, not what the metadata says,
+  so the header is read, and bounded, before the bytes are loaded;
+* it holds exactly one MetricRecord of at most :data:`MAX_METRICS` finite numbers (no bool,
+  string or list), with an example count that is a whole number within ``[1, max_examples]``
+  (FedAvg weights by that count, so an unbounded count would let one site outvote the rest).
+
+Every rejection raises :class:`UpdateRejected` naming the site and the field. Names and values
+that come from the site are shortened (``reprlib``) before they go into a reason.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import reprlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhealth.errors import UpdateRejected
 
 WEIGHT_KEY = "num-examples"
+MAX_METRICS = 64
+HISTORY_KEYS = ("history-noise", "history-rate", "history-steps")
+NUMPY_STYPE = "numpy.ndarray"
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what a MetricRecord carries on the wire (sint64, uint64)
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist = 60, 60, 3
+
+
+def _r(value: Any) -> str:
+    return _short.repr(value)
+
+
+def _keys(keys: Iterable[str]) -> str:
+    return _r(sorted(keys))
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, as a MetricRecord carries it (bool, str, list, NaN: no)."""
+    if type(value) is int:
+        return _INT_RANGE[0] <= value <= _INT_RANGE[1]
+    return type(value) is float and math.isfinite(value)
+
+
+def nbytes(record: ArrayRecord) -> int:
+    """Bytes of the arrays' payloads (``.npy`` header included)."""
+    return sum(len(array.data) for array in record.values())
 
 
 def validate_update(
-    reference: ArrayRecord, content: RecordDict, max_examples: int, site: str = "?"
+    reference: ArrayRecord, content: RecordDict, max_examples: int, site: str = "?",
+    required_metrics: Iterable[str] = (WEIGHT_KEY,),
 ) -> int:
     """Raise :class:`UpdateRejected` naming the site and field; returns the example count."""
     arrays = content.array_records
     if list(arrays) != ["arrays"]:
-        raise UpdateRejected(f"site {site}: expected one ArrayRecord 'arrays', got {list(arrays)}")
+        raise UpdateRejected(f"site {site}: field 'arrays': expected exactly one ArrayRecord "
+                             f"'arrays', got {len(arrays)}: {_keys(arrays)}")
     update = arrays["arrays"]
-    missing, extra = set(reference) - set(update), set(update) - set(reference)
-    if missing or extra:
+    if len(update) != len(reference) or set(update) != set(reference):
+        missing, extra = set(reference) - set(update), set(update) - set(reference)
         raise UpdateRejected(
-            f"site {site}: parameter keys differ (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]})"
+            f"site {site}: field 'arrays': parameter keys differ ({len(update)} parameters, "
+            f"expected {len(reference)}; missing {_keys(missing)}, unexpected {_keys(extra)})"
         )
-    for key, ref in reference.items():
-        arr = update[key]
-        if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-            raise UpdateRejected(
-                f"site {site}: parameter {key!r} is {arr.dtype}{list(arr.shape)}, "
-                f"expected {ref.dtype}{list(ref.shape)}"
-            )
-        values = arr.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise UpdateRejected(f"site {site}: parameter {key!r} has NaN or infinite values")
+    size, limit = nbytes(update), nbytes(reference)
+    if size > limit:
+        detail = ""
+        for key, ref in reference.items():  # name the (first) parameter that grew
+            got = update[key]
+            if len(got.data) > len(ref.data):
+                detail = (f"; parameter {key!r} is {len(got.data)} bytes, declared "
+                          f"{_r(got.dtype)}{_r(list(got.shape))}, expected {len(ref.data)} "
+                          f"bytes, {ref.dtype}{list(ref.shape)}")
+                break
+        raise UpdateRejected(f"site {site}: field 'arrays' is {size} bytes, more than the "
+                             f"reference model's {limit} bytes{detail}")
     metrics = content.metric_records
     if len(metrics) != 1:
-        raise UpdateRejected(f"site {site}: expected one MetricRecord, got {list(metrics)}")
-    record = next(iter(metrics.values()))
-    count = record.get(WEIGHT_KEY)
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= max_examples:
-        raise UpdateRejected(
-            f"site {site}: field {WEIGHT_KEY!r}={count!r} is not an integer in [1, {max_examples}]"
-        )
+        raise UpdateRejected(f"site {site}: expected exactly one MetricRecord, got "
+                             f"{len(metrics)}: {_keys(metrics)}")
+    count = validate_metrics(next(iter(metrics.values())), max_examples, site, required_metrics)
+    for key, ref in reference.items():
+        _check_array(site, key, update[key], ref)
     return count
+
+
+def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
+    """Metadata, then the ``.npy`` header, then the exact length, then the values."""
+    field = f"site {site}: parameter {key!r}"
+    want_dtype, want_shape = np.dtype(ref.dtype), tuple(ref.shape)
+    if (array.stype != NUMPY_STYPE or array.dtype != ref.dtype
+            or tuple(array.shape) != want_shape):
+        raise UpdateRejected(f"{field} is declared {_r(array.stype)} {_r(array.dtype)}"
+                             f"{_r(list(array.shape))}, expected {NUMPY_STYPE} {ref.dtype}"
+                             f"{list(want_shape)}")
+    data = array.data
+    try:  # the header only: a header may claim any shape, loading it could allocate terabytes
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy version {version} is not accepted")
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is a rejection, never a crash
+        raise UpdateRejected(f"{field}: bytes are not a .npy array ({_r(str(exc))})") from None
+    if dtype != want_dtype or tuple(shape) != want_shape:
+        raise UpdateRejected(f"{field}: its bytes hold {_r(str(dtype))}{_r(list(shape))}, "
+                             f"expected {want_dtype}{list(want_shape)}")
+    expected = stream.tell() + want_dtype.itemsize * math.prod(want_shape)
+    if len(data) != expected:
+        raise UpdateRejected(f"{field} is {len(data)} bytes, its shape and header make "
+                             f"{expected}")
+    try:
+        values = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UpdateRejected(f"{field}: bytes do not load ({_r(str(exc))})") from None
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        raise UpdateRejected(f"{field} has NaN or infinite values")
+
+
+def validate_metrics(
+    record: Mapping[str, Any], max_examples: int, site: str = "?",
+    required: Iterable[str] = (WEIGHT_KEY,),
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> int:
+    """A reply's metrics: at most MAX_METRICS finite numbers, the ``required`` keys present, each
+    within its ``bounds``, the example count a whole number in ``[1, max_examples]``. Raises
+    :class:`UpdateRejected` naming the site and the metric; returns the example count."""
+    values = dict(record.items())
+    if len(values) > MAX_METRICS:
+        raise UpdateRejected(f"site {site}: MetricRecord has {len(values)} entries, at most "
+                             f"{MAX_METRICS} are accepted")
+    for key in required:
+        if key not in values:
+            raise UpdateRejected(f"site {site}: metric {key!r} is missing")
+    count = values.get(WEIGHT_KEY)
+    if type(count) is not int or not 1 <= count <= max_examples:
+        raise UpdateRejected(
+            f"site {site}: field {WEIGHT_KEY!r}={_r(count)} is not an integer in "
+            f"[1, {max_examples}]"
+        )
+    for key, value in values.items():
+        if not is_number(value):
+            raise UpdateRejected(f"site {site}: metric {_r(key)}={_r(value)} is not a finite "
+                                 "number")
+        low, high = (bounds or {}).get(key, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise UpdateRejected(f"site {site}: metric {key!r}={_r(value)} is outside "
+                                 f"[{low}, {high}]")
+    return count
+
+
+def validate_accounting(about: Mapping[str, Any], site: str = "?") -> None:
+    """The DP history a site sends with its epsilon (``site`` ConfigRecord): lists of finite
+    numbers, one entry per phase, so that anyone can recompute the epsilon."""
+    lists = {key: about.get(key, []) for key in HISTORY_KEYS}
+    for key, value in lists.items():
+        if not isinstance(value, list) or not all(is_number(v) for v in value):
+            raise UpdateRejected(f"site {site}: field {key!r}={_r(value)} is not a list of "
+                                 "finite numbers")
+    if len({len(v) for v in lists.values()}) > 1:
+        raise UpdateRejected(f"site {site}: privacy history lengths differ "
+                             f"({', '.join(f'{k}: {len(v)}' for k, v in lists.items())})")

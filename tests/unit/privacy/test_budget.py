@@ -55,3 +55,17 @@ def test_exhausted_budget_refuses_a_new_run(ledger, tmp_path):
     ledger.record("manual", 0, (0.6, 0.25, 50), 1.0, "rdp", 1e-5, 1.0, "fp")
     with pytest.raises(BudgetExhausted, match="cannot fit"):
         charge_round(ledger, budget, _request(run="c"), "fp", "site-a")
+
+
+def test_a_replayed_round_is_charged_once_and_a_changed_model_again(ledger, tmp_path):
+    budget = SiteBudget(8.0, 1e-5, tmp_path / "ledger.sqlite")
+    first = charge_round(ledger, budget, _request(rnd=1), "fp", "site-a", "model-A")
+    again = charge_round(ledger, budget, _request(rnd=1), "fp", "site-a", "model-A")
+    assert again == first and len(ledger.entries) == 1
+    with PrivacyLedger(tmp_path / "ledger.sqlite", "site-a") as reopened:  # durable
+        assert reopened.release("run-1", 1, "model-A") == first
+        assert reopened.release("run-1", 1, "model-B") is None
+    other = charge_round(ledger, budget, _request(rnd=1), "fp", "site-a", "model-B")
+    assert len(ledger.entries) == 2 and other.epsilon_after > first.epsilon_after
+    charge_round(ledger, budget, _request(run="run-2", rnd=1), "fp", "site-a", "model-A")
+    assert len(ledger.entries) == 3, "another run's round 1 is a new release"
