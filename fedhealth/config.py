@@ -80,6 +80,7 @@ class FederationConfig:
     update clipping range and the public bound on a site's example count)."""
 
     round_timeout: float = 600.0
+    reply_poll_interval: float = 0.1   # seconds between reply pulls (Flower's own: 3 s)
     cpus_per_site: float = 1.0
     ray_num_cpus: int = 0
     secure_aggregation: bool = True
@@ -174,6 +175,7 @@ def _check_ranges(cfg: Config) -> None:
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
         "federation.round_timeout": cfg.federation.round_timeout > 0,
+        "federation.reply_poll_interval": 0.01 <= cfg.federation.reply_poll_interval <= 10,
         "federation.secagg_threshold": 0 < cfg.federation.secagg_threshold <= 1,
         "federation.secagg_max_examples": cfg.federation.secagg_max_examples >= 1,
         "privacy.epsilon": cfg.privacy.epsilon > 0,

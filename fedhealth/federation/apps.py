@@ -84,6 +84,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         strategy.round_offset = done
         log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
     fed = cfg.federation
+    from fedhealth.federation.polling import PolledGrid
+
+    grid = PolledGrid(grid, fed.reply_poll_interval)
     if fed.secure_aggregation:
         from fedhealth.federation.secure import SecureGrid
 

@@ -165,6 +165,7 @@ def prepare(msg: Message, context: Context, phase: str, data_root: str | None,
     settings = dict(msg.content["config"].items())
     cfg = from_site_settings(settings)
     server_round = int(settings.get("server-round", 0))
+    log.info("site %s round %d: %s started", site.name, server_round, phase)
     data = site.load()
     seed = derive_seed(cfg.seed, site.name, server_round, phase)
     seed_everything(seed, cfg.train.num_threads)

@@ -215,13 +215,18 @@ def launch(s: CoordinatorSettings, overrides: list[str], address: str | None = N
     status = "not submitted"
     for submission in range(1, max_submissions + 1):
         _wait_reachable(env, deadline)
+        done_before = _rounds_completed(run_dir)
         run_id = flwr_cli(env, ["run", str(project_dir()), CONNECTION, "--run-config",
                                 str(run_config)], timeout=300)["run-id"]
         log.info("run %s submitted as Flower run %s (submission %d)", cfg.run_name, run_id,
                  submission, extra={"fields": {"event": "run.submitted", "run": cfg.run_name,
                                                "run_id": run_id}})
         status, outage = _follow(env, run_id, deadline, poll)
-        if status.startswith("finished") and not outage:
+        # A coordinator restarted under the run: either the launcher saw it go away, or it came
+        # back so fast that the run is already marked failed; a failed run that made progress
+        # is retried too (it resumes), one that failed before any round is not.
+        progressed = _rounds_completed(run_dir) > done_before
+        if status == "finished:completed" or not (outage or progressed):
             break
         log.warning("coordinator restarted during run %s (Flower run %s: %s); resubmitting, "
                     "it resumes from its last checkpoint", cfg.run_name, run_id, status,
@@ -248,6 +253,13 @@ def launch(s: CoordinatorSettings, overrides: list[str], address: str | None = N
     completed = (status == "finished:completed" and manifest.get("finished")
                  and "stopped" not in manifest and manifest.get("rounds_completed") == cfg.rounds)
     return 0 if completed else 1
+
+
+def _rounds_completed(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "manifest.json").read_text())["rounds_completed"])
+    except (OSError, ValueError, KeyError):
+        return -1
 
 
 def server_log(env: dict[str, str], run_id: int, tail: int = 4000) -> str:

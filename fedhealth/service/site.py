@@ -122,7 +122,7 @@ def service_env(flwr_home: Path) -> dict[str, str]:
 _TRAINED = re.compile(r"site (\S+) round (\d+): trained, loss ([0-9.eE+-]+|nan)"
                       r"(?:, epsilon ([0-9.]+) of ([0-9.]+))?")
 _EVALUATED = re.compile(r"site (\S+) round (\d+): dice ([0-9.]+)")
-_RECEIVED = re.compile(r"Received: (\S+) message")
+_STARTED = re.compile(r"site (\S+) round (\d+): (train|evaluate) started")
 
 
 def watch_line(sup: Supervisor, _child: str, line: str) -> None:
@@ -130,13 +130,16 @@ def watch_line(sup: Supervisor, _child: str, line: str) -> None:
     if "SuperNode ID:" in line:
         sup.set_status(state="connected", node_id=line.rsplit(":", 1)[1].strip(), reason="")
     elif "Failed to activate SuperNode" in line or "not registered" in line.lower():
-        log.error("the coordinator refused this site's key: is it enrolled?",
+        log.error("the coordinator refused to activate this site: its key is not enrolled, or "
+                  "the site's previous session has not expired yet (after a crash); retrying",
                   extra={"fields": {"event": "auth.refused"}})
-        sup.set_status(state="refused", reason="site key not enrolled at the coordinator")
+        sup.set_status(state="refused", reason="activation refused: key not enrolled, or the "
+                                               "previous session not expired yet")
     elif "Connection attempt failed" in line or "UNAVAILABLE" in line:
         sup.set_status(state="reconnecting")
-    elif m := _RECEIVED.search(line):
-        sup.set_status(state="connected", activity=f"{m.group(1)} since {_now()}")
+    elif m := _STARTED.search(line):
+        sup.set_status(state="connected",
+                       activity=f"{m.group(3)} round {m.group(2)} since {_now()}")
     elif m := _TRAINED.search(line):
         last = {"round": int(m.group(2)), "loss": m.group(3), "at": _now()}
         if m.group(4):
@@ -170,7 +173,8 @@ def run(s: SiteSettings) -> int:
     sup.add(Child("supernode", supernode_argv(s), env, state, hook))
     if s.isolation == "warm":
         argv = [sys.executable, "-m", "fedhealth.federation.warm",
-                "--appio-api-address", f"127.0.0.1:{s.appio_port}", "--parent-pid", str(os.getpid())]
+                "--appio-api-address", f"127.0.0.1:{s.appio_port}", "--parent-pid", str(os.getpid()),
+                "--poll-interval", "0.1", "--grace-period", str(max(1.0, s.stop_grace - 5))]
         sup.add(Child("clientapp-executor", argv, env, state, hook))
     log.info("site %s: connecting to %s", s.name, s.coordinator,
              extra={"fields": {"event": "site.start", "site": s.name}})

@@ -131,12 +131,16 @@ def test_rewriter_maps_container_paths_and_service_hosts(tmp_path):
     assert f"data_dir={tmp_path}/volumes/hospital-c-data" in argv
     assert f"auth_key={tmp_path}/volumes/hospital-c-keys/sites/hospital-c/auth.key" in argv
     assert "coordinator=127.0.0.1:9092" in argv and "name=hospital-c" in argv
+    coordinator = project.services["coordinator"]
+    topo._prepare(coordinator)
+    config = (tmp_path / "fs/coordinator/etc/fedhealth/coordinator.yaml").read_text()
+    assert f"ca: {tmp_path}/volumes/coordinator-pki/ca.crt" in config
+    assert f"state_dir: {tmp_path}/volumes/coordinator-state" in config
     launch = project.services["launch"]
     rewrite, _, _ = topo._prepare(launch)
-    config = (tmp_path / "fs/launch/etc/fedhealth/coordinator.yaml").read_text()
-    assert f"ca: {tmp_path}/volumes/coordinator-pki/ca.crt" in config
-    assert f"state_dir: {tmp_path}/volumes/launcher-state" in config
-    assert "127.0.0.1:9092" in topo._argv(launch.argv, rewrite)
+    argv = topo._argv(launch.argv, rewrite)
+    assert "127.0.0.1:9092" in argv
+    assert f"{tmp_path}/volumes/launcher-ca/ca.crt" in argv  # the CA certificate only
 
 
 @pytest.mark.slow

@@ -134,6 +134,8 @@ def test_status_lines_from_the_supernode_update_the_status(tmp_path):
     sup = site.Supervisor(tmp_path / "status.json")
     site.watch_line(sup, "supernode", "INFO :      SuperNode ID: 1234")
     assert sup.status["state"] == "connected" and sup.status["node_id"] == "1234"
+    site.watch_line(sup, "executor", "INFO fedhealth.site: site a round 3: train started")
+    assert sup.status["activity"].startswith("train round 3 since")
     site.watch_line(sup, "supernode", "INFO fedhealth.site: site a round 3: trained, loss 0.5000, "
                                       "epsilon 2.500 of 8.0")
     assert sup.status["last_trained"]["round"] == 3 and sup.status["last_trained"]["epsilon"] == 2.5

@@ -1,0 +1,275 @@
+"""What does a federated round cost besides training? Stock Flower SuperNodes vs SuperNodes with
+the warm executor (:mod:`fedhealth.federation.warm`), side by side in one run: a real SuperLink
+with TLS and SuperNode auth, four enrolled SuperNodes on loopback, ``flwr run``, same app and
+config (tiny U-Net, a few patients per site, privacy off).
+
+    python benchmarks/round_overhead.py [--rounds 3] [--secagg]
+
+(a) stock: ``flower-supernode`` (default isolation: a fresh ``flwr-clientapp`` process per
+    message, SuperExec polling every 1 s);
+(b) ours:  ``flower-supernode --isolation process`` + ``python -m fedhealth.federation.warm``
+    (children forked from a pre-warmed template, polling every 0.1 s), and the ServerApp pulling
+    replies every 0.1 s (:class:`fedhealth.federation.polling.PolledGrid`; stock: every 3 s);
+(c) ours with ``strategy.fraction_evaluate=0``: one message phase per round, the most that
+    folding evaluation into the next round's train message could save;
+--secagg adds (a) and (b) with secure aggregation (four train stages + evaluate per round).
+
+Prints the ClientApp start latency (task acquired -> handler's imports done), then per round the
+wall time (``elapsed_s`` in metrics.jsonl), the slowest site's ``train-seconds`` and the rest,
+then ours/stock and the targets (ours <= 5 s and <= 1/4 of stock), then where ours' time goes,
+from the warm executor's task log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec
+
+from fedhealth.config import compose
+from fedhealth.data.synth import write_cohort
+from fedhealth.federation.deploy import write_run_config
+from fedhealth.federation.loopback import BIN, Procs, flower_env, flwr, free_ports
+from fedhealth.federation.rundir import read_metrics
+from fedhealth.federation.warm import WarmExecutor
+from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+
+PROJECT = Path(__file__).resolve().parents[1]
+SITES = 4
+POLL = 0.1
+TARGET_S, TARGET_RATIO = 5.0, 0.25
+# What a ClientApp process imports before its handler can work: Flower's runtime, the app, and
+# the site code (torch, MONAI, Opacus).
+HANDLER_IMPORTS = ("flwr.supernode.cli.flwr_clientapp", "clients.client_app",
+                   "fedhealth.federation.site")
+LAUNCHED = re.compile(r"^(\S+ \S+) INFO fedhealth\.warm: task (\d+) run \d+: launched")
+EXITED = re.compile(r"^(\S+ \S+) \w+ fedhealth\.warm: task (\d+): pid \d+ exited")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    mode: str  # "stock" or "ours"
+    phase_names: tuple[str, ...]  # message phases per round
+    secure: bool = False
+    overrides: tuple[str, ...] = ()
+    baseline: str = "stock"
+
+
+PLAIN = ("train", "evaluate")
+SECAGG = ("secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask", "evaluate")
+STOCK = ("federation.reply_poll_interval=3.0",)  # Flower's own send_and_receive: a pull every 3 s
+RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK), Run("ours", "ours", PLAIN),
+        # No evaluate phase at all: the most that folding evaluate into the next round's train
+        # message can save (the folded evaluation's compute would move into the train task).
+        Run("ours-train-only", "ours", ("train",), overrides=("strategy.fraction_evaluate=0",)))
+SECAGG_RUNS = (Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
+               Run("ours-secagg", "ours", SECAGG, True, baseline="stock-secagg"))
+
+
+def _probe(out: Path, spec: ExecutionSpec) -> None:
+    """Warm child: the handler's imports, then the time they were done."""
+    for module in HANDLER_IMPORTS:
+        importlib.import_module(module)
+    out.with_suffix(f".{spec.task_id}").write_text(repr(time.time()))
+
+
+def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, float]:
+    """Seconds from 'task acquired' to 'handler ready', slowest of ``concurrent`` launches,
+    median over ``repeats``: a fresh interpreter (stock) vs a fork of the warm template."""
+    stock, warm = [], []
+    for _ in range(repeats):
+        t0 = time.time()
+        code = (f"import importlib, time; [importlib.import_module(m) for m in {HANDLER_IMPORTS}]; "
+                "print(repr(time.time()))")
+        procs = [subprocess.Popen([str(BIN / "python"), "-c", code], cwd=PROJECT, text=True,
+                                  stdout=subprocess.PIPE) for _ in range(concurrent)]
+        stock.append(max(float(p.communicate()[0]) for p in procs) - t0)
+    executor = WarmExecutor(target=functools.partial(_probe, work / "probe"))
+    executor.warm_up()
+    for r in range(repeats):
+        t0 = time.time()
+        ids = [1 + r * concurrent + i for i in range(concurrent)]
+        for task_id in ids:
+            executor.launch(ExecutionSpec(
+                task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token="probe",
+                insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                parent_pid=os.getpid(), suppress_output=False, task_id=task_id))
+        while executor.children:
+            executor.reconcile()
+            time.sleep(0.02)
+        warm.append(max(float((work / f"probe.{i}").read_text()) for i in ids) - t0)
+    executor.close()
+    return {"stock": statistics.median(stock), "ours": statistics.median(warm)}
+
+
+def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str, str]) -> dict:
+    """A fresh SuperLink and SITES SuperNodes in ``run.mode``, one ``flwr run``; per-round rows."""
+    name, mode = run.name, run.mode
+    logs = work / name
+    logs.mkdir()
+    procs = Procs(logs, env)
+    link, *ports = free_ports(SITES + 1)
+    (work / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n[superlink.bench]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{keys / "ca.crt"}"\n')
+    try:
+        procs.start("superlink", [
+            "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
+            "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
+            "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"])
+        procs.wait_port(link)
+        for site in range(SITES):
+            flwr(env, ["supernode", "register", str(keys / "sites" / f"site-{site}" / "auth.pub"),
+                       "bench"], cwd=work, timeout=60)
+            node = procs.start(f"supernode-{site}", [
+                "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(ports[site]),
+                "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key",
+                str(keys / "sites" / f"site-{site}" / "auth.key"),
+                *(["--isolation", "process"] if mode == "ours" else []),
+                "--node-config", f"data-dir='{work / 'data' / f'site-{site}'}' "
+                                 f"site-name='site-{site}'"])
+            if mode == "ours":
+                procs.start(f"warm-{site}", [
+                    "python", "-m", "fedhealth.federation.warm", "--appio-api-address",
+                    f"127.0.0.1:{ports[site]}", "--parent-pid", str(node.pid),
+                    "--poll-interval", str(POLL)])
+        ready = ["SuperNode ID"] + (["template process ready"] if mode == "ours" else [])
+        _wait_for_logs(procs, logs, ready, timeout=300)
+        cfg = compose([f"sites={SITES}", f"rounds={rounds}", "train.local_epochs=1",
+                       "privacy=off", f"federation.secure_aggregation={str(run.secure).lower()}",
+                       f"strategy.min_sites={SITES}", "federation.round_timeout=600",
+                       f"run_root={work / 'runs'}", f"run_name={name}", *run.overrides])
+        out = flwr(env, ["run", str(PROJECT), "bench", "--stream", "--run-config",
+                         str(write_run_config(cfg, work / f"{name}.toml"))], cwd=work,
+                   timeout=3000)
+        status = flwr(env, ["ls", "bench", "--run-id", str(out["run-id"])], cwd=work, timeout=60)
+        if status["runs"][0]["status"] != "finished:completed":
+            raise RuntimeError(f"{name}: {status}\n{procs.logs()}")
+    finally:
+        procs.stop()
+    lines = read_metrics(work / "runs" / name)
+    rows = []
+    for prev, line in zip(lines, lines[1:]):
+        wall = line["elapsed_s"] - prev["elapsed_s"]
+        train = max(r["train-seconds"] for r in line["train"]["sites"].values())
+        rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})
+    return {"name": name, "rows": rows, "phase_names": run.phase_names,
+            "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]
+            if mode == "ours" else None}
+
+
+def _wait_for_logs(procs: Procs, logs: Path, needles: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        texts = [p.read_text(errors="replace") for p in sorted(logs.glob("*.log"))
+                 if not p.name.startswith("superlink")]
+        if all(sum(needle in t for t in texts) >= SITES for needle in needles):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"not all of {needles} within {timeout}s:\n{procs.logs()}")
+
+
+def _task_log(path: Path) -> list[dict]:
+    """One site's tasks in order: acquired/exited wall times (s) from the executor's log."""
+    def stamp(text: str) -> float:
+        return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    tasks: dict[str, dict] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if m := LAUNCHED.match(line):
+            tasks[m[2]] = {"start": stamp(m[1])}
+        elif (m := EXITED.match(line)) and m[2] in tasks:
+            tasks[m[2]]["end"] = stamp(m[1])
+    return [t for t in tasks.values() if "end" in t]
+
+
+def breakdown(result: dict) -> list[str]:
+    """Per message phase, from the warm executors' task logs: how far apart the sites picked the
+    message up (mostly the SuperNode's 3 s sleep after an empty pull), how long the ClientApp task
+    ran (fork to exit: Runtime API transfers, FAB install, the handler's compute), and the idle
+    time from the last site's exit to the next phase's first pickup (the SuperNode's 0.5 s reply
+    poll and upload, the ServerApp grid's 3 s reply poll, aggregation, the next pull sleep)."""
+    sites, names = result["tasks"], result["phase_names"]
+    count = min(len(t) for t in sites)
+    rows: dict[str, list[tuple[float, float, float | None]]] = {n: [] for n in names}
+    for k in range(count):
+        starts = [s[k]["start"] for s in sites]
+        ends = [s[k]["end"] for s in sites]
+        idle = min(s[k + 1]["start"] for s in sites) - max(ends) if k + 1 < count else None
+        rows[names[k % len(names)]].append(
+            (max(starts) - min(starts), statistics.mean(e - b for b, e in zip(starts, ends)), idle))
+    out = [f"  {result['name']}: {len(names)} message phase(s) per round; mean over rounds, s:",
+           f"    {'phase':<18}{'pickup spread':>14}{'task':>8}{'idle after':>12}"]
+    for name, values in rows.items():
+        idle = [v[2] for v in values if v[2] is not None]
+        out.append(f"    {name:<18}{statistics.mean(v[0] for v in values):>14.2f}"
+                   f"{statistics.mean(v[1] for v in values):>8.2f}"
+                   f"{statistics.mean(idle) if idle else float('nan'):>12.2f}")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--secagg", action="store_true",
+                        help="also run both modes with secure aggregation (5 phases per round)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep logs and run directories here (default: a temporary directory)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedhealth-round-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=args.workdir is None)
+        write_cohort(work / "data", SITES, seed=0, n_train=4, n_test=2, fov=32)
+        keys = work / "certs"
+        create_server_cert(create_ca(keys), keys, ["127.0.0.1"])
+        for site in range(SITES):
+            create_site_keys(keys, f"site-{site}")
+        env = flower_env(work / "flwr-home")
+        (work / "flwr-home").mkdir()
+        latency = {n: launch_latency(work, n) for n in (1, SITES)}
+        runs = [*RUNS, *(SECAGG_RUNS if args.secagg else ())]
+        results = [deploy_and_run(work, run, args.rounds, keys, env) for run in runs]
+
+    print(f"\nRound overhead: {SITES} sites, TLS + SuperNode auth on loopback, {args.rounds} "
+          f"rounds, tiny U-Net, 4 train / 2 test patients per site, privacy off")
+    print("ClientApp start, task acquired -> handler's imports done (slowest of N at once):")
+    for n, row in latency.items():
+        print(f"  N={n}: stock {row['stock']:5.2f} s   ours {row['ours']:5.2f} s")
+    print(f"  {'run':<17}{'round':>6}{'wall s':>9}{'train s':>9}{'other s':>9}")
+    for result in results:
+        for row in result["rows"]:
+            print(f"  {result['name']:<17}{row['round']:>6}{row['wall']:>9.2f}{row['train']:>9.2f}"
+                  f"{row['other']:>9.2f}")
+    other = {r["name"]: statistics.mean(x["other"] for x in r["rows"]) for r in results}
+    print("non-training time per round (mean over rounds):")
+    for run in runs:
+        if run.mode == "ours":
+            stock, ours = other[run.baseline], other[run.name]
+            ratio = ours / stock
+            print(f"  {run.name:<16} {ours:6.2f} s vs {run.baseline} {stock:6.2f} s: ratio "
+                  f"{ratio:.2f}; <= {TARGET_S:g} s: {'yes' if ours <= TARGET_S else 'NO'}; "
+                  f"<= {TARGET_RATIO:g} x stock: {'yes' if ratio <= TARGET_RATIO else 'NO'}")
+    print("where ours' time goes:")
+    for result in results:
+        if result["tasks"]:
+            print("\n".join(breakdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
