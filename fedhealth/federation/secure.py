@@ -252,8 +252,7 @@ def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_roo
     from fedhealth.federation import site as site_ops
 
     site, data, cfg, settings, seed = site_ops.prepare(msg, context, "train", data_root, privacy)
-    model, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
-    arrays = ArrayRecord(model.state_dict())
+    arrays, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
     received = {int(i): bytes(b) for i, b in zip(rec["from"], rec["blobs"]) if int(i)}
     masked = agent.masked_input(flatten(arrays), int(metrics["num-examples"]), received,
                                 rng=np.random.default_rng(seed))

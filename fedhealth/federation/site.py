@@ -91,29 +91,31 @@ def _model_from(msg: Message, cfg: Config) -> nn.Module:
     return model
 
 
-def _check_outgoing(model: nn.Module, msg: Message, site: str) -> None:
+def _check_outgoing(arrays: ArrayRecord, msg: Message, site: str) -> None:
     """A site validates what it sends: same keys, shapes and dtypes as the global model it
     received, finite values (the coordinator re-checks, but under secure aggregation it can
     only see the sum)."""
     from fedhealth.security.validation import validate_update
 
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+    content = RecordDict({"arrays": arrays,
                           "metrics": MetricRecord({"num-examples": 1})})
     validate_update(msg.content["arrays"], content, max_examples=1, site=site)
 
 
-def _reply(msg: Message, site: Site, metrics: dict[str, int | float], model: nn.Module | None,
+def _reply(msg: Message, site: Site, metrics: dict[str, int | float], arrays: ArrayRecord | None,
            about: dict | None = None) -> Message:
     about = {"name": site.name, **(about or {})}
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord(about)})
-    if model is not None:
-        content["arrays"] = ArrayRecord(model.state_dict())
+    if arrays is not None:
+        content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
 
 
 def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg: Config,
-                 settings: dict, seed: int) -> tuple[nn.Module, dict, dict]:
-    """Local (DP-)training for one instruction: (model, metrics, accounting for the reply)."""
+                 settings: dict, seed: int) -> tuple[ArrayRecord, dict, dict]:
+    """Local (DP-)training for one instruction: (the update as sent, metrics, accounting for
+    the reply). The update is validated before it is returned: the record checked is the record
+    sent."""
     server_round = int(settings.get("server-round", 0))
     loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing,
                          cfg.train.batch_size, True, seed, cfg.data.cache)
@@ -150,12 +152,13 @@ def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg
     if entry is not None and list(result.history) != [entry.phase]:
         raise LedgerError(f"site {site.name}: Opacus ran {result.history}, the ledger recorded "
                           f"{entry.phase}: refusing to send the update")
-    _check_outgoing(model, msg, site.name)
+    arrays = ArrayRecord(model.state_dict())
+    _check_outgoing(arrays, msg, site.name)
     log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")
     metrics = {"loss": result.loss, "num-examples": len(loader.dataset), "steps": result.steps,
                "train-seconds": time.perf_counter() - started, **privacy}
-    return model, metrics, accounting
+    return arrays, metrics, accounting
 
 
 def prepare(msg: Message, context: Context, phase: str, data_root: str | None,
@@ -180,8 +183,8 @@ def handle(msg: Message, context: Context, phase: str, data_root: str | None = N
         site, data, cfg, settings, seed = prepare(msg, context, phase, data_root, privacy)
         name = site.name
         if phase == "train":
-            model, metrics, accounting = train_update(msg, context, site, data, cfg, settings, seed)
-            return _reply(msg, site, metrics, model, accounting)
+            arrays, metrics, accounting = train_update(msg, context, site, data, cfg, settings, seed)
+            return _reply(msg, site, metrics, arrays, accounting)
         model = _model_from(msg, cfg)
         loader = make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
                              cfg.train.batch_size, False, seed, cfg.data.cache)

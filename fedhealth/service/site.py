@@ -252,10 +252,11 @@ def _check_ledger(s: SiteSettings) -> CheckItem:
 
     path = s.ledger_path
     if not path.exists():
-        writable = os.access(path.parent if path.parent.exists() else Path(s.ledger_dir).parent,
-                             os.W_OK)
+        existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        writable = os.access(existing, os.W_OK)
         return CheckItem("ledger", writable, f"{path}: new ledger, created on first training"
-                         + ("" if writable else "; but its directory is not writable"))
+                         + ("" if writable else f"; but {existing} is not writable, so it "
+                            "cannot be created"))
     try:
         with PrivacyLedger(path, s.name) as ledger:
             entries = ledger.verify()
