@@ -42,7 +42,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
 from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.loopback import BIN, Procs, flower_env, flwr, free_ports
+from fedhealth.federation.loopback import start_tls_superlink, BIN, Procs, flower_env, flwr, free_ports
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.federation.warm import WarmExecutor
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
@@ -123,16 +123,8 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
     logs.mkdir()
     procs = Procs(logs, env)
     link, *ports = free_ports(SITES + 1)
-    (work / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n[superlink.bench]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{keys / "ca.crt"}"\n')
     try:
-        procs.start("superlink", [
-            "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
-            "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
-            "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation"])
-        procs.wait_port(link)
+        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench")
         for site in range(SITES):
             flwr(env, ["supernode", "register", str(keys / "sites" / f"site-{site}" / "auth.pub"),
                        "bench"], cwd=work, timeout=60)

@@ -21,7 +21,7 @@ from pathlib import Path
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
 from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
+from fedhealth.federation.loopback import start_tls_superlink, Procs, flower_env, flwr, free_ports
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.models.factory import build_model, num_parameters
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
@@ -67,17 +67,9 @@ def main() -> int:
         procs = Procs(work, env)
         link, *node_ports = free_ports(SITES + 1)
         (work / "flwr-home").mkdir()
-        (work / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n[superlink.bench]\naddress = "127.0.0.1:{link}"\n'
-            f'root-certificates = "{keys / "ca.crt"}"\n')
         results = {}
         try:
-            procs.start("superlink", [
-                "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
-                "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
-                "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation"])
-            procs.wait_port(link)
+            start_tls_superlink(procs, keys, link, work / "flwr-home", "bench")
             for site in range(SITES):
                 key, pub = create_site_keys(keys, f"site-{site}")
                 flwr(env, ["supernode", "register", str(pub), "bench"], cwd=work, timeout=60)

@@ -87,6 +87,21 @@ class Procs:
                 proc.wait(timeout=5)
 
 
+def start_tls_superlink(procs: Procs, keys: Path, port: int, flwr_home: Path,
+                        connection: str) -> None:
+    """A SuperLink with TLS and SuperNode authentication (certificates from
+    :mod:`fedhealth.security.certs` in ``keys``) and the ``flwr`` CLI's TLS connection to it."""
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{keys / "ca.crt"}"\n')
+    procs.start("superlink", [
+        "flower-superlink", "--host", "127.0.0.1", "--port", str(port),
+        "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
+        "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation"])
+    procs.wait_port(port)
+
+
 def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict:
     """Run the ``flwr`` CLI with ``--format json``; returns the parsed JSON."""
     done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=cwd, env=env,

@@ -15,7 +15,6 @@ import re
 import socket
 import ssl
 import sys
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -327,11 +326,3 @@ def _alive(pid: int) -> bool:
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -72,7 +73,6 @@ class Child:
     delay: float = 0.0
     reader: threading.Thread | None = None
     last_exit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -107,7 +107,7 @@ class Supervisor:
     def _write_status(self) -> None:
         self.status["children"] = {
             c.name: {"pid": c.proc.pid if c.proc else None, "restarts": c.restarts,
-                     "last_exit": c.last_exit, **c.extra} for c in self.children}
+                     "last_exit": c.last_exit} for c in self.children}
         self.status["updated"] = _now()
         if self.status_file is not None:
             atomic_write_text(self.status_file, json.dumps(self.status, indent=2, sort_keys=True))
@@ -246,6 +246,4 @@ def _now() -> str:
 
 
 def _strip_ansi(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
