@@ -3,16 +3,18 @@ the warm executor (:mod:`fedhealth.federation.warm`), side by side in one run: a
 with TLS and SuperNode auth, four enrolled SuperNodes on loopback, ``flwr run``, same app and
 config (tiny U-Net, a few patients per site, privacy off).
 
-    python benchmarks/round_overhead.py [--rounds 3] [--secagg]
+    python benchmarks/round_overhead.py [--rounds 5] [--secagg]
 
 (a) stock: ``flower-supernode`` (default isolation: a fresh ``flwr-clientapp`` process per
     message, SuperExec polling every 1 s);
 (b) ours:  ``flower-supernode --isolation process`` + ``python -m fedhealth.federation.warm``
     (children forked from a pre-warmed template, polling every 0.1 s), and the ServerApp pulling
     replies every 0.1 s (:class:`fedhealth.federation.polling.PolledGrid`; stock: every 3 s);
-(c) ours with ``strategy.fraction_evaluate=0``: one message phase per round, the most that
-    folding evaluation into the next round's train message could save;
---secagg adds (a) and (b) with secure aggregation (four train stages + evaluate per round).
+    evaluation folded into the next round's train message (``federation.fold_evaluate``,
+    the default): one message phase per round, the last round adds its evaluate phase;
+(c) ours-unfolded: (b) with an evaluate phase in every round, to show what folding saves;
+--secagg adds stock and ours with secure aggregation (four train stages per round, plus an
+evaluate phase in stock).
 
 Prints the ClientApp start latency (task acquired -> handler's imports done), then per round the
 wall time (``elapsed_s`` in metrics.jsonl), the slowest site's ``train-seconds`` and the rest,
@@ -67,17 +69,23 @@ class Run:
     secure: bool = False
     overrides: tuple[str, ...] = ()
     baseline: str = "stock"
+    folded: bool = False  # the last round has one more phase (its evaluate)
 
 
 PLAIN = ("train", "evaluate")
 SECAGG = ("secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask", "evaluate")
-STOCK = ("federation.reply_poll_interval=3.0",)  # Flower's own send_and_receive: a pull every 3 s
-RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK), Run("ours", "ours", PLAIN),
-        # No evaluate phase at all: the most that folding evaluate into the next round's train
-        # message can save (the folded evaluation's compute would move into the train task).
-        Run("ours-train-only", "ours", ("train",), overrides=("strategy.fraction_evaluate=0",)))
+# Flower's own send_and_receive pulls replies every 3 s; stock evaluates in its own phase.
+STOCK = ("federation.reply_poll_interval=3.0", "federation.fold_evaluate=false")
+UNFOLDED = ("federation.fold_evaluate=false",)
+RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK),
+        # warm executor + fast reply polling, evaluate still in its own phase
+        Run("ours-unfolded", "ours", PLAIN, overrides=UNFOLDED),
+        # ours as configured by default: evaluation folded into the next train message, one
+        # phase per round (the last round adds its evaluate phase)
+        Run("ours", "ours", ("train",), folded=True))
 SECAGG_RUNS = (Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
-               Run("ours-secagg", "ours", SECAGG, True, baseline="stock-secagg"))
+               Run("ours-secagg", "ours", SECAGG[:-1], True, baseline="stock-secagg",
+                   folded=True))
 
 
 def _probe(out: Path, spec: ExecutionSpec) -> None:
@@ -160,7 +168,8 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
         wall = line["elapsed_s"] - prev["elapsed_s"]
         train = max(r["train-seconds"] for r in line["train"]["sites"].values())
         rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})
-    return {"name": name, "rows": rows, "phase_names": run.phase_names,
+    phases = [*run.phase_names * rounds, *(["evaluate"] if run.folded else [])]
+    return {"name": name, "rows": rows, "phases": phases,
             "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]
             if mode == "ours" else None}
 
@@ -196,16 +205,17 @@ def breakdown(result: dict) -> list[str]:
     ran (fork to exit: Runtime API transfers, FAB install, the handler's compute), and the idle
     time from the last site's exit to the next phase's first pickup (the SuperNode's 0.5 s reply
     poll and upload, the ServerApp grid's 3 s reply poll, aggregation, the next pull sleep)."""
-    sites, names = result["tasks"], result["phase_names"]
+    sites, phases = result["tasks"], result["phases"]
+    names = list(dict.fromkeys(phases))
     count = min(len(t) for t in sites)
     rows: dict[str, list[tuple[float, float, float | None]]] = {n: [] for n in names}
-    for k in range(count):
+    for k in range(min(count, len(phases))):
         starts = [s[k]["start"] for s in sites]
         ends = [s[k]["end"] for s in sites]
         idle = min(s[k + 1]["start"] for s in sites) - max(ends) if k + 1 < count else None
-        rows[names[k % len(names)]].append(
+        rows[phases[k]].append(
             (max(starts) - min(starts), statistics.mean(e - b for b, e in zip(starts, ends)), idle))
-    out = [f"  {result['name']}: {len(names)} message phase(s) per round; mean over rounds, s:",
+    out = [f"  {result['name']}: {len(phases)} message phases in all; mean per phase, s:",
            f"    {'phase':<18}{'pickup spread':>14}{'task':>8}{'idle after':>12}"]
     for name, values in rows.items():
         idle = [v[2] for v in values if v[2] is not None]
@@ -217,7 +227,7 @@ def breakdown(result: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--secagg", action="store_true",
                         help="also run both modes with secure aggregation (5 phases per round)")
     parser.add_argument("--workdir", type=Path, default=None,

@@ -81,6 +81,8 @@ class FederationConfig:
 
     round_timeout: float = 600.0
     reply_poll_interval: float = 0.1   # seconds between reply pulls (Flower's own: 3 s)
+    fold_evaluate: bool = True  # evaluate round r's model with round r+1's train message
+    rejoin_wait: float = 30.0  # after a round that lost sites, wait up to this for them to return
     cpus_per_site: float = 1.0
     ray_num_cpus: int = 0
     secure_aggregation: bool = True
@@ -176,6 +178,7 @@ def _check_ranges(cfg: Config) -> None:
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
         "federation.round_timeout": cfg.federation.round_timeout > 0,
         "federation.reply_poll_interval": 0.01 <= cfg.federation.reply_poll_interval <= 10,
+        "federation.rejoin_wait": cfg.federation.rejoin_wait >= 0,
         "federation.secagg_threshold": 0 < cfg.federation.secagg_threshold <= 1,
         "federation.secagg_max_examples": cfg.federation.secagg_max_examples >= 1,
         "privacy.epsilon": cfg.privacy.epsilon > 0,

@@ -101,13 +101,16 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         state = strategy_state(strategy)
         if state:
             run_dir.checkpoints.save(server_round, state, "strategy")
-        line = run_dir.end_round(server_round, {k: v.numpy() for k, v in arrays.items()})
-        weighted = line.get("evaluate", {}).get("weighted", {})
-        if server_round:
-            sites = line["evaluate"]["sites"]
-            per_site = ", ".join(f"{n} {m['dice']:.3f}" for n, m in sorted(sites.items()))
-            log.info("round %d/%d: weighted dice %.4f | %s", server_round, cfg.rounds,
-                     weighted.get("dice", float("nan")), per_site)
+        lines = run_dir.end_round(server_round, {k: v.numpy() for k, v in arrays.items()},
+                                  defer_evaluate=strategy.folds(server_round))
+        weighted = {}
+        for line in lines:
+            if line["round"]:
+                weighted = line["evaluate"]["weighted"]
+                per_site = ", ".join(f"{n} {m['dice']:.3f}"
+                                     for n, m in sorted(line["evaluate"]["sites"].items()))
+                log.info("round %d/%d: weighted dice %.4f | %s", line["round"], cfg.rounds,
+                         weighted.get("dice", float("nan")), per_site)
         return MetricRecord(weighted) if weighted else None
 
     try:

@@ -4,6 +4,9 @@
 <run_root>/<run_name>/
   config.yaml            resolved configuration
   metrics.jsonl          one JSON line per round: per-site and weighted train/evaluate metrics
+                         (with evaluation folded into the next round's train message, a round's
+                         line is written when that evaluation arrives; until then it waits in
+                         the manifest as ``pending_line``)
   checkpoints/           round-NNNN.safetensors + SHA256SUMS
   manifest.json          versions, config hash, seed, rounds completed, checkpoint hashes
 ```
@@ -82,6 +85,7 @@ class RunDir:
         config_text = to_yaml(cfg)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         self.resumed_from: int | None = None
+        self.pending: dict[str, Any] | None = None  # a line waiting for its folded evaluation
         manifest = self.path / "manifest.json"
         if manifest.is_file():
             self.manifest: dict[str, Any] = json.loads(manifest.read_text())
@@ -90,7 +94,10 @@ class RunDir:
                                   "(config.yaml); choose another run_name")
             if not self.manifest.get("finished"):
                 self.resumed_from = int(self.manifest["rounds_completed"])
-                self._drop_lines_after(self.resumed_from)
+                self.pending = self.manifest.get("pending_line")
+                # a pending round's line may have been written just before the coordinator died:
+                # it is dropped and written again when the repeated evaluation arrives
+                self._drop_lines_after(self.resumed_from, self.pending is not None)
                 self.manifest.setdefault("resumed", []).append(
                     {"at": _now(), "after_round": self.resumed_from})
                 self._write_manifest()
@@ -118,9 +125,10 @@ class RunDir:
     def finished(self) -> bool:
         return bool(self.manifest.get("finished"))
 
-    def _drop_lines_after(self, server_round: int) -> None:
+    def _drop_lines_after(self, server_round: int, pending: bool = False) -> None:
         for path in (self.metrics, self.privacy):
-            lines = [ln for ln in read_jsonl(path) if ln["round"] <= server_round]
+            last = server_round - 1 if pending and path == self.metrics else server_round
+            lines = [ln for ln in read_jsonl(path) if ln["round"] <= last]
             if path.is_file():
                 atomic_write_text(path, "".join(json.dumps(ln, sort_keys=True) + "\n"
                                                 for ln in lines))
@@ -133,10 +141,14 @@ class RunDir:
     def log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
 
-    def end_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Checkpoint the global model and append the round's metrics line."""
+    def end_round(self, server_round: int, arrays: dict[str, np.ndarray],
+                  defer_evaluate: bool = False) -> list[dict[str, Any]]:
+        """Checkpoint the global model and append the round's metrics line; returns the lines
+        written. ``defer_evaluate``: this round's model is evaluated with the next round's
+        train message, so its line waits (in the manifest, to survive a restart) until then;
+        a waiting earlier line is written first."""
+        written = self.flush_pending()
         ckpt, digest = self.checkpoints.save(server_round, arrays)
-        entry = self.log(server_round)
         line: dict[str, Any] = {
             "round": server_round,
             "time": _now(),
@@ -144,23 +156,46 @@ class RunDir:
             "checkpoint": {"file": f"checkpoints/{ckpt.name}", "sha256": digest},
         }
         if server_round > 0:
+            entry = self.log(server_round)
             line["train"] = {
                 "sites": entry.train,
                 "weighted": weighted(entry.train, ("loss",)),
                 "rejected": entry.rejected,
                 "failed": entry.failed["train"],
             }
+        if server_round > 0 and defer_evaluate:
+            self.pending = line
+            self.manifest["pending_line"] = line
+        else:
+            written.append(self._append(line))
+        self._write_privacy(server_round)
+        self.manifest["checkpoints"][ckpt.name] = digest
+        self.manifest["rounds_completed"] = server_round
+        self._write_manifest()
+        return written
+
+    def flush_pending(self) -> list[dict[str, Any]]:
+        """Write the line waiting for its folded evaluation, with whatever evaluation arrived
+        (none if the run stopped first)."""
+        if self.pending is None:
+            return []
+        line, self.pending = self.pending, None
+        self.manifest.pop("pending_line", None)
+        return [self._append(line, folded=True)]
+
+    def _append(self, line: dict[str, Any], folded: bool = False) -> dict[str, Any]:
+        server_round = line["round"]
+        if server_round > 0:
+            entry = self.log(server_round)
             line["evaluate"] = {
                 "sites": entry.evaluate,
                 "weighted": weighted(entry.evaluate, ("dice", "loss")),
                 "rejected": entry.rejected_evaluate,
                 "failed": entry.failed["evaluate"],
             }
+            if folded:  # evaluated by the sites along with the next round's training
+                line["evaluate"]["with_round"] = server_round + 1
         append_line(self.metrics, json.dumps(line, sort_keys=True))
-        self._write_privacy(server_round)
-        self.manifest["checkpoints"][ckpt.name] = digest
-        self.manifest["rounds_completed"] = server_round
-        self._write_manifest()
         return line
 
     def _write_privacy(self, server_round: int) -> None:
@@ -175,11 +210,13 @@ class RunDir:
 
     def stop(self, server_round: int, reason: str) -> None:
         """The run stopped cleanly in ``server_round``: the global model stays as last saved."""
+        self.flush_pending()
         self._write_privacy(server_round)
         self.manifest["stopped"] = {"round": server_round, "reason": reason}
         self.finish()
 
     def finish(self) -> None:
+        self.flush_pending()
         self.manifest["finished"] = _now()
         self._write_manifest()
 

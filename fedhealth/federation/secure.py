@@ -253,6 +253,7 @@ def _mask(msg: Message, context: Context, agent: SecAggSite, rec: dict, data_roo
 
     site, data, cfg, settings, seed = site_ops.prepare(msg, context, "train", data_root, privacy)
     arrays, metrics, accounting = site_ops.train_update(msg, context, site, data, cfg, settings, seed)
+    metrics.update(site_ops.folded_evaluation(msg, site, data, cfg, settings))
     received = {int(i): bytes(b) for i, b in zip(rec["from"], rec["blobs"]) if int(i)}
     masked = agent.masked_input(flatten(arrays), int(metrics["num-examples"]), received,
                                 rng=np.random.default_rng(seed))

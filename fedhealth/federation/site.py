@@ -175,6 +175,39 @@ def prepare(msg: Message, context: Context, phase: str, data_root: str | None,
     return site, data, cfg, settings, seed
 
 
+def evaluate_model(msg: Message, site: Site, data: SiteData, cfg: Config,
+                   server_round: int) -> dict[str, int | float]:
+    """Dice and loss of the global model in ``msg`` on the site's test cases, seeded as the
+    evaluation of ``server_round``."""
+    seed = derive_seed(cfg.seed, site.name, server_round, "evaluate")
+    seed_everything(seed, cfg.train.num_threads)
+    model = _model_from(msg, cfg)
+    loader = make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
+                         cfg.train.batch_size, False, seed, cfg.data.cache)
+    ev = evaluate(model, loader)
+    log.info("site %s round %d: dice %.4f", site.name, server_round, ev.dice)
+    return {"dice": ev.dice, "loss": ev.loss, "num-examples": ev.num_examples}
+
+
+def folded_evaluation(msg: Message, site: Site, data: SiteData, cfg: Config,
+                      settings: dict) -> dict[str, int | float]:
+    """When the train instruction asks for it (``evaluate-round``), the received global model is
+    evaluated after training (so training's random state is the same as without it) and the
+    results ride along in the train reply as ``eval-*`` metrics. A failed evaluation is logged
+    and left out: the update is still sent."""
+    if "evaluate-round" not in settings:
+        return {}
+    try:
+        log.info("site %s round %s: evaluate started (with round %s's training)", site.name,
+                 settings["evaluate-round"], settings.get("server-round"))
+        metrics = evaluate_model(msg, site, data, cfg, int(settings["evaluate-round"]))
+    except Exception:  # noqa: BLE001 - the training result does not depend on it
+        log.exception("site %s: evaluation of round %s's model failed", site.name,
+                      settings.get("evaluate-round"))
+        return {}
+    return {f"eval-{k}": v for k, v in metrics.items()}
+
+
 def handle(msg: Message, context: Context, phase: str, data_root: str | None = None,
            privacy: PrivacyConfig | None = None) -> Message:
     """Run ``phase`` ("train" or "evaluate") for the instruction ``msg``."""
@@ -184,12 +217,9 @@ def handle(msg: Message, context: Context, phase: str, data_root: str | None = N
         name = site.name
         if phase == "train":
             arrays, metrics, accounting = train_update(msg, context, site, data, cfg, settings, seed)
+            metrics.update(folded_evaluation(msg, site, data, cfg, settings))
             return _reply(msg, site, metrics, arrays, accounting)
-        model = _model_from(msg, cfg)
-        loader = make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
-                             cfg.train.batch_size, False, seed, cfg.data.cache)
-        ev = evaluate(model, loader)
-        log.info("site %s round %s: dice %.4f", site.name, settings.get("server-round"), ev.dice)
-        return _reply(msg, site, {"dice": ev.dice, "loss": ev.loss, "num-examples": ev.num_examples}, None)
+        metrics = evaluate_model(msg, site, data, cfg, int(settings.get("server-round", 0)))
+        return _reply(msg, site, metrics, None)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
         return error_reply(msg, exc, phase, name)

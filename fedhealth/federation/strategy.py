@@ -7,7 +7,11 @@ mixed in front of them and adds what a consortium needs around the algorithm:
 * every reply is validated (:func:`fedhealth.security.validation.validate_update`) and a bad
   or failed reply is dropped and recorded instead of ending the run;
 * replies are aggregated in site-name order, so the result does not depend on arrival order;
-* per-site metrics go to the run directory.
+* per-site metrics go to the run directory;
+* with ``fold_evaluate``, the sites evaluate the global model of round r-1 when they receive it
+  with round r's train message (``evaluate-round`` in its config; the results come back in the
+  train reply as ``eval-*`` metrics): one message phase per round instead of two. Only the last
+  round has its own evaluate phase.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _ERROR_SITE = re.compile(r"^site ([A-Za-z0-9_.-]{1,64}): ")
 
 TRAIN_METRICS = (WEIGHT_KEY, "loss")  # what a reply must report (the round log, secure sum)
 EVALUATE_METRICS = (WEIGHT_KEY, "dice", "loss")
+EVALUATE_BOUNDS = {"dice": (0.0, 1.0)}
+FOLDED = "eval-"  # prefix of a folded evaluation's metrics in a train reply
 
 PRIVACY_KEYS = ("epsilon", "epsilon-cap", "delta", "noise-multiplier", "sample-rate", "dp-steps",
                 "max-grad-norm")
@@ -69,10 +75,17 @@ class GuardedRounds:
     wait_timeout: float
     _reference: ArrayRecord | None = None
     round_offset: int = 0  # rounds completed before a resumed run's Flower loop started
+    fold_evaluate: bool = False
+    last_round: int = 0
+    rejoin_wait: float = 0.0
+    _rejoin: int = 0  # sites the last round sent to, when some of them failed
 
     def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
-              secure: bool = False) -> None:
+              secure: bool = False, fold_evaluate: bool = False, last_round: int = 0,
+              rejoin_wait: float = 0.0) -> None:
         self.run_dir, self.max_examples = run_dir, max_examples
+        self.fold_evaluate, self.last_round = fold_evaluate, last_round
+        self.rejoin_wait = rejoin_wait
         self.min_sites, self.wait_timeout = min_sites, wait_timeout
         # Only with secure aggregation do replies come from SecureGrid (built on the
         # coordinator); otherwise a site could forge the secagg markers, so they are ignored.
@@ -88,6 +101,16 @@ class GuardedRounds:
                     f"sites connected within {self.wait_timeout:.0f}s"
                 )
             time.sleep(1.0)
+        if self._rejoin:  # after a round that lost sites: give them a moment to come back
+            deadline = time.monotonic() + self.rejoin_wait
+            while connected < self._rejoin and time.monotonic() < deadline:
+                time.sleep(0.5)
+                connected = len(list(grid.get_node_ids()))
+            if connected < self._rejoin:
+                log.info("round %d: %d of the previous round's %d sites connected after %.0fs; "
+                         "going on without the others", server_round, connected, self._rejoin,
+                         self.rejoin_wait)
+            self._rejoin = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -95,12 +118,22 @@ class GuardedRounds:
         server_round += self.round_offset
         self.wait_for_sites(grid, server_round)
         self._reference = arrays
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        if self.folds(server_round - 1):
+            config = ConfigRecord({**config, "evaluate-round": server_round - 1})
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._sent = len(messages)
+        return messages
+
+    def folds(self, server_round: int) -> bool:
+        """Is round ``server_round``'s model evaluated with the next round's train message?"""
+        return self.fold_evaluate and 0 < server_round < self.last_round
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.folds(server_round):
+            return []  # evaluated with the next round's train message
         self.wait_for_sites(grid, server_round)
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
@@ -110,11 +143,20 @@ class GuardedRounds:
         server_round += self.round_offset
         entry = self.run_dir.log(server_round)
         accepted, contributors = [], 0
+        folded = self.folds(server_round - 1)
+        replies = list(replies)
+        if any(msg.has_error() for msg in replies):
+            self._rejoin = getattr(self, "_sent", 0)
+        if folded:  # a site that failed or refused this round's task evaluated nothing either
+            self.run_dir.log(server_round - 1).failed["evaluate"] += sum(
+                msg.has_error() for msg in replies)
         for name, msg in self._without_errors(server_round, replies, "train"):
             about = _about(msg)
             if not self.secure:
                 about = {k: v for k, v in about.items() if not k.startswith("secagg")}
-            metrics = _metrics(msg)
+            metrics, evaluation = _split_folded(_metrics(msg))
+            if folded and not about.get("secagg-sum"):
+                self._record_evaluation(server_round - 1, name, evaluation)
             if about.get("secagg-metrics-only"):  # a site's metrics; its update is in the sum
                 contributors += 1
                 try:
@@ -158,6 +200,22 @@ class GuardedRounds:
                                   for k, ref in self._reference.items()})
         return arrays, metrics
 
+    def _record_evaluation(self, server_round: int, name: str, metrics: dict[str, Any]) -> None:
+        """A folded evaluation of round ``server_round``'s model from a train reply."""
+        entry = self.run_dir.log(server_round)
+        if not metrics:
+            entry.failed["evaluate"] += 1
+            log.warning("round %d evaluate: site %s trained but sent no evaluation",
+                        server_round, name)
+            return
+        try:
+            validate_metrics(metrics, self.max_examples, name, EVALUATE_METRICS, EVALUATE_BOUNDS)
+        except UpdateRejected as exc:
+            log.warning("round %d: rejected evaluation: %s", server_round, exc)
+            entry.rejected_evaluate[name] = str(exc)
+            return
+        entry.evaluate[name] = metrics
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -171,7 +229,7 @@ class GuardedRounds:
                     raise UpdateRejected(f"site {name}: an evaluation reply carries no "
                                          f"ArrayRecord, got {len(msg.content.array_records)}")
                 validate_metrics(metrics, self.max_examples, name, EVALUATE_METRICS,
-                                 {"dice": (0.0, 1.0)})
+                                 EVALUATE_BOUNDS)
             except UpdateRejected as exc:
                 log.warning("round %d: rejected evaluation: %s", server_round, exc)
                 entry.rejected_evaluate[name] = str(exc)
@@ -247,6 +305,13 @@ def _metrics(msg: Message) -> dict[str, Any]:
     return dict(record.items())
 
 
+def _split_folded(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train metrics, folded evaluation metrics without their prefix)."""
+    train = {k: v for k, v in metrics.items() if not k.startswith(FOLDED)}
+    evaluation = {k[len(FOLDED):]: v for k, v in metrics.items() if k.startswith(FOLDED)}
+    return train, evaluation
+
+
 def _as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     if np.dtype(dtype).kind in "iu":
         values = np.rint(values)
@@ -257,7 +322,7 @@ def _plain(replies: list[Message], arrays: bool) -> list[Message]:
     """The validated replies as Flower's aggregation gets them: the arrays, and the metrics that
     every reply has under one record name (Flower stops the round when record names or metric
     keys differ; a site with DP metrics among sites without is no reason to)."""
-    metrics = [_metrics(msg) for msg in replies]
+    metrics = [_split_folded(_metrics(msg))[0] for msg in replies]
     common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
     out = []
     for msg, values in zip(replies, metrics):
@@ -289,5 +354,7 @@ def build_strategy(cfg: Config, run_dir: RunDir) -> FedAvg:
     cls = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})
     strategy = cls(**kwargs)
     strategy.guard(run_dir, s.max_examples_per_site, need, cfg.federation.round_timeout,
-                   secure=cfg.federation.secure_aggregation)
+                   secure=cfg.federation.secure_aggregation,
+                   fold_evaluate=cfg.federation.fold_evaluate and s.fraction_evaluate > 0,
+                   last_round=cfg.rounds, rejoin_wait=cfg.federation.rejoin_wait)
     return strategy

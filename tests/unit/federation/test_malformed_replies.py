@@ -565,8 +565,9 @@ def logs(caplog, monkeypatch):
     return caplog
 
 
-def make(tmp_path, name: str, strategy: str = "fedavg", secure: bool = False):
+def make(tmp_path, name: str, strategy: str = "fedavg", secure: bool = False, fold: bool = True):
     cfg = compose([*TINY, f"run_root={tmp_path}", f"run_name={name}", "sites=4",
+                   f"federation.fold_evaluate={str(fold).lower()}",
                    "strategy.min_sites=2", f"strategy.name={strategy}",
                    f"strategy.max_examples_per_site={MAX_EXAMPLES}", "federation.round_timeout=5",
                    f"federation.secure_aggregation={str(secure).lower()}"])
@@ -623,7 +624,7 @@ def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initi
         entry = run_dir.log(rnd)
         assert len(entry.train) == len(GOOD)
         check_rejections(bads, entry.rejected, logs.text, entry, "train")
-        line = strict_json(run_dir.end_round(rnd, {k: v.numpy() for k, v in got.items()}))
+        line = strict_json(run_dir.end_round(rnd, {k: v.numpy() for k, v in got.items()})[-1])
         assert line["train"]["rejected"] == entry.rejected  # into metrics.jsonl
         arrays = got
     assert sum(seen.values()) == rounds * per_round and set(seen) == set(DEFECTS["train"])
@@ -635,7 +636,7 @@ EVAL_ROUNDS = 3
 
 def test_evaluate_rounds_survive_1200_malformed_replies(tmp_path, flower_identity,
                                                         initial_model, logs):
-    strategy, run_dir = make(tmp_path, "fuzz-eval")
+    strategy, run_dir = make(tmp_path, "fuzz-eval", fold=False)  # an evaluate phase each round
     grid = FakeGrid([*GOOD, *range(BAD_NODE, BAD_NODE + EVAL_ROUNDS * BAD_PER_ROUND)])
     gen = Gen(SEED + 1, "evaluate")
     arrays = ArrayRecord({k: Array(v) for k, v in initial_model.items()})
@@ -657,7 +658,7 @@ def test_evaluate_rounds_survive_1200_malformed_replies(tmp_path, flower_identit
         entry = run_dir.log(rnd)
         assert sorted(k.split("#")[0] for k in entry.evaluate) == sorted(GOOD.values())
         check_rejections(bads, entry.rejected_evaluate, logs.text, entry, "evaluate")
-        line = strict_json(run_dir.end_round(rnd, {k: v.numpy() for k, v in arrays.items()}))
+        line = strict_json(run_dir.end_round(rnd, {k: v.numpy() for k, v in arrays.items()})[-1])
         assert line["evaluate"]["weighted"]["dice"] == pytest.approx(got["dice"])
         assert line["evaluate"]["rejected"] == entry.rejected_evaluate
     assert sum(seen.values()) >= 1000 and set(seen) == set(DEFECTS["evaluate"])
@@ -757,4 +758,4 @@ def test_secure_metrics_only_replies_cannot_break_the_round_log(tmp_path, flower
     assert entry.train == {} and entry.privacy == {}
     for name in GOOD.values():
         assert name in logs.text
-    strict_json(run_dir.end_round(1, {k: v.numpy() for k, v in got.items()}))
+    strict_json(run_dir.end_round(1, {k: v.numpy() for k, v in got.items()})[-1])

@@ -45,3 +45,34 @@ def test_deadline_returns_what_came():
     replies = PolledGrid(SlowGrid(), interval=0.05).send_and_receive(["1", "never"], timeout=0.8)
     assert [r.metadata.reply_to_message_id for r in replies] == ["1"]
     assert 0.8 <= time.monotonic() - t0 < 2.0
+
+
+class StoreGrid:
+    """Like the SuperLink's store: a reply waits there, keyed by the id of the message it
+    answers, until someone pulls that id."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, _Reply] = {}
+        self.asked: list[set[str]] = []
+
+    def push_messages(self, messages):
+        return list(messages)
+
+    def pull_messages(self, ids):
+        self.asked.append(set(ids))
+        return [self.store.pop(i) for i in sorted(ids) if i in self.store]
+
+
+def test_a_reply_that_comes_after_its_round_closed_is_never_read():
+    grid = StoreGrid()
+    polled = PolledGrid(grid, interval=0.01)
+    grid.store["r1-a"] = _Reply("r1-a")
+    first = polled.send_and_receive(["r1-a", "r1-b"], timeout=0.2)  # site b misses the deadline
+    assert [r.metadata.reply_to_message_id for r in first] == ["r1-a"]
+    pulls = len(grid.asked)
+    grid.store["r1-b"] = _Reply("r1-b")  # b's late reply lands after round 1 closed
+    grid.store["r2-a"], grid.store["r2-b"] = _Reply("r2-a"), _Reply("r2-b")
+    second = polled.send_and_receive(["r2-a", "r2-b"], timeout=5)
+    assert sorted(r.metadata.reply_to_message_id for r in second) == ["r2-a", "r2-b"]
+    assert "r1-b" in grid.store  # never pulled: round 2 asks only for its own messages
+    assert all(ids <= {"r2-a", "r2-b"} for ids in grid.asked[pulls:])

@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedhealth.config import compose
 from fedhealth.errors import RunStopped
-from fedhealth.federation.rundir import RunDir
+from fedhealth.federation.rundir import RunDir, read_metrics
 from fedhealth.federation.strategy import build_strategy
 
 SHAPES = {"conv.weight": (4, 1, 3, 3, 3), "conv.bias": (4,), "head.weight": (2, 4)}
@@ -102,3 +102,129 @@ def test_too_few_valid_updates_stop_the_run_cleanly(strategy):
         _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed, refused])
     assert strategy.run_dir.log(1).failed == {"train": 1, "evaluate": 0}
     assert strategy.run_dir.log(1).refused == ["node-8"]
+
+
+def _folded(node, name, arrays, count, evaluation):
+    reply = _reply(node, name, arrays, count)
+    metrics = reply.content["metrics"]
+    for key, value in evaluation.items():
+        metrics[f"eval-{key}"] = value
+    return reply
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
+
+
+def test_folded_evaluation_rides_with_the_next_train_message(tmp_path, flower_identity):
+    """One message phase per round: round r's train instruction asks the sites to evaluate the
+    model they receive (round r-1's), their results land in round r-1's metrics line, and only
+    the last round has its own evaluate phase."""
+    cfg = compose([f"run_root={tmp_path}", "sites=4", "strategy.min_sites=2", "rounds=3"])
+    assert cfg.federation.fold_evaluate
+    run_dir = RunDir.create(cfg)
+    strategy = build_strategy(cfg, run_dir)
+    rng = np.random.default_rng(7)
+    model = ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()})
+    first = list(strategy.configure_train(1, model, ConfigRecord(), _Grid()))
+    assert first and all("evaluate-round" not in m.content["config"] for m in first)
+    assert list(strategy.configure_evaluate(1, model, ConfigRecord(), _Grid())) == []
+    assert run_dir.end_round(1, {k: v.numpy() for k, v in model.items()},
+                             defer_evaluate=strategy.folds(1)) == []  # waits for round 2
+    second = list(strategy.configure_train(2, model, ConfigRecord(), _Grid()))
+    assert {m.content["config"]["evaluate-round"] for m in second} == {1}
+    good = {"dice": 0.8, "loss": 0.3, "num-examples": 2}
+    replies = [_folded(1, "site-a", _arrays(rng), 4, good),
+               _folded(2, "site-b", _arrays(rng), 6, {**good, "dice": 0.4, "num-examples": 6}),
+               _folded(3, "site-c", _arrays(rng), 5, {**good, "dice": 1.5}),  # out of range
+               _reply(4, "site-d", _arrays(rng), 5)]  # trained, evaluated nothing
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is not None and not any(k.startswith("eval-") for k in metrics)
+    assert set(run_dir.log(2).train) == {"site-a", "site-b", "site-c", "site-d"}
+    assert set(run_dir.log(2).train["site-a"]) == {"loss", "num-examples"}
+    written = run_dir.end_round(2, {k: v.numpy() for k, v in arrays.items()},
+                                defer_evaluate=strategy.folds(2))
+    assert [line["round"] for line in written] == [1]
+    evaluation = written[0]["evaluate"]
+    assert set(evaluation["sites"]) == {"site-a", "site-b"}
+    assert evaluation["weighted"]["dice"] == pytest.approx((0.8 * 2 + 0.4 * 6) / 8)
+    assert "site-c" in evaluation["rejected"] and evaluation["failed"] == 1
+    assert evaluation["with_round"] == 2
+    # the last round: its own evaluate phase, its line written at once
+    assert not strategy.folds(3)
+    assert list(strategy.configure_evaluate(3, arrays, ConfigRecord(), _Grid()))
+    third = list(strategy.configure_train(3, arrays, ConfigRecord(), _Grid()))
+    assert {m.content["config"]["evaluate-round"] for m in third} == {2}
+    written = run_dir.end_round(3, {k: v.numpy() for k, v in arrays.items()},
+                                defer_evaluate=strategy.folds(3))
+    assert [line["round"] for line in written] == [2, 3]
+
+
+def test_a_pending_line_survives_a_restart(tmp_path, flower_identity):
+    cfg = compose([f"run_root={tmp_path}", "run_name=r", "sites=4", "rounds=3"])
+    run_dir = RunDir.create(cfg)
+    weights = {"w": np.ones(2, np.float32)}
+    run_dir.end_round(0, weights)
+    run_dir.log(1).train["site-a"] = {"loss": 0.5, "num-examples": 3}
+    run_dir.end_round(1, weights, defer_evaluate=True)
+    assert [ln["round"] for ln in read_metrics(run_dir.path)] == [0]
+    # the coordinator dies; the run directory is reopened
+    again = RunDir.create(cfg)
+    assert again.resumed_from == 1 and again.pending["train"]["sites"] == {
+        "site-a": {"loss": 0.5, "num-examples": 3}}
+    again.log(1).evaluate["site-a"] = {"dice": 0.7, "loss": 0.2, "num-examples": 1}
+    again.end_round(2, weights, defer_evaluate=True)
+    lines = read_metrics(again.path)
+    assert [ln["round"] for ln in lines] == [0, 1]
+    assert lines[1]["train"]["sites"]["site-a"]["loss"] == 0.5
+    assert lines[1]["evaluate"]["sites"]["site-a"]["dice"] == 0.7
+    # died again right after writing line 2 but before the manifest said so: written once
+    from fedhealth.io import append_line
+    import json
+    append_line(again.metrics, json.dumps({"round": 2, "evaluate": {}}))
+    third = RunDir.create(cfg)
+    assert third.resumed_from == 2 and [ln["round"] for ln in read_metrics(third.path)] == [0, 1]
+    third.finish()  # a run that ends first writes the waiting line with what it has
+    assert [ln["round"] for ln in read_metrics(third.path)] == [0, 1, 2]
+
+
+class _ReturningGrid:
+    """Four sites; after a round that lost one, it reconnects ``back_after`` seconds later."""
+
+    def __init__(self, back_after: float) -> None:
+        self.lost_at: float | None = None
+        self.back_after = back_after
+
+    def get_node_ids(self):
+        import time
+        if self.lost_at is not None and time.monotonic() - self.lost_at < self.back_after:
+            return [1, 2, 3]
+        return [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("back_after, wait, expect", [(0.8, 5.0, 4), (60.0, 0.6, 3)])
+def test_after_a_round_that_lost_a_site_the_next_waits_for_it_to_return(
+        tmp_path, flower_identity, back_after, wait, expect):
+    import time
+    cfg = compose([f"run_root={tmp_path}", "sites=4", "strategy.min_sites=2", "rounds=3",
+                   f"federation.rejoin_wait={wait}"])
+    strategy = build_strategy(cfg, RunDir.create(cfg))
+    rng = np.random.default_rng(3)
+    model = ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()})
+    grid = _ReturningGrid(back_after)
+    assert len(list(strategy.configure_train(1, model, ConfigRecord(), grid))) == 4
+    lost = Message(Error(code=1001, reason="node went away"),
+                   reply_to=Message(RecordDict(), dst_node_id=4, message_type="train"))
+    strategy.aggregate_train(1, [*(_reply(i, f"site-{i}", _arrays(rng), 4) for i in (1, 2, 3)),
+                                 lost])
+    grid.lost_at = time.monotonic()
+    t0 = time.monotonic()
+    sent = list(strategy.configure_train(2, model, ConfigRecord(), grid))
+    assert len(sent) == expect
+    assert time.monotonic() - t0 < wait + 1.5  # never longer than rejoin_wait
+    t0 = time.monotonic()  # the round after a complete one does not wait
+    strategy.aggregate_train(2, [_reply(m.metadata.dst_node_id, f"site-{m.metadata.dst_node_id}",
+                                        _arrays(rng), 4) for m in sent])
+    list(strategy.configure_train(3, model, ConfigRecord(), grid))
+    assert time.monotonic() - t0 < 0.5
