@@ -43,9 +43,8 @@ from flwr.supercore.superexec.executor import ExecutionSpec
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.loopback import start_tls_superlink, BIN, Procs, flower_env, flwr, free_ports
-from fedhealth.federation.rundir import read_metrics
+from fedhealth.federation.loopback import (BIN, Procs, flower_env, flwr, free_ports, round_costs,
+                                          run_to_completion, start_tls_superlink)
 from fedhealth.federation.warm import WarmExecutor
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 
@@ -154,20 +153,13 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                        "privacy=off", f"federation.secure_aggregation={str(run.secure).lower()}",
                        f"strategy.min_sites={SITES}", "federation.round_timeout=600",
                        f"run_root={work / 'runs'}", f"run_name={name}", *run.overrides])
-        out = flwr(env, ["run", str(PROJECT), "bench", "--stream", "--run-config",
-                         str(write_run_config(cfg, work / f"{name}.toml"))], cwd=work,
-                   timeout=3000)
-        status = flwr(env, ["ls", "bench", "--run-id", str(out["run-id"])], cwd=work, timeout=60)
-        if status["runs"][0]["status"] != "finished:completed":
-            raise RuntimeError(f"{name}: {status}\n{procs.logs()}")
+        try:
+            run_to_completion(env, PROJECT, "bench", cfg, work)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{procs.logs()}") from exc
     finally:
         procs.stop()
-    lines = read_metrics(work / "runs" / name)
-    rows = []
-    for prev, line in zip(lines, lines[1:]):
-        wall = line["elapsed_s"] - prev["elapsed_s"]
-        train = max(r["train-seconds"] for r in line["train"]["sites"].values())
-        rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})
+    rows = round_costs(work / "runs" / name)
     phases = [*run.phase_names * rounds, *(["evaluate"] if run.folded else [])]
     return {"name": name, "rows": rows, "phases": phases,
             "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.loopback import start_tls_superlink, Procs, flower_env, flwr, free_ports
-from fedhealth.federation.rundir import read_metrics
+from fedhealth.federation.loopback import (Procs, flower_env, flwr, free_ports, round_costs,
+                                          run_to_completion, start_tls_superlink)
 from fedhealth.models.factory import build_model, num_parameters
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 
@@ -38,17 +37,8 @@ def run(work: Path, secure: bool, rounds: int, env: dict) -> dict:
                    f"run_root={work / 'runs'}", f"run_name={name}", "strategy.min_sites=4",
                    "federation.round_timeout=900", *MODEL])
     t0 = time.perf_counter()
-    out = flwr(env, ["run", str(PROJECT), "bench", "--stream", "--run-config",
-                     str(write_run_config(cfg, work / f"{name}.toml"))], cwd=work, timeout=3000)
-    status = flwr(env, ["ls", "bench", "--run-id", str(out["run-id"])], cwd=work, timeout=60)
-    if status["runs"][0]["status"] != "finished:completed":
-        raise RuntimeError(f"{name} run failed: {status}")
-    lines = read_metrics(work / "runs" / name)
-    rows = []
-    for prev, line in zip(lines, lines[1:]):
-        wall = line["elapsed_s"] - prev["elapsed_s"]
-        train = max(r["train-seconds"] for r in line["train"]["sites"].values())
-        rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})
+    run_to_completion(env, PROJECT, "bench", cfg, work)
+    rows = round_costs(work / "runs" / name)
     return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 

@@ -12,6 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedhealth.config import Config
 
 BIN = Path(sys.executable).parent
 
@@ -111,3 +115,32 @@ def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dic
     except ValueError as exc:
         raise RuntimeError(f"flwr {args[0]} gave no JSON (exit {done.returncode}):\n"
                            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}") from exc
+
+
+def run_to_completion(env: dict[str, str], project: Path, connection: str, cfg: Config,
+                      work: Path, timeout: float = 3000) -> None:
+    """``flwr run --stream`` of ``cfg`` (its run config written under ``work``); raises with the
+    status unless Flower reports the run ``finished:completed`` (``--stream`` exits 0 on a
+    failed ServerApp)."""
+    from fedhealth.federation.deploy import write_run_config
+
+    toml = write_run_config(cfg, work / f"{cfg.run_name}.toml")
+    out = flwr(env, ["run", str(project), connection, "--stream", "--run-config", str(toml)],
+               cwd=work, timeout=timeout)
+    status = flwr(env, ["ls", connection, "--run-id", str(out["run-id"])], cwd=work, timeout=60)
+    if status["runs"][0]["status"] != "finished:completed":
+        raise RuntimeError(f"run {cfg.run_name}: {status}")
+
+
+def round_costs(run_dir: Path) -> list[dict[str, float]]:
+    """Per round of a finished run: wall seconds (between the rounds' ``elapsed_s``), the slowest
+    site's ``train-seconds``, and the rest ("other")."""
+    from fedhealth.federation.rundir import read_metrics
+
+    lines = read_metrics(run_dir)
+    rows = []
+    for prev, line in zip(lines, lines[1:]):
+        wall = line["elapsed_s"] - prev["elapsed_s"]
+        train = max(r["train-seconds"] for r in line["train"]["sites"].values())
+        rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})
+    return rows

@@ -78,7 +78,8 @@ class GuardedRounds:
     fold_evaluate: bool = False
     last_round: int = 0
     rejoin_wait: float = 0.0
-    _rejoin: int = 0  # sites the last round sent to, when some of them failed
+    _sent: int = 0  # sites the last train round was sent to
+    _rejoin: int = 0  # that number, when some of them failed
 
     def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
               secure: bool = False, fold_evaluate: bool = False, last_round: int = 0,
@@ -146,7 +147,7 @@ class GuardedRounds:
         folded = self.folds(server_round - 1)
         replies = list(replies)
         if any(msg.has_error() for msg in replies):
-            self._rejoin = getattr(self, "_sent", 0)
+            self._rejoin = self._sent
         if folded:  # a site that failed or refused this round's task evaluated nothing either
             self.run_dir.log(server_round - 1).failed["evaluate"] += sum(
                 msg.has_error() for msg in replies)
