@@ -79,7 +79,6 @@ class GuardedRounds:
     last_round: int = 0
     rejoin_wait: float = 0.0
     _sent: int = 0  # sites the last train round was sent to
-    _rejoin: int = 0  # that number, when some of them failed
 
     def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
               secure: bool = False, fold_evaluate: bool = False, last_round: int = 0,
@@ -102,16 +101,15 @@ class GuardedRounds:
                     f"sites connected within {self.wait_timeout:.0f}s"
                 )
             time.sleep(1.0)
-        if self._rejoin:  # after a round that lost sites: give them a moment to come back
+        if connected < self._sent:  # sites of the last round are gone: a moment to come back
             deadline = time.monotonic() + self.rejoin_wait
-            while connected < self._rejoin and time.monotonic() < deadline:
+            while connected < self._sent and time.monotonic() < deadline:
                 time.sleep(0.5)
                 connected = len(list(grid.get_node_ids()))
-            if connected < self._rejoin:
+            if connected < self._sent:
                 log.info("round %d: %d of the previous round's %d sites connected after %.0fs; "
-                         "going on without the others", server_round, connected, self._rejoin,
+                         "going on without the others", server_round, connected, self._sent,
                          self.rejoin_wait)
-            self._rejoin = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -146,8 +144,6 @@ class GuardedRounds:
         accepted, contributors = [], 0
         folded = self.folds(server_round - 1)
         replies = list(replies)
-        if any(msg.has_error() for msg in replies):
-            self._rejoin = self._sent
         if folded:  # a site that failed or refused this round's task evaluated nothing either
             self.run_dir.log(server_round - 1).failed["evaluate"] += sum(
                 msg.has_error() for msg in replies)
