@@ -12,7 +12,14 @@ config (tiny U-Net, a few patients per site, privacy off).
     replies every 0.1 s (:class:`fedhealth.federation.polling.PolledGrid`; stock: every 3 s);
     evaluation folded into the next round's train message (``federation.fold_evaluate``,
     the default): one message phase per round, the last round adds its evaluate phase;
-(c) ours-unfolded: (b) with an evaluate phase in every round, to show what folding saves;
+    the SuperNode polls every 0.5 s (:mod:`fedhealth.federation.supernode`; Flower: 3 s after
+    an empty pull) and each ClientApp pulls its message with a 0.05 s backoff (Flower: 1 s, 2 s);
+    the model travels as one packed float32 array (:mod:`fedhealth.federation.packing`);
+(c) ours-flower-polls: (b) with Flower's own SuperNode and pull backoff, to show what (b)'s
+    polling saves;
+(d) ours-per-tensor: (b) with the model sent as one array per tensor (Flower's one HTTPS
+    request per array) instead of one packed vector (``federation.pack_arrays``);
+(e) ours-unfolded: (b) with an evaluate phase in every round, to show what folding saves;
 --secagg adds stock and ours with secure aggregation (four train stages per round, plus an
 evaluate phase in stock).
 
@@ -51,6 +58,7 @@ from fedhealth.security.certs import create_ca, create_server_cert, create_site_
 PROJECT = Path(__file__).resolve().parents[1]
 SITES = 4
 POLL = 0.1
+PULL_INTERVAL = 0.5  # the site daemon's default pull_interval
 TARGET_S, TARGET_RATIO = 5.0, 0.25
 # What a ClientApp process imports before its handler can work: Flower's runtime, the app, and
 # the site code (torch, MONAI, Opacus).
@@ -69,18 +77,26 @@ class Run:
     overrides: tuple[str, ...] = ()
     baseline: str = "stock"
     folded: bool = False  # the last round has one more phase (its evaluate)
+    paced: bool = True  # ours: SuperNode pull interval PULL_INTERVAL, child pull backoff 0.05 s
 
 
 PLAIN = ("train", "evaluate")
 SECAGG = ("secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask", "evaluate")
 # Flower's own send_and_receive pulls replies every 3 s; stock evaluates in its own phase.
-STOCK = ("federation.reply_poll_interval=3.0", "federation.fold_evaluate=false")
+STOCK = ("federation.reply_poll_interval=3.0", "federation.fold_evaluate=false",
+         "federation.pack_arrays=false")
 UNFOLDED = ("federation.fold_evaluate=false",)
 RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK),
         # warm executor + fast reply polling, evaluate still in its own phase
         Run("ours-unfolded", "ours", PLAIN, overrides=UNFOLDED),
         # ours as configured by default: evaluation folded into the next train message, one
         # phase per round (the last round adds its evaluate phase)
+        # ours with Flower's own polling: the SuperNode sleeping 3 s after an empty pull and
+        # 0.5 s between reply checks, the ClientApp's message pull backing off 1 s, 2 s, ...
+        Run("ours-flower-polls", "ours", ("train",), folded=True, paced=False),
+        # ours with the model sent as one array per tensor (one HTTPS request each)
+        Run("ours-per-tensor", "ours", ("train",), overrides=("federation.pack_arrays=false",),
+            folded=True),
         Run("ours", "ours", ("train",), folded=True))
 SECAGG_RUNS = (Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
                Run("ours-secagg", "ours", SECAGG[:-1], True, baseline="stock-secagg",
@@ -135,8 +151,11 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
         for site in range(SITES):
             flwr(env, ["supernode", "register", str(keys / "sites" / f"site-{site}" / "auth.pub"),
                        "bench"], cwd=work, timeout=60)
+            paced = mode == "ours" and run.paced
+            launcher = (["python", "-m", "fedhealth.federation.supernode", "--pull-interval",
+                         str(PULL_INTERVAL), "--"] if paced else ["flower-supernode"])
             node = procs.start(f"supernode-{site}", [
-                "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(ports[site]),
+                *launcher, "--superlink", f"127.0.0.1:{link}", "--port", str(ports[site]),
                 "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key",
                 str(keys / "sites" / f"site-{site}" / "auth.key"),
                 *(["--isolation", "process"] if mode == "ours" else []),
@@ -146,7 +165,7 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                 procs.start(f"warm-{site}", [
                     "python", "-m", "fedhealth.federation.warm", "--appio-api-address",
                     f"127.0.0.1:{ports[site]}", "--parent-pid", str(node.pid),
-                    "--poll-interval", str(POLL)])
+                    "--poll-interval", str(POLL), *([] if paced else ["--flower-pull-backoff"])])
         ready = ["SuperNode ID"] + (["template process ready"] if mode == "ours" else [])
         _wait_for_logs(procs, logs, ready, timeout=300)
         cfg = compose([f"sites={SITES}", f"rounds={rounds}", "train.local_epochs=1",

@@ -82,6 +82,7 @@ class FederationConfig:
     round_timeout: float = 600.0
     reply_poll_interval: float = 0.1   # seconds between reply pulls (Flower's own: 3 s)
     fold_evaluate: bool = True  # evaluate round r's model with round r+1's train message
+    pack_arrays: bool = True  # the model travels as one float32 vector, not one array per tensor
     rejoin_wait: float = 30.0  # fewer sites than the last round sent to: wait this for them
     cpus_per_site: float = 1.0
     ray_num_cpus: int = 0

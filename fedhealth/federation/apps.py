@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from typing import TYPE_CHECKING
 
 from fedhealth.errors import ConfigError, RunStopped
+from fedhealth.federation.packing import layout, pack, unpack
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
     # secure-aggregation stages start fast in a fresh ClientApp process.
@@ -73,17 +74,21 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         log.info("run %s already finished; nothing to do", run_dir.path.name)
         return
     seed_everything(cfg.seed)
-    initial = ArrayRecord(build_model(cfg.model).state_dict())
+    fed = cfg.federation
+    model_state = build_model(cfg.model).state_dict()
+    shapes = layout(model_state) if fed.pack_arrays else None
+    initial = pack(model_state) if fed.pack_arrays else ArrayRecord(model_state)
     done = run_dir.resumed_from or 0
     strategy = build_strategy(cfg, run_dir)
     if run_dir.resumed_from is not None:
         arrays = run_dir.checkpoints.load(done)  # refuses a file whose sha256 does not match
-        initial = ArrayRecord({k: Array(np.ascontiguousarray(arrays[k])) for k in initial})
+        tensors = {k: np.ascontiguousarray(arrays[k]) for k in model_state}
+        initial = pack(tensors) if fed.pack_arrays else \
+            ArrayRecord({k: Array(v) for k, v in tensors.items()})
         if done in run_dir.checkpoints.rounds("strategy"):
             restore_strategy_state(strategy, run_dir.checkpoints.load(done, "strategy"))
         strategy.round_offset = done
         log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
-    fed = cfg.federation
     from fedhealth.federation.polling import PolledGrid
 
     grid = PolledGrid(grid, fed.reply_poll_interval)
@@ -101,7 +106,9 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         state = strategy_state(strategy)
         if state:
             run_dir.checkpoints.save(server_round, state, "strategy")
-        lines = run_dir.end_round(server_round, {k: v.numpy() for k, v in arrays.items()},
+        tensors = unpack(arrays, shapes, f"round {server_round} global model") if shapes else \
+            {k: v.numpy() for k, v in arrays.items()}
+        lines = run_dir.end_round(server_round, tensors,
                                   defer_evaluate=strategy.folds(server_round))
         weighted = {}
         for line in lines:

@@ -143,7 +143,9 @@ def config_output(path: Path, variables: Mapping[str, str], timeout: float = 60.
     cmd = compose_command()
     if cmd is None:
         raise ComposeError("neither docker-compose nor `docker compose` is installed")
-    env = {**os.environ, **variables}
+    # Debian's docker-compose is a program of the system's Python: none of this process's
+    # PYTHON* variables (Ray's workers, for one, leave PYTHONPATH pointing into our venv).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, **variables}
     done = subprocess.run([*cmd, "-f", str(path), "config"], capture_output=True, text=True,
                           env=env, timeout=timeout)
     if done.returncode != 0:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
@@ -20,6 +21,7 @@ from fedhealth.config import Config, PrivacyConfig, from_site_settings
 from fedhealth.data.loading import SiteData, load_site, make_loader
 from fedhealth.data.synth import site_dir
 from fedhealth.errors import ConfigError, LedgerError
+from fedhealth.federation.packing import is_packed, layout, pack, unpack
 from fedhealth.federation.replies import error_reply
 from fedhealth.models import DP_READY, build_model
 from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
@@ -83,9 +85,17 @@ def model_digest(arrays: ArrayRecord) -> str:
 
 
 def _model_from(msg: Message, cfg: Config) -> nn.Module:
+    """The global model the message carries, packed (:mod:`fedhealth.federation.packing`) or
+    one array per tensor."""
     model = build_model(cfg.model)
+    arrays = msg.content["arrays"]
     try:
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+        if is_packed(arrays):
+            state = {k: torch.from_numpy(v.copy()) for k, v in
+                     unpack(arrays, layout(model.state_dict()), "global model").items()}
+        else:
+            state = arrays.to_torch_state_dict()
+        model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError) as exc:
         raise ConfigError(f"global model does not match model config: {exc}") from exc
     return model
@@ -152,7 +162,9 @@ def train_update(msg: Message, context: Context, site: Site, data: SiteData, cfg
     if entry is not None and list(result.history) != [entry.phase]:
         raise LedgerError(f"site {site.name}: Opacus ran {result.history}, the ledger recorded "
                           f"{entry.phase}: refusing to send the update")
-    arrays = ArrayRecord(model.state_dict())
+    # the update goes back in the form the global model came in
+    arrays = pack(model.state_dict()) if is_packed(msg.content["arrays"]) else \
+        ArrayRecord(model.state_dict())
     _check_outgoing(arrays, msg, site.name)
     log.info("site %s round %d: trained, loss %.4f%s", site.name, server_round, result.loss,
              f", epsilon {privacy['epsilon']:.3f} of {privacy['epsilon-cap']}" if privacy else "")

@@ -44,6 +44,7 @@ class SiteSettings:
     delta: float = 1e-5
     appio_port: int = 9094                # the SuperNode's local ClientApp API port
     isolation: str = "warm"               # warm: ClientApps fork from a pre-loaded process
+    pull_interval: float = 0.5            # seconds between the SuperNode's polls (Flower: 3 s)
     backoff_initial: float = 1.0          # seconds before the first restart of the SuperNode
     backoff_max: float = 60.0
     stop_grace: float = 30.0              # SIGTERM -> wait this long for a running ClientApp
@@ -65,6 +66,9 @@ class SiteSettings:
                               "need epsilon_cap > 0 and 0 < delta < 1")
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
+        if not 0 < self.pull_interval <= 3:
+            raise ConfigError(f"site config: pull_interval={self.pull_interval!r}: need "
+                              "0 < pull_interval <= 3 (seconds)")
         return self
 
     @property
@@ -97,8 +101,8 @@ def node_config(s: SiteSettings) -> str:
 
 
 def supernode_argv(s: SiteSettings) -> list[str]:
-    bin_dir = Path(sys.executable).parent
-    argv = [str(bin_dir / "flower-supernode"), "--superlink", s.coordinator,
+    argv = [sys.executable, "-m", "fedhealth.federation.supernode", "--pull-interval",
+            str(s.pull_interval), "--", "--superlink", s.coordinator,
             "--node-config", node_config(s), "--port", str(s.appio_port)]
     if s.insecure:
         argv.append("--insecure")

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,14 @@ def _compose_cli() -> list[str]:
                     "(it installs Debian's docker-compose when run as root with apt-get)")
     pytest.skip("docker-compose is not installed and cannot be installed here (needs root and "
                 "apt-get; scripts/setup.sh tries): the compose file was not validated")
+
+
+def test_validation_ignores_this_interpreters_python_path(monkeypatch):
+    """Ray (Flower's simulation engine) leaves PYTHONPATH pointing into this venv; Debian's
+    docker-compose, a program of the system's Python, must not import our packages."""
+    _compose_cli()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))  # what Ray leaves behind
+    assert "hospital-a" in compose.config_output(COMPOSE, {})
 
 
 def test_docker_compose_config_validates_the_topology():

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedhealth.config import compose, site_settings
 from fedhealth.federation import site as site_handler
 from fedhealth.federation.checkpoint import CheckpointStore
+from fedhealth.federation.packing import layout, pack, unpack
 from fedhealth.federation.rundir import read_metrics
 from fedhealth.federation.simulation import simulate
+from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
 
 from .consortium import Consortium
@@ -107,18 +109,20 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
     run_key = f"kill-site@{_manifest(run_dir)['config_sha256'][:16]}"
     settings = {**site_settings(cfg), "server-round": 2, "run-key": run_key}
     updates, weights = [], []
+    assert cfg.federation.pack_arrays  # the default: the global model travels packed
+    model_order = {k: before[k] for k in build_model(cfg.model).state_dict()}
+    sent = pack(model_order)  # what the coordinator sent
     for name in ("site-0", "site-1", "site-2"):
         index = c.names.index(name)
         node = {"data-dir": str(cohort / f"site-{index % 3}"), "site-name": name,
                 "ledger-dir": str(c.site_dir(name) / "ledger"), "epsilon-cap": 8.0, "delta": 1e-5}
-        msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in before.items()}),
-                                  "config": ConfigRecord(settings)}), 0, "train")
+        msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord(settings)}), 0, "train")
         context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
         spent = _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite")
         site, data, site_cfg, got, seed = site_handler.prepare(msg, context, "train", None, None)
         arrays, metrics, _ = site_handler.train_update(msg, context, site, data, site_cfg, got, seed)
         assert _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite") == spent
-        updates.append({k: v.numpy() for k, v in arrays.items()})
+        updates.append(unpack(arrays, layout(model_order)))
         weights.append(metrics["num-examples"])
     for key in after:
         expected = sum(w * u[key].astype(np.float64) for w, u in zip(weights, updates)) / sum(weights)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
@@ -136,3 +137,57 @@ def test_executor_exits_cleanly_when_its_parent_dies(tmp_path):
         for p in (proc, parent):
             if p.poll() is None:
                 p.kill()
+
+
+def _late_objects(delay: float):
+    """A message's object tree and a pull function for which every object becomes available
+    ``delay`` seconds after the first pull (the SuperNode still downloading it); the times of
+    each object's pull attempts."""
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import (get_all_nested_objects,
+                                                             get_object_tree)
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    weights = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    message = Message(RecordDict({"arrays": ArrayRecord({"w": Array(weights)})}),
+                      dst_node_id=1, message_type="train")
+    contents = {k: v.deflate() for k, v in get_all_nested_objects(message).items()}
+    attempts: dict[str, list[float]] = {}
+    first = []
+
+    def pull(object_id: str) -> bytes:
+        now = time.monotonic()
+        first[:] = first or [now]
+        attempts.setdefault(object_id, []).append(now)
+        if now < first[0] + delay:
+            raise ObjectUnavailableError(object_id)
+        return contents[object_id]
+
+    return get_object_tree(message), pull, attempts, weights
+
+
+def test_a_warm_child_pulls_a_late_message_with_a_short_backoff(monkeypatch, flower_identity):
+    """Flower waits 1 s, then 2 s, for a message object the SuperNode has not finished
+    downloading; the warm child retries after 0.05 s (doubling to 0.25 s) and gets the same
+    message."""
+    from flwr.app import Message
+
+    from fedhealth.federation import warm
+
+    module = warm.run_clientapp_module
+    stock = module.pull_and_inflate_object_from_tree
+    monkeypatch.setattr(module, "pull_and_inflate_object_from_tree", stock)  # restored after
+    gaps = {}
+    for name in ("stock", "warm"):
+        if name == "warm":
+            warm.fast_pull()
+            warm.fast_pull()  # idempotent: one partial, not a partial of a partial
+        pull_fn = module.pull_and_inflate_object_from_tree
+        tree, pull, attempts, weights = _late_objects(delay=0.3)
+        message = pull_fn(tree, pull, lambda _id: None, return_type=Message)
+        np.testing.assert_array_equal(message.content["arrays"]["w"].numpy(), weights)
+        gaps[name] = min(t[1] - t[0] for t in attempts.values() if len(t) > 1)
+    assert module.pull_and_inflate_object_from_tree.func is stock
+    assert module.pull_and_inflate_object_from_tree.keywords == warm.PULL_BACKOFF
+    assert gaps["stock"] >= 0.75, gaps  # Flower: 1 s +- 20 %
+    assert gaps["warm"] < 0.5, gaps

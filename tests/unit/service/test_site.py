@@ -37,7 +37,12 @@ def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
         "auth_key: keys/auth.key\ndata_dir: data\nledger_dir: ledger\n")
     s = site.load(tmp_path / "site.yaml", ["epsilon_cap=3.5"])
     assert s.ca == str(tmp_path / "keys" / "ca.crt") and s.epsilon_cap == 3.5
-    assert "--isolation" in site.supernode_argv(s)
+    argv = site.supernode_argv(s)
+    assert "--isolation" in argv
+    assert argv[1:6] == ["-m", "fedhealth.federation.supernode", "--pull-interval", "0.5", "--"]
+    assert argv[argv.index("--superlink") + 1] == "link.example.org:9092"
+    with pytest.raises(ConfigError, match="pull_interval=5.0"):
+        site.load(tmp_path / "site.yaml", ["pull_interval=5"])
     assert "epsilon-cap=3.5" in site.node_config(s)
     with pytest.raises(ConfigError, match="key epsilon_cap"):
         site.load(tmp_path / "site.yaml", ["epsilon_cap=lots"])
