@@ -31,6 +31,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedhealth.config import compose
 from fedhealth.errors import RunStopped
+from fedhealth.federation.packing import pack
 from fedhealth.federation.rundir import RunDir
 from fedhealth.federation.strategy import build_strategy
 
@@ -586,11 +587,15 @@ def _weighted(goods: dict[int, tuple], key: str) -> np.ndarray:
 BAD_PER_ROUND = 400
 
 
-@pytest.mark.parametrize("strategy_name, rounds, per_round",
-                         [("fedavg", 3, BAD_PER_ROUND), ("fedprox", 2, 200), ("fedadam", 2, 200)])
+@pytest.mark.parametrize("strategy_name, rounds, per_round, packed",
+                         [("fedavg", 3, BAD_PER_ROUND, False), ("fedprox", 2, 200, False),
+                          ("fedadam", 2, 200, False), ("fedavg", 2, 200, True)])
 def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initial_model, logs,
-                                                strategy_name, rounds, per_round):
-    """FedAvg: 1200 malformed replies over 3 rounds; FedProx and FedAdam: 400 over 2."""
+                                                strategy_name, rounds, per_round, packed):
+    """FedAvg: 1200 malformed replies over 3 rounds; FedProx and FedAdam: 400 over 2; FedAvg
+    with the model packed into one array (``federation.pack_arrays``, the default): 400 over 2."""
+    if packed:
+        initial_model = {k: v.numpy() for k, v in pack(initial_model).items()}
     strategy, run_dir = make(tmp_path, "fuzz", strategy_name)
     twin, _ = make(tmp_path, "twin", strategy_name)  # the same strategy, fed the good replies only
     grid = FakeGrid([*GOOD, *range(BAD_NODE, BAD_NODE + rounds * per_round)])
