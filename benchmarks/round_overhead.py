@@ -89,14 +89,14 @@ UNFOLDED = ("federation.fold_evaluate=false",)
 RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK),
         # warm executor + fast reply polling, evaluate still in its own phase
         Run("ours-unfolded", "ours", PLAIN, overrides=UNFOLDED),
-        # ours as configured by default: evaluation folded into the next train message, one
-        # phase per round (the last round adds its evaluate phase)
         # ours with Flower's own polling: the SuperNode sleeping 3 s after an empty pull and
         # 0.5 s between reply checks, the ClientApp's message pull backing off 1 s, 2 s, ...
         Run("ours-flower-polls", "ours", ("train",), folded=True, paced=False),
         # ours with the model sent as one array per tensor (one HTTPS request each)
         Run("ours-per-tensor", "ours", ("train",), overrides=("federation.pack_arrays=false",),
             folded=True),
+        # ours as configured by default: evaluation folded into the next train message, one
+        # phase per round (the last round adds its evaluate phase)
         Run("ours", "ours", ("train",), folded=True))
 SECAGG_RUNS = (Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
                Run("ours-secagg", "ours", SECAGG[:-1], True, baseline="stock-secagg",

@@ -1,10 +1,9 @@
 """The global model on the wire as one array instead of one array per tensor.
 
 Flower sends every ``Array`` of an ``ArrayRecord`` (and every 5 MB chunk of it) as its own HTTPS
-request between SuperNode and SuperLink, one after another, two at a time. A MONAI U-Net has one
-tensor per weight and bias (32 for the small default, 100+ for deeper ones), so a model of a few
-hundred kilobytes costs dozens of requests each way per site and round (measured with
-``benchmarks/round_overhead.py``: seconds per round on 2 cores). Packed, the model is a single
+request between SuperNode and SuperLink, two at a time. A MONAI U-Net has one tensor per weight
+and bias (32 for the default), so even a small model costs dozens of requests each way per site
+and round (``benchmarks/round_overhead.py``: 9 s per round of 4 sites on 2 cores). Packed, the model is a single
 float32 vector in state-dict order; both ends build the same network from the run's config, so
 the layout never travels, and a vector of the wrong length is refused before anything is loaded.
 

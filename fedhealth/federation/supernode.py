@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import inspect
 import logging
 import sys
@@ -35,6 +36,7 @@ MODULE = "flwr.supernode.start_client_internal"
 EXPECTED = ("time.sleep(3)",)
 CLOCKS = ("time", "monotonic", "perf_counter")
 DEFAULT_INTERVAL = 0.5
+MAX_INTERVAL = 3.0  # Flower's own sleep after an empty pull: a longer cap would change nothing
 
 
 class PatchMismatch(RuntimeError):
@@ -43,8 +45,8 @@ class PatchMismatch(RuntimeError):
 
 def paced_time(interval: float) -> SimpleNamespace:
     """A stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``."""
-    if not 0 < interval <= 3:
-        raise ValueError(f"pull interval {interval!r}: need 0 < interval <= 3 s")
+    if not 0 < interval <= MAX_INTERVAL:
+        raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
 
     def sleep(seconds: float) -> None:
         time.sleep(min(seconds, interval))
@@ -73,8 +75,6 @@ def check_module(module: ModuleType) -> None:
 def pace(interval: float) -> bool:
     """Cap the SuperNode loop's sleeps at ``interval``; False (and a warning) if the installed
     Flower does not match."""
-    import importlib
-
     module = importlib.import_module(MODULE)
     if isinstance(getattr(module, "time", None), SimpleNamespace):  # already paced
         module.time = paced_time(interval)

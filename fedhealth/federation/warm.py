@@ -62,8 +62,8 @@ STOP_WAIT_S = 5.0  # after terminate(), before kill()
 
 # Flower's SuperNode creates a ClientApp task as soon as a message's header arrives, before the
 # message's objects are downloaded, so a child that starts at once finds them unavailable and
-# Flower's pull retries after 1 s, then 2 s (``PULL_INITIAL_BACKOFF``; measured: a 0.2 s task took
-# 2.6 s). In the child only, the pull retries after 0.05 s, doubling to at most 0.25 s, bounded
+# Flower's pull retries after 1 s, then 2 s (``PULL_INITIAL_BACKOFF``), however soon they arrive.
+# In the child only, the pull retries after 0.05 s, doubling to at most 0.25 s, bounded
 # by Flower's own total wait (``PULL_MAX_TIME``) instead of its per-object try count.
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.25, "max_tries_per_object": None,
                 "max_time": PULL_MAX_TIME}

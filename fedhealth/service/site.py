@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.errors import ConfigError
+from fedhealth.federation.supernode import MAX_INTERVAL
 from fedhealth.service.settings import load_settings
 from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging  # noqa: F401
 
@@ -66,9 +67,9 @@ class SiteSettings:
                               "need epsilon_cap > 0 and 0 < delta < 1")
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
-        if not 0 < self.pull_interval <= 3:
+        if not 0 < self.pull_interval <= MAX_INTERVAL:
             raise ConfigError(f"site config: pull_interval={self.pull_interval!r}: need "
-                              "0 < pull_interval <= 3 (seconds)")
+                              f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)")
         return self
 
     @property
