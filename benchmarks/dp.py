@@ -36,7 +36,7 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     from fedhealth.config import compose
     from fedhealth.data.loading import make_loader, read_datalist
     from fedhealth.data.synth import site_dir
-    from fedhealth.federation.simulation import ensure_cohort
+    from fedhealth.simulation import ensure_cohort
     from fedhealth.models import DP_READY, build_model
     from fedhealth.training import seed_everything
     from fedhealth.training.loop import loss_fn
@@ -100,8 +100,8 @@ def measure_steps(overrides: list[str]) -> dict[str, dict]:
 
 def federated(overrides: list[str]) -> dict[str, float]:
     from fedhealth.config import compose
-    from fedhealth.federation.rundir import read_metrics
-    from fedhealth.federation.simulation import simulate
+    from fedhealth.runs.rundir import read_metrics
+    from fedhealth.simulation import simulate
 
     out = {}
     for name, extra in (("fedavg", ["privacy=off"]), ("dp-fedavg", ["privacy=dp", *DP_TUNING])):
@@ -113,7 +113,7 @@ def federated(overrides: list[str]) -> dict[str, float]:
         out[name] = last["evaluate"]["weighted"]["dice"]
         out[f"{name}-seconds"] = time.perf_counter() - t0
         if name == "dp-fedavg":
-            from fedhealth.federation.rundir import read_jsonl
+            from fedhealth.runs.rundir import read_jsonl
 
             rows = read_jsonl(run.path / "privacy.jsonl")
             out["epsilon-max"] = max(r["epsilon"] for r in rows)

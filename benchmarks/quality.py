@@ -15,8 +15,8 @@ import sys
 import time
 
 from fedhealth.config import compose
-from fedhealth.federation.rundir import read_metrics
-from fedhealth.federation.simulation import ensure_cohort, simulate
+from fedhealth.runs.rundir import read_metrics
+from fedhealth.simulation import ensure_cohort, simulate
 from fedhealth.training import baselines
 
 DEFAULTS = ["sites=4", "rounds=30", "train.local_epochs=2", "privacy=off", "train.batch_size=4",

@@ -1,5 +1,5 @@
 """What does a federated round cost besides training? Stock Flower SuperNodes vs SuperNodes with
-the warm executor (:mod:`fedhealth.federation.warm`), side by side in one run: a real SuperLink
+the warm executor (:mod:`fedhealth.supernode.warm`), side by side in one run: a real SuperLink
 with TLS and SuperNode auth, four enrolled SuperNodes on loopback, ``flwr run``, same app and
 config (tiny U-Net, a few patients per site, privacy off).
 
@@ -7,14 +7,14 @@ config (tiny U-Net, a few patients per site, privacy off).
 
 (a) stock: ``flower-supernode`` (default isolation: a fresh ``flwr-clientapp`` process per
     message, SuperExec polling every 1 s);
-(b) ours:  ``flower-supernode --isolation process`` + ``python -m fedhealth.federation.warm``
+(b) ours:  ``flower-supernode --isolation process`` + ``python -m fedhealth.supernode.warm``
     (children forked from a pre-warmed template, polling every 0.1 s), and the ServerApp pulling
-    replies every 0.1 s (:class:`fedhealth.federation.polling.PolledGrid`; stock: every 3 s);
+    replies every 0.1 s (:class:`fedhealth.serverapp.polling.PolledGrid`; stock: every 3 s);
     evaluation folded into the next round's train message (``federation.fold_evaluate``,
     the default): one message phase per round, the last round adds its evaluate phase;
-    the SuperNode polls every 0.5 s (:mod:`fedhealth.federation.supernode`; Flower: 3 s after
+    the SuperNode polls every 0.5 s (:mod:`fedhealth.supernode.paced`; Flower: 3 s after
     an empty pull) and each ClientApp pulls its message with a 0.05 s backoff (Flower: 1 s, 2 s);
-    the model travels as one packed float32 array (:mod:`fedhealth.federation.packing`);
+    the model travels as one packed float32 array (:mod:`fedhealth.protocol.packing`);
 (c) ours-flower-polls: (b) with Flower's own SuperNode and pull backoff, to show what (b)'s
     polling saves;
 (d) ours-per-tensor: (b) with the model sent as one array per tensor (Flower's one HTTPS
@@ -50,9 +50,9 @@ from flwr.supercore.superexec.executor import ExecutionSpec
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.federation.loopback import (BIN, Procs, flower_env, flwr, free_ports, round_costs,
+from fedhealth.testing.loopback import (BIN, Procs, flower_env, flwr, free_ports, round_costs,
                                           run_to_completion, start_tls_superlink)
-from fedhealth.federation.warm import WarmExecutor
+from fedhealth.supernode.warm import WarmExecutor
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ TARGET_S, TARGET_RATIO = 5.0, 0.25
 # What a ClientApp process imports before its handler can work: Flower's runtime, the app, and
 # the site code (torch, MONAI, Opacus).
 HANDLER_IMPORTS = ("flwr.supernode.cli.flwr_clientapp", "clients.client_app",
-                   "fedhealth.federation.site")
+                   "fedhealth.clientapp.handlers")
 LAUNCHED = re.compile(r"^(\S+ \S+) INFO fedhealth\.warm: task (\d+) run \d+: launched")
 EXITED = re.compile(r"^(\S+ \S+) \w+ fedhealth\.warm: task (\d+): pid \d+ exited")
 
@@ -152,7 +152,7 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
             flwr(env, ["supernode", "register", str(keys / "sites" / f"site-{site}" / "auth.pub"),
                        "bench"], cwd=work, timeout=60)
             paced = mode == "ours" and run.paced
-            launcher = (["python", "-m", "fedhealth.federation.supernode", "--pull-interval",
+            launcher = (["python", "-m", "fedhealth.supernode.paced", "--pull-interval",
                          str(PULL_INTERVAL), "--"] if paced else ["flower-supernode"])
             node = procs.start(f"supernode-{site}", [
                 *launcher, "--superlink", f"127.0.0.1:{link}", "--port", str(ports[site]),
@@ -163,7 +163,7 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                                  f"site-name='site-{site}'"])
             if mode == "ours":
                 procs.start(f"warm-{site}", [
-                    "python", "-m", "fedhealth.federation.warm", "--appio-api-address",
+                    "python", "-m", "fedhealth.supernode.warm", "--appio-api-address",
                     f"127.0.0.1:{ports[site]}", "--parent-pid", str(node.pid),
                     "--poll-interval", str(POLL), *([] if paced else ["--flower-pull-backoff"])])
         ready = ["SuperNode ID"] + (["template process ready"] if mode == "ours" else [])

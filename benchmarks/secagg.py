@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.federation.loopback import (Procs, flower_env, flwr, free_ports, round_costs,
+from fedhealth.testing.loopback import (Procs, flower_env, flwr, free_ports, round_costs,
                                           run_to_completion, start_tls_superlink)
 from fedhealth.models.factory import build_model, num_parameters
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys

@@ -6,7 +6,7 @@ Only model parameters and aggregate metrics are sent back; with ``egress-log='/p
 config, every reply is also logged there (size and sha256) for the hospital's own audit.
 """
 
-from fedhealth.federation.apps import make_client_app
-from fedhealth.federation.egress import EgressLog
+from fedhealth.clientapp.app import make_client_app
+from fedhealth.clientapp.egress import EgressLog
 
 app = make_client_app(mods=[EgressLog()])

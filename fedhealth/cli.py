@@ -35,8 +35,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedhealth.config import compose
-    from fedhealth.federation.rundir import read_metrics
-    from fedhealth.federation.simulation import simulate
+    from fedhealth.runs.rundir import read_metrics
+    from fedhealth.simulation import simulate
 
     cfg = compose(args.overrides)
     print(f"fedhealth simulate: {cfg.sites} sites, {cfg.rounds} rounds, "
@@ -90,7 +90,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from fedhealth.config import compose
-    from fedhealth.federation.simulation import ensure_cohort
+    from fedhealth.simulation import ensure_cohort
     from fedhealth.training import baselines
 
     cfg = compose(args.overrides)
@@ -131,7 +131,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from fedhealth.service import site
+    from fedhealth.supernode import daemon as site
 
     settings = site.load(args.config, args.settings, args.insecure)
     if args.site_cmd == "run":
@@ -164,7 +164,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedhealth.service import coordinator
+    from fedhealth.superlink import coordinator
 
     if args.server_cmd == "run":
         return coordinator.run(coordinator.load(args.config, args.settings, args.insecure))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.errors import FedHealthError
-from fedhealth.federation.rundir import read_jsonl
+from fedhealth.runs.rundir import read_jsonl
 from fedhealth.privacy.accounting import Phase, epsilon
 from fedhealth.privacy.independent import agrees, independent_epsilon
 from fedhealth.privacy.ledger import PrivacyLedger

@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from fedhealth.protocol import keys as K
 from fedhealth.errors import UpdateRejected
 
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = K.NUM_EXAMPLES
 MAX_METRICS = 64
-HISTORY_KEYS = ("history-noise", "history-rate", "history-steps")
+HISTORY_KEYS = (K.HISTORY_NOISE, K.HISTORY_RATE, K.HISTORY_STEPS)
 NUMPY_STYPE = "numpy.ndarray"
 _INT_RANGE = (-(2**63), 2**64 - 1)  # what a MetricRecord carries on the wire (sint64, uint64)
 
@@ -65,10 +66,10 @@ def validate_update(
 ) -> int:
     """Raise :class:`UpdateRejected` naming the site and field; returns the example count."""
     arrays = content.array_records
-    if list(arrays) != ["arrays"]:
+    if list(arrays) != [K.ARRAYS]:
         raise UpdateRejected(f"site {site}: field 'arrays': expected exactly one ArrayRecord "
                              f"'arrays', got {len(arrays)}: {_keys(arrays)}")
-    update = arrays["arrays"]
+    update = arrays[K.ARRAYS]
     if len(update) != len(reference) or set(update) != set(reference):
         missing, extra = set(reference) - set(update), set(update) - set(reference)
         raise UpdateRejected(

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from fedhealth.federation.loopback import BIN, Procs, flower_env, free_ports
+from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 
 

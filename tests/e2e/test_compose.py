@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.federation import compose
-from fedhealth.federation.loopback import free_ports
+from fedhealth.testing import compose
+from fedhealth.testing.loopback import free_ports
 
 PROJECT = Path(__file__).resolve().parents[2]
 COMPOSE = PROJECT / "docker" / "docker-compose.yml"

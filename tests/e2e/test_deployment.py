@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from fedhealth.config import compose
-from fedhealth.federation.checkpoint import CheckpointStore
-from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.rundir import read_jsonl, read_metrics
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.serverapp.runconfig import write_run_config
+from fedhealth.runs.rundir import read_jsonl, read_metrics
 from fedhealth.privacy.ledger import PrivacyLedger
 
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
+from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pytest
 
 from fedhealth.cli import main
 from fedhealth.config import compose
-from fedhealth.federation.checkpoint import CheckpointStore
-from fedhealth.federation.rundir import read_jsonl, read_metrics
-from fedhealth.federation.simulation import simulate
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.rundir import read_jsonl, read_metrics
+from fedhealth.simulation import simulate
 from fedhealth.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow

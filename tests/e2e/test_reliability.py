@@ -13,11 +13,11 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedhealth.config import compose, site_settings
-from fedhealth.federation import site as site_handler
-from fedhealth.federation.checkpoint import CheckpointStore
-from fedhealth.federation.packing import layout, pack, unpack
-from fedhealth.federation.rundir import read_metrics
-from fedhealth.federation.simulation import simulate
+from fedhealth.clientapp import handlers as site_handler
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.protocol.packing import layout, pack, unpack
+from fedhealth.runs.rundir import read_metrics
+from fedhealth.simulation import simulate
 from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
 

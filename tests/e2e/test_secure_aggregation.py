@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from fedhealth.config import compose
-from fedhealth.federation.checkpoint import CheckpointStore
-from fedhealth.federation.egress import EgressLog
-from fedhealth.federation.rundir import read_metrics
-from fedhealth.federation.simulation import simulate
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.clientapp.egress import EgressLog
+from fedhealth.runs.rundir import read_metrics
+from fedhealth.simulation import simulate
 
 pytestmark = pytest.mark.slow
 

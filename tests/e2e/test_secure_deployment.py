@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from fedhealth.config import compose
-from fedhealth.federation.deploy import write_run_config
-from fedhealth.federation.rundir import read_metrics
+from fedhealth.serverapp.runconfig import write_run_config
+from fedhealth.runs.rundir import read_metrics
 from fedhealth.security.certs import CA, create_ca, create_server_cert, create_site_keys
 
-from fedhealth.federation.loopback import Procs, flower_env, flwr, free_ports
+from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
 

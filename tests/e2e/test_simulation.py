@@ -10,9 +10,9 @@ import torch
 
 from fedhealth.cli import main
 from fedhealth.config import compose
-from fedhealth.federation.checkpoint import CheckpointStore
-from fedhealth.federation.rundir import read_metrics
-from fedhealth.federation.simulation import simulate
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.rundir import read_metrics
+from fedhealth.simulation import simulate
 from fedhealth.models import build_model
 from fedhealth.training.baselines import evaluate_on_sites, load_sites, pooled_dice
 

@@ -1,1 +1,0 @@
-"""Flower glue shared by the coordinator and the sites."""

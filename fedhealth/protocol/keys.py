@@ -1,0 +1,113 @@
+"""Every key that crosses the coordinator <-> site boundary, declared once.
+
+Both sides import these names: the site's reply builders (:mod:`fedhealth.clientapp`) and the
+coordinator's strategy, secure-aggregation grid and validators (:mod:`fedhealth.serverapp`,
+:mod:`fedhealth.security.validation`). A key renamed here is renamed on both sides; a literal
+typed on one side only would make the other silently drop replies. Shaped after MONAI's
+``monai/fl/utils/constants.py``.
+
+Torch-free: the light secure-aggregation stages import it in a fresh ClientApp process.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- RecordDict record names ----------------------------------------------------------------------
+ARRAYS: Final = "arrays"
+"""ArrayRecord: the global model (instruction) or the site's update (train reply)."""
+METRICS: Final = "metrics"
+"""MetricRecord: a reply's aggregate metrics (:data:`NUM_EXAMPLES`, :data:`LOSS`, ...)."""
+CONFIG: Final = "config"
+"""ConfigRecord: the instruction's settings (flattened run config plus the keys below)."""
+SITE: Final = "site"
+"""ConfigRecord: who replied (:data:`SITE_NAME`) and its accounting history."""
+SECAGG: Final = "secagg"
+"""ConfigRecord: one secure-aggregation stage's fields (the ``SECAGG_*`` keys)."""
+MASKED: Final = "masked"
+"""ArrayRecord (and its one Array): a site's masked, quantised update and example count."""
+
+# -- instruction config keys ----------------------------------------------------------------------
+SERVER_ROUND: Final = "server-round"
+"""int: the round this instruction belongs to (set by Flower's strategies)."""
+EVALUATE_ROUND: Final = "evaluate-round"
+"""int: with folded evaluation, the round whose global model the site evaluates after training."""
+RUN_KEY: Final = "run-key"
+"""str: the run's stable identity across coordinator restarts (the ledger's run key)."""
+PROXIMAL_MU: Final = "proximal-mu"
+"""float: FedProx's proximal term weight (set by Flower's ``FedProx``)."""
+
+# -- metrics --------------------------------------------------------------------------------------
+NUM_EXAMPLES: Final = "num-examples"
+"""int: the weight of a reply in FedAvg (Flower's ``weighted_by_key`` default)."""
+LOSS: Final = "loss"
+DICE: Final = "dice"
+STEPS: Final = "steps"
+TRAIN_SECONDS: Final = "train-seconds"
+FOLDED_PREFIX: Final = "eval-"
+"""Prefix of a folded evaluation's metrics inside a train reply (``eval-dice``, ...)."""
+EPSILON: Final = "epsilon"
+EPSILON_CAP: Final = "epsilon-cap"
+DELTA: Final = "delta"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+SAMPLE_RATE: Final = "sample-rate"
+DP_STEPS: Final = "dp-steps"
+MAX_GRAD_NORM: Final = "max-grad-norm"
+PRIVACY_METRICS: Final = (EPSILON, EPSILON_CAP, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, DP_STEPS,
+                          MAX_GRAD_NORM)
+"""The DP metrics a site reports with every DP-trained update."""
+
+# -- the reply's ``site`` record ------------------------------------------------------------------
+SITE_NAME: Final = "name"
+ACCOUNTANT: Final = "accountant"
+HISTORY_NOISE: Final = "history-noise"
+HISTORY_RATE: Final = "history-rate"
+HISTORY_STEPS: Final = "history-steps"
+"""The ledger's phases (noise, sampling rate, steps) behind the reported epsilon."""
+SECAGG_MARKER_PREFIX: Final = "secagg"
+"""Markers below are set only by the coordinator's own :class:`SecureGrid`; a site's are dropped."""
+SECAGG_SUM: Final = "secagg-sum"
+SECAGG_SITES: Final = "secagg-sites"
+SECAGG_METRICS_ONLY: Final = "secagg-metrics-only"
+SECURE_SUM_NAME: Final = "secure-sum"
+
+# -- secure-aggregation stages (message types ``train.<stage>``) -----------------------------------
+STAGE_ADVERTISE: Final = "secagg_advertise"
+STAGE_SHARE: Final = "secagg_share"
+STAGE_MASK: Final = "secagg_mask"
+STAGE_UNMASK: Final = "secagg_unmask"
+STAGES: Final = (STAGE_ADVERTISE, STAGE_SHARE, STAGE_MASK, STAGE_UNMASK)
+# advertise (coordinator -> site)
+SECAGG_SITE_ID: Final = "site-id"
+SECAGG_NEIGHBOURS: Final = "neighbours"
+SECAGG_THRESHOLD: Final = "threshold"
+SECAGG_CLIP: Final = "clip"
+SECAGG_LEVELS: Final = "levels"
+SECAGG_MAX_EXAMPLES: Final = "max-examples"
+# advertise (site -> coordinator), share (coordinator -> site)
+SECAGG_PUBLIC_C: Final = "c"
+SECAGG_PUBLIC_S: Final = "s"
+SECAGG_IDS: Final = "ids"
+# share (site -> coordinator), mask (coordinator -> site)
+SECAGG_TO: Final = "to"
+SECAGG_FROM: Final = "from"
+SECAGG_BLOBS: Final = "blobs"
+# unmask
+SECAGG_SURVIVORS: Final = "survivors"
+SECAGG_DROPPED: Final = "dropped"
+SECAGG_OWNERS: Final = "owners"
+SECAGG_SHARES: Final = "shares"
+
+# -- run config (``flwr run --run-config``) --------------------------------------------------------
+RUN_CONFIG: Final = "fedhealth-config"
+"""The run's resolved config as one JSON string of plain values."""
+
+# -- node config (site daemon -> its ClientApps, never over the network) ---------------------------
+NODE_DATA_DIR: Final = "data-dir"
+NODE_SITE_NAME: Final = "site-name"
+NODE_LEDGER_DIR: Final = "ledger-dir"
+NODE_EPSILON_CAP: Final = "epsilon-cap"
+NODE_DELTA: Final = "delta"
+NODE_EGRESS_LOG: Final = "egress-log"
+NODE_PARTITION_ID: Final = "partition-id"
+"""Simulation only: the virtual site's index under ``data.root``."""

@@ -1,0 +1,137 @@
+"""The coordinator's ServerApp: rounds of the guarded strategy, checkpoints, the run directory.
+
+``server/server_app.py`` exposes :func:`make_server_app` to ``flwr run``; ``fedhealth simulate``
+binds a config and run directory directly (Flower's simulation API passes no run config)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from typing import TYPE_CHECKING
+
+from fedhealth.errors import ConfigError, RunStopped
+from fedhealth.protocol import keys as K
+from fedhealth.protocol.packing import layout, pack, unpack
+
+if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
+    # secure-aggregation stages start fast in a fresh ClientApp process.
+    from fedhealth.config import Config
+    from fedhealth.runs.rundir import RunDir
+
+log = logging.getLogger("fedhealth.coordinator")
+
+STRATEGY_STATE = ("m_t", "v_t")  # FedOpt moments (FedAdam): the strategy's state across rounds
+
+
+def strategy_state(strategy: object) -> dict[str, np.ndarray]:
+    out = {}
+    for name in STRATEGY_STATE:
+        for key, value in (getattr(strategy, name, None) or {}).items():
+            out[f"{name}/{key}"] = np.asarray(value)
+    return out
+
+
+def restore_strategy_state(strategy: object, arrays: dict[str, np.ndarray]) -> None:
+    for name in STRATEGY_STATE:
+        part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
+        if part:
+            setattr(strategy, name, part)
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
+    """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``.
+
+    A run directory left by a killed coordinator is resumed: the global model and the
+    strategy's state come from the last completed round's checkpoints (sha256-verified) and the
+    remaining rounds keep their round numbers, seeds and learning rates.
+    """
+    from fedhealth.config import site_settings
+    from fedhealth.serverapp.strategy import build_strategy
+    from fedhealth.models import build_model
+    from fedhealth.training import seed_everything
+
+    if run_dir.finished:
+        log.info("run %s already finished; nothing to do", run_dir.path.name)
+        return
+    seed_everything(cfg.seed)
+    fed = cfg.federation
+    model_state = build_model(cfg.model).state_dict()
+    shapes = layout(model_state) if fed.pack_arrays else None
+    initial = pack(model_state) if fed.pack_arrays else ArrayRecord(model_state)
+    done = run_dir.resumed_from or 0
+    strategy = build_strategy(cfg, run_dir)
+    if run_dir.resumed_from is not None:
+        arrays = run_dir.checkpoints.load(done)  # refuses a file whose sha256 does not match
+        tensors = {k: np.ascontiguousarray(arrays[k]) for k in model_state}
+        initial = pack(tensors) if fed.pack_arrays else \
+            ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        if done in run_dir.checkpoints.rounds("strategy"):
+            restore_strategy_state(strategy, run_dir.checkpoints.load(done, "strategy"))
+        strategy.round_offset = done
+        log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
+    from fedhealth.serverapp.polling import PolledGrid
+
+    grid = PolledGrid(grid, fed.reply_poll_interval)
+    if fed.secure_aggregation:
+        from fedhealth.serverapp.secure_grid import SecureGrid
+
+        grid = SecureGrid(grid, fed.secagg_threshold, fed.secagg_degree,
+                          fed.secagg_clipping_range, fed.secagg_max_examples)
+    instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
+
+    def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done
+        if server_round == done and run_dir.resumed_from is not None:
+            return None  # the resumed round's checkpoint and line are already written
+        state = strategy_state(strategy)
+        if state:
+            run_dir.checkpoints.save(server_round, state, "strategy")
+        tensors = unpack(arrays, shapes, f"round {server_round} global model") if shapes else \
+            {k: v.numpy() for k, v in arrays.items()}
+        lines = run_dir.end_round(server_round, tensors,
+                                  defer_evaluate=strategy.folds(server_round))
+        weighted = {}
+        for line in lines:
+            if line["round"]:
+                weighted = line["evaluate"]["weighted"]
+                per_site = ", ".join(f"{n} {m['dice']:.3f}"
+                                     for n, m in sorted(line["evaluate"]["sites"].items()))
+                log.info("round %d/%d: weighted dice %.4f | %s", line["round"], cfg.rounds,
+                         weighted.get("dice", float("nan")), per_site)
+        return MetricRecord(weighted) if weighted else None
+
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.rounds - done,
+            timeout=cfg.federation.round_timeout,
+            train_config=instruction,
+            evaluate_config=instruction,
+            evaluate_fn=end_round,
+        )
+    except RunStopped as stop:
+        log.warning("run stopped cleanly: %s", stop)
+        run_dir.stop(run_dir.manifest["rounds_completed"] + 1, str(stop))
+        return
+    run_dir.finish()
+
+
+def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedhealth.runs.rundir import RunDir
+
+        from fedhealth.serverapp.runconfig import config_from_run_config
+
+        config = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run_federation(grid, config, run_dir or RunDir.create(config))
+
+    return app

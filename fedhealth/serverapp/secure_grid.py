@@ -1,0 +1,196 @@
+"""Secure aggregation on Flower's Message API: the coordinator learns only the sum.
+
+Flower's own SecAgg+ runs only on its legacy workflow, so this module carries the protocol of
+:mod:`fedhealth.security.secagg` over Message-API messages:
+
+* :class:`SecureGrid` wraps the ServerApp's ``Grid``. When a strategy sends a round's ``train``
+  instructions, it runs the four stages instead (``train.secagg_advertise``,
+  ``train.secagg_share``, ``train.secagg_mask`` carrying the real training instruction,
+  ``train.secagg_unmask``) and hands the strategy one reply holding the unmasked weighted mean
+  with the total example count, plus one metrics-only reply per contributing site. Any Flower
+  strategy (FedAvg, FedProx, FedAdam) then aggregates as usual.
+* :func:`fedhealth.clientapp.secagg_stages.handle_stage` is the site's side. Its protocol secrets live in the SuperNode's
+  ``context.state`` between stages and never leave the site.
+
+Every stage has the round's deadline. A site that fails a stage is dropped; when fewer than the
+threshold remain, the round fails cleanly: the strategy receives no update and the global model
+stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedhealth.errors import UpdateRejected
+from fedhealth.protocol import keys as K
+from fedhealth.protocol.packing import unflatten
+from fedhealth.security.validation import validate_metrics
+from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, neighbour_graph
+
+log = logging.getLogger("fedhealth.secagg")
+
+
+
+class SecureGrid:
+    """A ``Grid`` whose train rounds are securely aggregated (see the module docstring).
+
+    Parameters
+    ----------
+    grid : Grid, the ServerApp's grid; everything but train rounds passes through.
+    threshold_fraction : float, default 0.51: Shamir threshold as a fraction of the round's sites
+        (at least 2; above one half, so no two disjoint groups can each unmask).
+    degree : int, default 0: neighbours per site in the SecAgg+ graph; 0 = all (SecAgg).
+    clipping_range, max_examples : see :class:`fedhealth.security.secagg.SecAggParams`.
+    """
+
+    def __init__(self, grid: Grid, threshold_fraction: float = 0.51, degree: int = 0,
+                 clipping_range: float = 8.0, max_examples: int = 1024) -> None:
+        self.grid = grid
+        self.threshold_fraction, self.degree = threshold_fraction, degree
+        self.clipping_range, self.max_examples = clipping_range, max_examples
+        self._errors: list[Message] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        msgs = list(messages)
+        if not msgs or msgs[0].metadata.message_type != "train":
+            return self.grid.send_and_receive(msgs, timeout=timeout)
+        self._errors = []
+        try:
+            return [*self._secure_round(msgs, timeout), *self._errors]
+        except SecAggError as exc:
+            log.warning("secure aggregation failed, no update this round: %s", exc)
+        except Exception:  # noqa: BLE001 - whatever a site sent, the coordinator goes on
+            log.exception("secure aggregation failed on a malformed reply, no update this round")
+        return list(self._errors)  # the strategy sees who failed; the model stays as it was
+
+    def _stage(self, stage: str, contents: dict[int, RecordDict], node_of: dict[int, int],
+               timeout: float | None, parse: Any = None) -> dict[int, Any]:
+        """Send each protocol id its content; replies by protocol id, each passed through
+        ``parse``; an error reply or one ``parse`` cannot read drops that site."""
+        pid_of = {node: pid for pid, node in node_of.items()}
+        out = [Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()]
+        replies = {}
+        for reply in self.grid.send_and_receive(out, timeout=timeout):
+            pid = pid_of.get(reply.metadata.src_node_id)
+            if pid is None:
+                continue
+            if reply.has_error():
+                log.warning("%s: site %d dropped (%s)", stage, pid, reply.error.reason)
+                self._errors.append(reply)  # passed on: the strategy counts failures/refusals
+                continue
+            try:
+                replies[pid] = parse(reply) if parse is not None else reply
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    UpdateRejected) as exc:
+                log.warning("%s: site %d dropped: malformed reply (%s: %.200s)", stage, pid,
+                            type(exc).__name__, exc)
+        return replies
+
+    def _secure_round(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        # Protocol ids 1..n (Flower node ids are unsigned 64-bit, beyond ConfigRecord's ints).
+        node_of = {pid: m.metadata.dst_node_id for pid, m in enumerate(msgs, start=1)}
+        by_node = {pid: m for pid, m in enumerate(msgs, start=1)}
+        nodes = sorted(by_node)
+        threshold = max(2, math.ceil(self.threshold_fraction * len(nodes)))
+        if len(nodes) < threshold:
+            raise SecAggError(f"{len(nodes)} site(s) sampled, fewer than the threshold {threshold}")
+        params = SecAggParams.sized(len(nodes), threshold, self.clipping_range, self.max_examples)
+        graph = neighbour_graph(nodes, self.degree or None)
+        server = SecAggServer(params, graph)
+
+        setup = {n: RecordDict({K.SECAGG: ConfigRecord({
+            K.SECAGG_SITE_ID: n, K.SECAGG_NEIGHBOURS: graph[n],
+            K.SECAGG_THRESHOLD: params.threshold, K.SECAGG_CLIP: params.clipping_range,
+            K.SECAGG_LEVELS: params.quantization_levels,
+            K.SECAGG_MAX_EXAMPLES: params.max_examples})}) for n in nodes}
+        server.publics.update(self._stage(K.STAGE_ADVERTISE, setup, node_of, timeout, _publics))
+
+        shares = {}
+        for n in server.publics:
+            peers = [p for p in [n, *graph[n]] if p in server.publics]
+            shares[n] = RecordDict({K.SECAGG: ConfigRecord({
+                K.SECAGG_IDS: peers, K.SECAGG_PUBLIC_C: [server.publics[p][0] for p in peers],
+                K.SECAGG_PUBLIC_S: [server.publics[p][1] for p in peers]})})
+        server.shared.update(self._stage(K.STAGE_SHARE, shares, node_of, timeout, _blobs))
+
+        inbox = server.route()
+        masks = {}
+        for n, received in inbox.items():
+            content = RecordDict({**by_node[n].content})
+            content[K.SECAGG] = ConfigRecord({K.SECAGG_FROM: list(received) or [0],
+                                              K.SECAGG_BLOBS: list(received.values()) or [b""]})
+            masks[n] = content
+        size = sum(a.numpy().size for a in by_node[nodes[0]].content[K.ARRAYS].values()) + 1
+
+        def masked(reply: Message) -> Message:
+            vector = reply.content[K.MASKED][K.MASKED].numpy()
+            if vector.shape != (size,) or vector.dtype.kind not in "ui":
+                raise ValueError(f"masked vector {vector.dtype}{vector.shape}, expected "
+                                 f"({size},): the model plus the example count")
+            validate_metrics(dict(reply.content[K.METRICS].items()), self.max_examples,
+                             f"protocol id {pid_of_reply(reply)}", (K.NUM_EXAMPLES, K.LOSS))
+            dict(reply.content[K.SITE].items())
+            return reply
+
+        pid_of_node = {node: pid for pid, node in node_of.items()}
+
+        def pid_of_reply(reply: Message) -> int:
+            return pid_of_node.get(reply.metadata.src_node_id, 0)
+
+        site_replies = self._stage(K.STAGE_MASK, masks, node_of, timeout, masked)
+        for node, reply in site_replies.items():
+            server.masked[node] = reply.content[K.MASKED][K.MASKED].numpy().astype(np.uint32)
+
+        survivors, dropped = server.survivors_and_dropped()
+        unmask = {n: RecordDict({K.SECAGG: ConfigRecord({K.SECAGG_SURVIVORS: survivors,
+                                                          K.SECAGG_DROPPED: dropped or [0]})})
+                  for n in survivors}
+        reveals = self._stage(K.STAGE_UNMASK, unmask, node_of, timeout, _reveals)
+        mean, count = server.aggregate(reveals)
+        log.info("secure aggregation: %d site(s) summed, %d dropped, %d examples",
+                 len(survivors), len(dropped), count)
+
+        template = by_node[survivors[0]].content[K.ARRAYS]
+        losses = [float(site_replies[n].content[K.METRICS][K.LOSS]) *
+                  int(site_replies[n].content[K.METRICS][K.NUM_EXAMPLES]) for n in survivors]
+        aggregate = Message(RecordDict({
+            K.ARRAYS: unflatten(mean, template),
+            K.METRICS: MetricRecord({K.NUM_EXAMPLES: count, K.LOSS: sum(losses) / count}),
+            K.SITE: ConfigRecord({K.SITE_NAME: K.SECURE_SUM_NAME, K.SECAGG_SUM: True,
+                                  K.SECAGG_SITES: len(survivors)}),
+        }), reply_to=by_node[survivors[0]])
+        per_site = [Message(RecordDict({
+            K.METRICS: site_replies[n].content[K.METRICS],
+            K.SITE: ConfigRecord({**site_replies[n].content[K.SITE], K.SECAGG_METRICS_ONLY: True}),
+        }), reply_to=by_node[n]) for n in survivors]
+        return [aggregate, *per_site]
+
+
+def _publics(reply: Message) -> tuple[bytes, bytes]:
+    rec = reply.content[K.SECAGG]
+    keys = (bytes(rec[K.SECAGG_PUBLIC_C]), bytes(rec[K.SECAGG_PUBLIC_S]))
+    if any(len(k) > 1024 for k in keys):
+        raise ValueError("public key too long")
+    return keys
+
+
+def _blobs(reply: Message) -> dict[int, bytes]:
+    rec = reply.content[K.SECAGG]
+    return {int(d): bytes(b) for d, b in zip(rec[K.SECAGG_TO], rec[K.SECAGG_BLOBS], strict=True)}
+
+
+def _reveals(reply: Message) -> dict[int, bytes]:
+    rec = reply.content[K.SECAGG]
+    return {int(o): bytes(sh)
+            for o, sh in zip(rec[K.SECAGG_OWNERS], rec[K.SECAGG_SHARES], strict=True)}

@@ -1,0 +1,119 @@
+"""``flower-supernode`` with a configurable pull interval.
+
+Flower 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
+whenever a pull from the SuperLink finds no message, and polls its own state every 0.5 s while it
+waits for the ClientApp's reply. A site that has just replied always finds nothing (the round's
+other sites are still training), so it picks up the next round's message up to 3 s after the
+coordinator sent it: in a round of a few seconds that is the largest single cost left
+(``benchmarks/round_overhead.py``). Flower has no option for it.
+
+This launcher runs the unchanged ``flower-supernode`` entry point in this process after giving
+that one module a ``time`` whose ``sleep`` is capped at ``--pull-interval`` seconds. Every sleep in
+that module is a poll (of the SuperLink for a message, of local state for a reply or an object),
+so capping them changes how often the SuperNode asks, never what it does. The patch is checked
+against the module's source first: if a Flower release changes the loop, the SuperNode runs stock
+and says so, rather than running a patch that no longer fits.
+
+    python -m fedhealth.supernode.paced --pull-interval 0.5 -- <flower-supernode args>
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import logging
+import sys
+import time
+from types import ModuleType, SimpleNamespace
+
+log = logging.getLogger("fedhealth.supernode")
+
+MODULE = "flwr.supernode.start_client_internal"
+# What the patch expects to find in MODULE: the 3 s sleep after an empty pull, and no other use of
+# ``time`` than sleeping and reading clocks.
+EXPECTED = ("time.sleep(3)",)
+CLOCKS = ("time", "monotonic", "perf_counter")
+DEFAULT_INTERVAL = 0.5
+MAX_INTERVAL = 3.0  # Flower's own sleep after an empty pull: a longer cap would change nothing
+
+
+class PatchMismatch(RuntimeError):
+    """The installed Flower's SuperNode loop is not the one the patch was written for."""
+
+
+def paced_time(interval: float) -> SimpleNamespace:
+    """A stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``."""
+    if not 0 < interval <= MAX_INTERVAL:
+        raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
+
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, interval))
+
+    return SimpleNamespace(sleep=sleep, **{name: getattr(time, name) for name in CLOCKS},
+                           pull_interval=interval)
+
+
+def check_module(module: ModuleType) -> None:
+    """Raise :class:`PatchMismatch` unless ``module`` uses ``time`` as the patch expects."""
+    if getattr(module, "time", None) is not time:
+        raise PatchMismatch(f"{module.__name__}.time is not the time module")
+    source = inspect.getsource(module)
+    missing = [needle for needle in EXPECTED if needle not in source]
+    if missing:
+        raise PatchMismatch(f"{module.__name__} no longer contains {missing}")
+    used = {node.attr for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "time"}
+    unknown = sorted(used - {"sleep", *CLOCKS})
+    if unknown:
+        raise PatchMismatch(f"{module.__name__} uses time.{unknown}, which the patch does not "
+                            "provide")
+
+
+def pace(interval: float) -> bool:
+    """Cap the SuperNode loop's sleeps at ``interval``; False (and a warning) if the installed
+    Flower does not match."""
+    module = importlib.import_module(MODULE)
+    if isinstance(getattr(module, "time", None), SimpleNamespace):  # already paced
+        module.time = paced_time(interval)
+        return True
+    try:
+        check_module(module)
+    except PatchMismatch as exc:
+        log.warning("pull interval %.2f s not applied, the SuperNode polls as stock Flower "
+                    "does: %s", interval, exc)
+        return False
+    module.time = paced_time(interval)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedhealth.supernode.paced",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pull-interval", type=float, default=DEFAULT_INTERVAL,
+                        help="seconds between the SuperNode's polls (stock Flower: 3 s after an "
+                             "empty pull, 0.5 s while waiting for a reply)")
+    parser.add_argument("supernode_args", nargs=argparse.REMAINDER,
+                        help="flower-supernode's own arguments, after --")
+    args = parser.parse_args(argv)
+    rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        paced = pace(args.pull_interval)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if paced:
+        log.info("SuperNode pull interval %.2f s", args.pull_interval)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()  # exits through flwr_exit
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

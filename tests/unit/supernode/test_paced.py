@@ -1,0 +1,111 @@
+"""The paced SuperNode launcher: Flower's own SuperNode loop with its polls capped at the site's
+pull interval, applied only when the installed Flower's loop is the one the patch fits."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fedhealth.supernode import paced as supernode
+from fedhealth.testing.loopback import BIN, flower_env, free_ports
+
+
+def _module_from(tmp_path, name: str, source: str):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+def test_paced_sleep_is_capped_at_the_interval_and_short_sleeps_are_kept():
+    paced = supernode.paced_time(0.05)
+    started = time.monotonic()
+    paced.sleep(3)  # the SuperNode's sleep after an empty pull
+    capped = time.monotonic() - started
+    started = time.monotonic()
+    paced.sleep(0.01)
+    short = time.monotonic() - started
+    assert 0.05 <= capped < 1.0 and 0.01 <= short < 0.05
+    assert paced.monotonic is time.monotonic and paced.time is time.time
+    for bad in (0, -1, 3.5):
+        with pytest.raises(ValueError, match="pull interval"):
+            supernode.paced_time(bad)
+
+
+def test_the_installed_flower_supernode_loop_is_the_one_the_patch_fits(monkeypatch):
+    module = importlib.import_module(supernode.MODULE)
+    monkeypatch.setattr(module, "time", time)  # restored after the test
+    supernode.check_module(module)
+    assert supernode.pace(0.2) is True
+    assert module.time.pull_interval == 0.2
+    # the loop's `time.sleep(3)` now resolves to the paced sleep
+    started = time.monotonic()
+    module.time.sleep(3)
+    assert time.monotonic() - started < 1.0
+    assert supernode.pace(0.3) is True and module.time.pull_interval == 0.3  # re-pacing
+
+
+def test_a_loop_the_patch_does_not_fit_is_left_alone(tmp_path):
+    no_sleep = _module_from(tmp_path, "loop_without_sleep", """
+        import time
+        def loop():
+            time.sleep(1)
+    """)
+    with pytest.raises(supernode.PatchMismatch, match=r"no longer contains \['time.sleep\(3\)'\]"):
+        supernode.check_module(no_sleep)
+    other_use = _module_from(tmp_path, "loop_with_strftime", """
+        import time
+        def loop():
+            time.sleep(3)
+            return time.strftime("%H")
+    """)
+    with pytest.raises(supernode.PatchMismatch, match=r"time.\['strftime'\]"):
+        supernode.check_module(other_use)
+    renamed = _module_from(tmp_path, "loop_with_renamed_time", """
+        import time as clock
+        def loop():
+            clock.sleep(3)
+    """)
+    with pytest.raises(supernode.PatchMismatch, match="is not the time module"):
+        supernode.check_module(renamed)
+
+
+@pytest.mark.slow
+def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
+    """The launcher starts the real SuperNode (its CLI arguments after ``--``), paced, and it
+    registers with a SuperLink on loopback."""
+    link, appio = free_ports(2)
+    env = flower_env(tmp_path / "flwr-home")
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("superlink", "supernode")}
+    procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                               "--port", str(link), "--disable-runtime-dependency-installation"],
+                              cwd=tmp_path, env=env, stdout=logs["superlink"],
+                              stderr=subprocess.STDOUT, start_new_session=True)]
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedhealth.supernode.paced", "--pull-interval", "0.2",
+             "--", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(appio)],
+            cwd=tmp_path, env=env, stdout=logs["supernode"], stderr=subprocess.STDOUT,
+            start_new_session=True))
+        log = tmp_path / "supernode.log"
+        deadline = time.monotonic() + 90
+        while "SuperNode ID" not in log.read_text() and time.monotonic() < deadline:
+            assert procs[1].poll() is None, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "SuperNode pull interval 0.20 s" in text and "SuperNode ID" in text, text
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
