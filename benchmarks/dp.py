@@ -18,12 +18,25 @@ import subprocess
 import sys
 import time
 
-STEP_OVERRIDES = ["data.train_per_site=16", "data.root=data/bench-dp-step", "sites=1",
-                  "train.batch_size=16"]
-FED_DEFAULTS = ["sites=4", "rounds=15", "train.local_epochs=1", "data.train_per_site=192",
-                "data.test_per_site=16", "train.batch_size=32", "privacy.max_grad_norm=0.5",
-                "data.root=data/bench-dp192", "train.lr_decay=0.85", "train.lr=0.003",
-                "run_root=runs/bench"]
+STEP_OVERRIDES = [
+    "data.train_per_site=16",
+    "data.root=data/bench-dp-step",
+    "sites=1",
+    "train.batch_size=16",
+]
+FED_DEFAULTS = [
+    "sites=4",
+    "rounds=15",
+    "train.local_epochs=1",
+    "data.train_per_site=192",
+    "data.test_per_site=16",
+    "train.batch_size=32",
+    "privacy.max_grad_norm=0.5",
+    "data.root=data/bench-dp192",
+    "train.lr_decay=0.85",
+    "train.lr=0.003",
+    "run_root=runs/bench",
+]
 # DP-SGD wants a larger step than the non-private run (the noise shrinks Adam's effective step);
 # the same decay schedule is used by both.
 DP_TUNING = ["train.lr=0.01"]
@@ -36,8 +49,8 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     from fedhealth.config import compose
     from fedhealth.data.loading import make_loader, read_datalist
     from fedhealth.data.synth import site_dir
-    from fedhealth.simulation import ensure_cohort
     from fedhealth.models import DP_READY, build_model
+    from fedhealth.simulation import ensure_cohort
     from fedhealth.training import seed_everything
     from fedhealth.training.loop import loss_fn
 
@@ -45,8 +58,9 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     ensure_cohort(cfg)
     seed_everything(0, 2)
     data = read_datalist(site_dir(cfg.data.root, 0) / "dataset.json")
-    loader = make_loader(data.train, cfg.data.roi, cfg.data.target_spacing, cfg.train.batch_size,
-                         True, 0, True)
+    loader = make_loader(
+        data.train, cfg.data.roi, cfg.data.target_spacing, cfg.train.batch_size, True, 0, True
+    )
     batch = next(iter(loader))
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -54,8 +68,14 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
         from opacus import PrivacyEngine
 
         model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=DP_READY[cfg.model.name])
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=DP_READY[cfg.model.name],
+        )
     criterion = loss_fn()
 
     def step() -> None:
@@ -76,9 +96,14 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Training memory = peak RSS during the steps minus RSS just before the first step (model,
     # data and imports already resident), measured the same way for both modes.
-    return {"mode": mode, "seconds_per_step": seconds, "batch": int(batch["image"].shape[0]),
-            "peak_rss_mib": peak / 1024, "rss_before_steps_mib": before / 1024,
-            "training_mib": (peak - before) / 1024}
+    return {
+        "mode": mode,
+        "seconds_per_step": seconds,
+        "batch": int(batch["image"].shape[0]),
+        "peak_rss_mib": peak / 1024,
+        "rss_before_steps_mib": before / 1024,
+        "training_mib": (peak - before) / 1024,
+    }
 
 
 def _rss_kib() -> int:
@@ -92,8 +117,13 @@ def _rss_kib() -> int:
 def measure_steps(overrides: list[str]) -> dict[str, dict]:
     out = {}
     for mode in ("plain", "dp"):
-        done = subprocess.run([sys.executable, __file__, "--step-child", mode, *overrides],
-                              capture_output=True, text=True, timeout=1800, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--step-child", mode, *overrides],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=True,
+        )
         out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
@@ -105,8 +135,15 @@ def federated(overrides: list[str]) -> dict[str, float]:
 
     out = {}
     for name, extra in (("fedavg", ["privacy=off"]), ("dp-fedavg", ["privacy=dp", *DP_TUNING])):
-        cfg = compose([*FED_DEFAULTS, *extra, f"run_name=dp-bench-{name}", *overrides,
-                       "privacy.ledger_root=runs/bench/dp-bench-ledgers-" + str(time.time_ns())])
+        cfg = compose(
+            [
+                *FED_DEFAULTS,
+                *extra,
+                f"run_name=dp-bench-{name}",
+                *overrides,
+                "privacy.ledger_root=runs/bench/dp-bench-ledgers-" + str(time.time_ns()),
+            ]
+        )
         t0 = time.perf_counter()
         run = simulate(cfg)
         last = read_metrics(run.path)[-1]
@@ -135,21 +172,31 @@ def main(argv: list[str]) -> int:
         mem_plain = plain["training_mib"]
         mem_dp = dp["training_mib"]
         print(f"\nDP-SGD step vs plain step (batch {plain['batch']}, same model, fixed batch):")
-        print(f"  time/step   plain {plain['seconds_per_step'] * 1000:8.1f} ms   dp "
-              f"{dp['seconds_per_step'] * 1000:8.1f} ms   ratio {dp['seconds_per_step'] / plain['seconds_per_step']:.2f}x"
-              "   (target <= 1.5x; anchor 1.58x end to end)")
-        print(f"  training memory (peak RSS - RSS before the first step)   plain {mem_plain:8.1f} MiB"
-              f"   dp {mem_dp:8.1f} MiB   ratio {mem_dp / mem_plain:.2f}x   (target <= 1.5x)")
-        print(f"  whole-process peak RSS   plain {plain['peak_rss_mib']:.0f} MiB   dp "
-              f"{dp['peak_rss_mib']:.0f} MiB   ratio {dp['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x")
+        print(
+            f"  time/step   plain {plain['seconds_per_step'] * 1000:8.1f} ms   dp "
+            f"{dp['seconds_per_step'] * 1000:8.1f} ms   ratio {dp['seconds_per_step'] / plain['seconds_per_step']:.2f}x"
+            "   (target <= 1.5x; anchor 1.58x end to end)"
+        )
+        print(
+            f"  training memory (peak RSS - RSS before the first step)   plain {mem_plain:8.1f} MiB"
+            f"   dp {mem_dp:8.1f} MiB   ratio {mem_dp / mem_plain:.2f}x   (target <= 1.5x)"
+        )
+        print(
+            f"  whole-process peak RSS   plain {plain['peak_rss_mib']:.0f} MiB   dp "
+            f"{dp['peak_rss_mib']:.0f} MiB   ratio {dp['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x"
+        )
     if "federated" in which:
         fed = federated(argv)
         print(f"\nDP-FedAvg vs FedAvg, {FED_DEFAULTS}, DP run also {DP_TUNING}:")
-        print(f"  weighted Dice  fedavg {fed['fedavg']:.4f}   dp-fedavg {fed['dp-fedavg']:.4f}   "
-              f"ratio {fed['dp-fedavg'] / fed['fedavg']:.4f}   (target >= 0.95; anchor 0.958)")
-        print(f"  max site epsilon {fed['epsilon-max']:.3f} (delta 1e-5), noise multiplier "
-              f"{fed['noise-multiplier']:.3f}; wall fedavg {fed['fedavg-seconds']:.0f}s, "
-              f"dp-fedavg {fed['dp-fedavg-seconds']:.0f}s")
+        print(
+            f"  weighted Dice  fedavg {fed['fedavg']:.4f}   dp-fedavg {fed['dp-fedavg']:.4f}   "
+            f"ratio {fed['dp-fedavg'] / fed['fedavg']:.4f}   (target >= 0.95; anchor 0.958)"
+        )
+        print(
+            f"  max site epsilon {fed['epsilon-max']:.3f} (delta 1e-5), noise multiplier "
+            f"{fed['noise-multiplier']:.3f}; wall fedavg {fed['fedavg-seconds']:.0f}s, "
+            f"dp-fedavg {fed['dp-fedavg-seconds']:.0f}s"
+        )
     return 0
 
 

@@ -19,10 +19,20 @@ from fedhealth.runs.rundir import read_metrics
 from fedhealth.simulation import ensure_cohort, simulate
 from fedhealth.training import baselines
 
-DEFAULTS = ["sites=4", "rounds=30", "train.local_epochs=2", "privacy=off", "train.batch_size=4",
-            "train.lr=0.003", "train.lr_decay=1.0", "data.train_per_site=16",
-            "data.test_per_site=8", "data.root=data/bench-quality", "run_root=runs/bench",
-            "run_name=quality-fedavg"]
+DEFAULTS = [
+    "sites=4",
+    "rounds=30",
+    "train.local_epochs=2",
+    "privacy=off",
+    "train.batch_size=4",
+    "train.lr=0.003",
+    "train.lr_decay=1.0",
+    "data.train_per_site=16",
+    "data.test_per_site=8",
+    "data.root=data/bench-quality",
+    "run_root=runs/bench",
+    "run_name=quality-fedavg",
+]
 
 
 def main(overrides: list[str]) -> int:
@@ -37,7 +47,8 @@ def main(overrides: list[str]) -> int:
     last = read_metrics(run.path)[-1]["evaluate"]["sites"]
     fed = {s: float(last[s]["dice"]) for s in sites}
     fed_pooled = sum(last[s]["dice"] * last[s]["num-examples"] for s in sites) / sum(
-        last[s]["num-examples"] for s in sites)
+        last[s]["num-examples"] for s in sites
+    )
 
     t0 = time.perf_counter()
     cen = baselines.centralized(cfg, sites)
@@ -51,8 +62,10 @@ def main(overrides: list[str]) -> int:
     pooled = {f"{cfg.strategy.name}": fed_pooled, "centralized": baselines.pooled_dice(cen)}
     pooled.update({f"local:{k}": baselines.pooled_dice(v) for k, v in loc.items()})
 
-    print(f"\nDice on each site's test set ({cfg.sites} non-IID sites, {cfg.rounds} rounds x "
-          f"{cfg.train.local_epochs} local epochs; baselines {cfg.rounds * cfg.train.local_epochs} epochs)")
+    print(
+        f"\nDice on each site's test set ({cfg.sites} non-IID sites, {cfg.rounds} rounds x "
+        f"{cfg.train.local_epochs} local epochs; baselines {cfg.rounds * cfg.train.local_epochs} epochs)"
+    )
     header = f"{'test set':<12}" + "".join(f"{name:>16}" for name in columns)
     print(header)
     print("-" * len(header))
@@ -61,10 +74,14 @@ def main(overrides: list[str]) -> int:
     print(f"{'pooled':<12}" + "".join(f"{pooled[c]:>16.4f}" for c in columns))
     ratio = pooled[cfg.strategy.name] / pooled["centralized"]
     best_local = max(v for k, v in pooled.items() if k.startswith("local:"))
-    print(f"\nratio {cfg.strategy.name} / centralized Dice (pooled): {ratio:.4f}   "
-          f"(target >= 0.97; published anchor 0.988-0.99)")
-    print(f"{cfg.strategy.name} pooled Dice {pooled[cfg.strategy.name]:.4f} vs best local-only "
-          f"{best_local:.4f}: {'above every local model' if pooled[cfg.strategy.name] > best_local else 'NOT above every local model'}")
+    print(
+        f"\nratio {cfg.strategy.name} / centralized Dice (pooled): {ratio:.4f}   "
+        f"(target >= 0.97; published anchor 0.988-0.99)"
+    )
+    print(
+        f"{cfg.strategy.name} pooled Dice {pooled[cfg.strategy.name]:.4f} vs best local-only "
+        f"{best_local:.4f}: {'above every local model' if pooled[cfg.strategy.name] > best_local else 'NOT above every local model'}"
+    )
     print(f"wall time: federated {t_fed:.0f}s, centralized {t_cen:.0f}s, local {t_loc:.0f}s")
     return 0
 

@@ -50,10 +50,18 @@ from flwr.supercore.superexec.executor import ExecutionSpec
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.testing.loopback import (BIN, Procs, flower_env, flwr, free_ports, round_costs,
-                                          run_to_completion, start_tls_superlink)
-from fedhealth.supernode.warm import WarmExecutor
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.supernode.warm import WarmExecutor
+from fedhealth.testing.loopback import (
+    BIN,
+    Procs,
+    flower_env,
+    flwr,
+    free_ports,
+    round_costs,
+    run_to_completion,
+    start_tls_superlink,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SITES = 4
@@ -62,8 +70,11 @@ PULL_INTERVAL = 0.5  # the site daemon's default pull_interval
 TARGET_S, TARGET_RATIO = 5.0, 0.25
 # What a ClientApp process imports before its handler can work: Flower's runtime, the app, and
 # the site code (torch, MONAI, Opacus).
-HANDLER_IMPORTS = ("flwr.supernode.cli.flwr_clientapp", "clients.client_app",
-                   "fedhealth.clientapp.handlers")
+HANDLER_IMPORTS = (
+    "flwr.supernode.cli.flwr_clientapp",
+    "clients.client_app",
+    "fedhealth.clientapp.handlers",
+)
 LAUNCHED = re.compile(r"^(\S+ \S+) INFO fedhealth\.warm: task (\d+) run \d+: launched")
 EXITED = re.compile(r"^(\S+ \S+) \w+ fedhealth\.warm: task (\d+): pid \d+ exited")
 
@@ -83,24 +94,35 @@ class Run:
 PLAIN = ("train", "evaluate")
 SECAGG = ("secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask", "evaluate")
 # Flower's own send_and_receive pulls replies every 3 s; stock evaluates in its own phase.
-STOCK = ("federation.reply_poll_interval=3.0", "federation.fold_evaluate=false",
-         "federation.pack_arrays=false")
+STOCK = (
+    "federation.reply_poll_interval=3.0",
+    "federation.fold_evaluate=false",
+    "federation.pack_arrays=false",
+)
 UNFOLDED = ("federation.fold_evaluate=false",)
-RUNS = (Run("stock", "stock", PLAIN, overrides=STOCK),
-        # warm executor + fast reply polling, evaluate still in its own phase
-        Run("ours-unfolded", "ours", PLAIN, overrides=UNFOLDED),
-        # ours with Flower's own polling: the SuperNode sleeping 3 s after an empty pull and
-        # 0.5 s between reply checks, the ClientApp's message pull backing off 1 s, 2 s, ...
-        Run("ours-flower-polls", "ours", ("train",), folded=True, paced=False),
-        # ours with the model sent as one array per tensor (one HTTPS request each)
-        Run("ours-per-tensor", "ours", ("train",), overrides=("federation.pack_arrays=false",),
-            folded=True),
-        # ours as configured by default: evaluation folded into the next train message, one
-        # phase per round (the last round adds its evaluate phase)
-        Run("ours", "ours", ("train",), folded=True))
-SECAGG_RUNS = (Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
-               Run("ours-secagg", "ours", SECAGG[:-1], True, baseline="stock-secagg",
-                   folded=True))
+RUNS = (
+    Run("stock", "stock", PLAIN, overrides=STOCK),
+    # warm executor + fast reply polling, evaluate still in its own phase
+    Run("ours-unfolded", "ours", PLAIN, overrides=UNFOLDED),
+    # ours with Flower's own polling: the SuperNode sleeping 3 s after an empty pull and
+    # 0.5 s between reply checks, the ClientApp's message pull backing off 1 s, 2 s, ...
+    Run("ours-flower-polls", "ours", ("train",), folded=True, paced=False),
+    # ours with the model sent as one array per tensor (one HTTPS request each)
+    Run(
+        "ours-per-tensor",
+        "ours",
+        ("train",),
+        overrides=("federation.pack_arrays=false",),
+        folded=True,
+    ),
+    # ours as configured by default: evaluation folded into the next train message, one
+    # phase per round (the last round adds its evaluate phase)
+    Run("ours", "ours", ("train",), folded=True),
+)
+SECAGG_RUNS = (
+    Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
+    Run("ours-secagg", "ours", SECAGG[:-1], True, baseline="stock-secagg", folded=True),
+)
 
 
 def _probe(out: Path, spec: ExecutionSpec) -> None:
@@ -112,14 +134,21 @@ def _probe(out: Path, spec: ExecutionSpec) -> None:
 
 def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, float]:
     """Seconds from 'task acquired' to 'handler ready', slowest of ``concurrent`` launches,
-    median over ``repeats``: a fresh interpreter (stock) vs a fork of the warm template."""
+    median over ``repeats``: a fresh interpreter (stock) vs a fork of the warm template.
+    """
     stock, warm = [], []
     for _ in range(repeats):
         t0 = time.time()
-        code = (f"import importlib, time; [importlib.import_module(m) for m in {HANDLER_IMPORTS}]; "
-                "print(repr(time.time()))")
-        procs = [subprocess.Popen([str(BIN / "python"), "-c", code], cwd=PROJECT, text=True,
-                                  stdout=subprocess.PIPE) for _ in range(concurrent)]
+        code = (
+            f"import importlib, time; [importlib.import_module(m) for m in {HANDLER_IMPORTS}]; "
+            "print(repr(time.time()))"
+        )
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "python"), "-c", code], cwd=PROJECT, text=True, stdout=subprocess.PIPE
+            )
+            for _ in range(concurrent)
+        ]
         stock.append(max(float(p.communicate()[0]) for p in procs) - t0)
     executor = WarmExecutor(target=functools.partial(_probe, work / "probe"))
     executor.warm_up()
@@ -127,10 +156,19 @@ def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, f
         t0 = time.time()
         ids = [1 + r * concurrent + i for i in range(concurrent)]
         for task_id in ids:
-            executor.launch(ExecutionSpec(
-                task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token="probe",
-                insecure=True, root_certificates_path=None, runtime_dependency_install=False,
-                parent_pid=os.getpid(), suppress_output=False, task_id=task_id))
+            executor.launch(
+                ExecutionSpec(
+                    task_type=TaskType.CLIENT_APP,
+                    runtime_api_address="127.0.0.1:1",
+                    token="probe",
+                    insecure=True,
+                    root_certificates_path=None,
+                    runtime_dependency_install=False,
+                    parent_pid=os.getpid(),
+                    suppress_output=False,
+                    task_id=task_id,
+                )
+            )
         while executor.children:
             executor.reconcile()
             time.sleep(0.02)
@@ -149,29 +187,79 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
     try:
         start_tls_superlink(procs, keys, link, work / "flwr-home", "bench")
         for site in range(SITES):
-            flwr(env, ["supernode", "register", str(keys / "sites" / f"site-{site}" / "auth.pub"),
-                       "bench"], cwd=work, timeout=60)
+            flwr(
+                env,
+                [
+                    "supernode",
+                    "register",
+                    str(keys / "sites" / f"site-{site}" / "auth.pub"),
+                    "bench",
+                ],
+                cwd=work,
+                timeout=60,
+            )
             paced = mode == "ours" and run.paced
-            launcher = (["python", "-m", "fedhealth.supernode.paced", "--pull-interval",
-                         str(PULL_INTERVAL), "--"] if paced else ["flower-supernode"])
-            node = procs.start(f"supernode-{site}", [
-                *launcher, "--superlink", f"127.0.0.1:{link}", "--port", str(ports[site]),
-                "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key",
-                str(keys / "sites" / f"site-{site}" / "auth.key"),
-                *(["--isolation", "process"] if mode == "ours" else []),
-                "--node-config", f"data-dir='{work / 'data' / f'site-{site}'}' "
-                                 f"site-name='site-{site}'"])
+            launcher = (
+                [
+                    "python",
+                    "-m",
+                    "fedhealth.supernode.paced",
+                    "--pull-interval",
+                    str(PULL_INTERVAL),
+                    "--",
+                ]
+                if paced
+                else ["flower-supernode"]
+            )
+            node = procs.start(
+                f"supernode-{site}",
+                [
+                    *launcher,
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(ports[site]),
+                    "--root-certificates",
+                    str(keys / "ca.crt"),
+                    "--auth-supernode-private-key",
+                    str(keys / "sites" / f"site-{site}" / "auth.key"),
+                    *(["--isolation", "process"] if mode == "ours" else []),
+                    "--node-config",
+                    f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}'",
+                ],
+            )
             if mode == "ours":
-                procs.start(f"warm-{site}", [
-                    "python", "-m", "fedhealth.supernode.warm", "--appio-api-address",
-                    f"127.0.0.1:{ports[site]}", "--parent-pid", str(node.pid),
-                    "--poll-interval", str(POLL), *([] if paced else ["--flower-pull-backoff"])])
+                procs.start(
+                    f"warm-{site}",
+                    [
+                        "python",
+                        "-m",
+                        "fedhealth.supernode.warm",
+                        "--appio-api-address",
+                        f"127.0.0.1:{ports[site]}",
+                        "--parent-pid",
+                        str(node.pid),
+                        "--poll-interval",
+                        str(POLL),
+                        *([] if paced else ["--flower-pull-backoff"]),
+                    ],
+                )
         ready = ["SuperNode ID"] + (["template process ready"] if mode == "ours" else [])
         _wait_for_logs(procs, logs, ready, timeout=300)
-        cfg = compose([f"sites={SITES}", f"rounds={rounds}", "train.local_epochs=1",
-                       "privacy=off", f"federation.secure_aggregation={str(run.secure).lower()}",
-                       f"strategy.min_sites={SITES}", "federation.round_timeout=600",
-                       f"run_root={work / 'runs'}", f"run_name={name}", *run.overrides])
+        cfg = compose(
+            [
+                f"sites={SITES}",
+                f"rounds={rounds}",
+                "train.local_epochs=1",
+                "privacy=off",
+                f"federation.secure_aggregation={str(run.secure).lower()}",
+                f"strategy.min_sites={SITES}",
+                "federation.round_timeout=600",
+                f"run_root={work / 'runs'}",
+                f"run_name={name}",
+                *run.overrides,
+            ]
+        )
         try:
             run_to_completion(env, PROJECT, "bench", cfg, work)
         except RuntimeError as exc:
@@ -180,16 +268,24 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
         procs.stop()
     rows = round_costs(work / "runs" / name)
     phases = [*run.phase_names * rounds, *(["evaluate"] if run.folded else [])]
-    return {"name": name, "rows": rows, "phases": phases,
-            "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]
-            if mode == "ours" else None}
+    return {
+        "name": name,
+        "rows": rows,
+        "phases": phases,
+        "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]
+        if mode == "ours"
+        else None,
+    }
 
 
 def _wait_for_logs(procs: Procs, logs: Path, needles: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        texts = [p.read_text(errors="replace") for p in sorted(logs.glob("*.log"))
-                 if not p.name.startswith("superlink")]
+        texts = [
+            p.read_text(errors="replace")
+            for p in sorted(logs.glob("*.log"))
+            if not p.name.startswith("superlink")
+        ]
         if all(sum(needle in t for t in texts) >= SITES for needle in needles):
             return
         time.sleep(0.5)
@@ -198,6 +294,7 @@ def _wait_for_logs(procs: Procs, logs: Path, needles: list[str], timeout: float)
 
 def _task_log(path: Path) -> list[dict]:
     """One site's tasks in order: acquired/exited wall times (s) from the executor's log."""
+
     def stamp(text: str) -> float:
         return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
@@ -215,7 +312,8 @@ def breakdown(result: dict) -> list[str]:
     message up (mostly the SuperNode's 3 s sleep after an empty pull), how long the ClientApp task
     ran (fork to exit: Runtime API transfers, FAB install, the handler's compute), and the idle
     time from the last site's exit to the next phase's first pickup (the SuperNode's 0.5 s reply
-    poll and upload, the ServerApp grid's 3 s reply poll, aggregation, the next pull sleep)."""
+    poll and upload, the ServerApp grid's 3 s reply poll, aggregation, the next pull sleep).
+    """
     sites, phases = result["tasks"], result["phases"]
     names = list(dict.fromkeys(phases))
     count = min(len(t) for t in sites)
@@ -225,24 +323,36 @@ def breakdown(result: dict) -> list[str]:
         ends = [s[k]["end"] for s in sites]
         idle = min(s[k + 1]["start"] for s in sites) - max(ends) if k + 1 < count else None
         rows[phases[k]].append(
-            (max(starts) - min(starts), statistics.mean(e - b for b, e in zip(starts, ends)), idle))
-    out = [f"  {result['name']}: {len(phases)} message phases in all; mean per phase, s:",
-           f"    {'phase':<18}{'pickup spread':>14}{'task':>8}{'idle after':>12}"]
+            (max(starts) - min(starts), statistics.mean(e - b for b, e in zip(starts, ends)), idle)
+        )
+    out = [
+        f"  {result['name']}: {len(phases)} message phases in all; mean per phase, s:",
+        f"    {'phase':<18}{'pickup spread':>14}{'task':>8}{'idle after':>12}",
+    ]
     for name, values in rows.items():
         idle = [v[2] for v in values if v[2] is not None]
-        out.append(f"    {name:<18}{statistics.mean(v[0] for v in values):>14.2f}"
-                   f"{statistics.mean(v[1] for v in values):>8.2f}"
-                   f"{statistics.mean(idle) if idle else float('nan'):>12.2f}")
+        out.append(
+            f"    {name:<18}{statistics.mean(v[0] for v in values):>14.2f}"
+            f"{statistics.mean(v[1] for v in values):>8.2f}"
+            f"{statistics.mean(idle) if idle else float('nan'):>12.2f}"
+        )
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--secagg", action="store_true",
-                        help="also run both modes with secure aggregation (5 phases per round)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep logs and run directories here (default: a temporary directory)")
+    parser.add_argument(
+        "--secagg",
+        action="store_true",
+        help="also run both modes with secure aggregation (5 phases per round)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep logs and run directories here (default: a temporary directory)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedhealth-round-bench-") as tmp:
         work = args.workdir or Path(tmp)
@@ -258,25 +368,31 @@ def main() -> int:
         runs = [*RUNS, *(SECAGG_RUNS if args.secagg else ())]
         results = [deploy_and_run(work, run, args.rounds, keys, env) for run in runs]
 
-    print(f"\nRound overhead: {SITES} sites, TLS + SuperNode auth on loopback, {args.rounds} "
-          f"rounds, tiny U-Net, 4 train / 2 test patients per site, privacy off")
+    print(
+        f"\nRound overhead: {SITES} sites, TLS + SuperNode auth on loopback, {args.rounds} "
+        f"rounds, tiny U-Net, 4 train / 2 test patients per site, privacy off"
+    )
     print("ClientApp start, task acquired -> handler's imports done (slowest of N at once):")
     for n, row in latency.items():
         print(f"  N={n}: stock {row['stock']:5.2f} s   ours {row['ours']:5.2f} s")
     print(f"  {'run':<17}{'round':>6}{'wall s':>9}{'train s':>9}{'other s':>9}")
     for result in results:
         for row in result["rows"]:
-            print(f"  {result['name']:<17}{row['round']:>6}{row['wall']:>9.2f}{row['train']:>9.2f}"
-                  f"{row['other']:>9.2f}")
+            print(
+                f"  {result['name']:<17}{row['round']:>6}{row['wall']:>9.2f}{row['train']:>9.2f}"
+                f"{row['other']:>9.2f}"
+            )
     other = {r["name"]: statistics.mean(x["other"] for x in r["rows"]) for r in results}
     print("non-training time per round (mean over rounds):")
     for run in runs:
         if run.mode == "ours":
             stock, ours = other[run.baseline], other[run.name]
             ratio = ours / stock
-            print(f"  {run.name:<16} {ours:6.2f} s vs {run.baseline} {stock:6.2f} s: ratio "
-                  f"{ratio:.2f}; <= {TARGET_S:g} s: {'yes' if ours <= TARGET_S else 'NO'}; "
-                  f"<= {TARGET_RATIO:g} x stock: {'yes' if ratio <= TARGET_RATIO else 'NO'}")
+            print(
+                f"  {run.name:<16} {ours:6.2f} s vs {run.baseline} {stock:6.2f} s: ratio "
+                f"{ratio:.2f}; <= {TARGET_S:g} s: {'yes' if ours <= TARGET_S else 'NO'}; "
+                f"<= {TARGET_RATIO:g} x stock: {'yes' if ratio <= TARGET_RATIO else 'NO'}"
+            )
     print("where ours' time goes:")
     for result in results:
         if result["tasks"]:

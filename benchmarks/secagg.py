@@ -20,10 +20,17 @@ from pathlib import Path
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
-from fedhealth.testing.loopback import (Procs, flower_env, flwr, free_ports, round_costs,
-                                          run_to_completion, start_tls_superlink)
 from fedhealth.models.factory import build_model, num_parameters
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.testing.loopback import (
+    Procs,
+    flower_env,
+    flwr,
+    free_ports,
+    round_costs,
+    run_to_completion,
+    start_tls_superlink,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SITES = 4
@@ -32,10 +39,21 @@ MODEL = ["model.channels=[40,80,160,320,640]", "model.strides=[2,2,2,2]", "model
 
 def run(work: Path, secure: bool, rounds: int, env: dict) -> dict:
     name = "secagg" if secure else "plain"
-    cfg = compose([f"sites={SITES}", f"rounds={rounds}", "train.local_epochs=1", "privacy=off",
-                   "train.batch_size=1", f"federation.secure_aggregation={str(secure).lower()}",
-                   f"run_root={work / 'runs'}", f"run_name={name}", "strategy.min_sites=4",
-                   "federation.round_timeout=900", *MODEL])
+    cfg = compose(
+        [
+            f"sites={SITES}",
+            f"rounds={rounds}",
+            "train.local_epochs=1",
+            "privacy=off",
+            "train.batch_size=1",
+            f"federation.secure_aggregation={str(secure).lower()}",
+            f"run_root={work / 'runs'}",
+            f"run_name={name}",
+            "strategy.min_sites=4",
+            "federation.round_timeout=900",
+            *MODEL,
+        ]
+    )
     t0 = time.perf_counter()
     run_to_completion(env, PROJECT, "bench", cfg, work)
     rows = round_costs(work / "runs" / name)
@@ -63,32 +81,56 @@ def main() -> int:
             for site in range(SITES):
                 key, pub = create_site_keys(keys, f"site-{site}")
                 flwr(env, ["supernode", "register", str(pub), "bench"], cwd=work, timeout=60)
-                procs.start(f"supernode-{site}", [
-                    "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(node_ports[site]),
-                    "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key", str(key),
-                    "--node-config", f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
-                                     f"egress-log='{work / f'egress-{site}.jsonl'}'"])
+                procs.start(
+                    f"supernode-{site}",
+                    [
+                        "flower-supernode",
+                        "--superlink",
+                        f"127.0.0.1:{link}",
+                        "--port",
+                        str(node_ports[site]),
+                        "--root-certificates",
+                        str(keys / "ca.crt"),
+                        "--auth-supernode-private-key",
+                        str(key),
+                        "--node-config",
+                        f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
+                        f"egress-log='{work / f'egress-{site}.jsonl'}'",
+                    ],
+                )
             for secure in (False, True):
                 before = {s: _egress_bytes(work, s) for s in range(SITES)}
                 results[secure] = run(work, secure, args.rounds, env)
                 after = {s: _egress_bytes(work, s) for s in range(SITES)}
-                results[secure]["bytes"] = {s: (after[s] - before[s]) / args.rounds for s in range(SITES)}
+                results[secure]["bytes"] = {
+                    s: (after[s] - before[s]) / args.rounds for s in range(SITES)
+                }
         finally:
             procs.stop()
 
-    print(f"\nSecure aggregation vs plain FedAvg: {SITES} sites, TLS + SuperNode auth on loopback, "
-          f"3D U-Net with {params / 1e6:.1f}M parameters, {args.rounds} round(s) each")
+    print(
+        f"\nSecure aggregation vs plain FedAvg: {SITES} sites, TLS + SuperNode auth on loopback, "
+        f"3D U-Net with {params / 1e6:.1f}M parameters, {args.rounds} round(s) each"
+    )
     for secure, label in ((False, "plain FedAvg"), (True, "SecAgg+")):
         r = results[secure]
         for row in r["rows"]:
-            print(f"  {label:<13} round {row['round']}: wall {row['wall']:6.1f}s  training "
-                  f"{row['train']:5.1f}s  non-training {row['other']:6.1f}s")
-    other = {s: sum(x["other"] for x in results[s]["rows"]) / len(results[s]["rows"]) for s in results}
+            print(
+                f"  {label:<13} round {row['round']}: wall {row['wall']:6.1f}s  training "
+                f"{row['train']:5.1f}s  non-training {row['other']:6.1f}s"
+            )
+    other = {
+        s: sum(x["other"] for x in results[s]["rows"]) / len(results[s]["rows"]) for s in results
+    }
     sent = {s: sum(results[s]["bytes"].values()) / SITES for s in results}
-    print(f"  bytes sent per site per round: plain {sent[False] / 1e6:.1f} MB, SecAgg+ "
-          f"{sent[True] / 1e6:.1f} MB, ratio {sent[True] / sent[False]:.2f}x (target <= 2x; anchor 1.73x)")
-    print(f"  non-training round time: plain {other[False]:.1f}s, SecAgg+ {other[True]:.1f}s, "
-          f"ratio {other[True] / other[False]:.2f}x (target <= 1.5x)")
+    print(
+        f"  bytes sent per site per round: plain {sent[False] / 1e6:.1f} MB, SecAgg+ "
+        f"{sent[True] / 1e6:.1f} MB, ratio {sent[True] / sent[False]:.2f}x (target <= 2x; anchor 1.73x)"
+    )
+    print(
+        f"  non-training round time: plain {other[False]:.1f}s, SecAgg+ {other[True]:.1f}s, "
+        f"ratio {other[True] / other[False]:.2f}x (target <= 1.5x)"
+    )
     return 0
 
 

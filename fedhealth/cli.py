@@ -39,8 +39,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedhealth.simulation import simulate
 
     cfg = compose(args.overrides)
-    print(f"fedhealth simulate: {cfg.sites} sites, {cfg.rounds} rounds, "
-          f"strategy {cfg.strategy.name}, model {cfg.model.name}", flush=True)
+    print(
+        f"fedhealth simulate: {cfg.sites} sites, {cfg.rounds} rounds, "
+        f"strategy {cfg.strategy.name}, model {cfg.model.name}",
+        flush=True,
+    )
     run_dir = simulate(cfg)
     last = read_metrics(run_dir.path)[-1]
     print(f"\nrun directory: {run_dir.path.resolve()}")
@@ -65,11 +68,15 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
     out = args.out or (args.path if args.path.is_dir() else args.path.parent)
     paths = privacy_report.write(report, out)
     for site in report.sites:
-        print(f"{site.site:<14} epsilon {site.epsilon_spent:.4f} of {site.epsilon_cap:g} "
-              f"(delta {site.delta:g}, {site.accountant}); rounds left: {site.rounds_left}; "
-              f"{site.status}")
-    print(f"independent check (dp-accounting): "
-          f"{'all agree within 1%' if report.all_agree else 'NOT all confirmed'}")
+        print(
+            f"{site.site:<14} epsilon {site.epsilon_spent:.4f} of {site.epsilon_cap:g} "
+            f"(delta {site.delta:g}, {site.accountant}); rounds left: {site.rounds_left}; "
+            f"{site.status}"
+        )
+    print(
+        f"independent check (dp-accounting): "
+        f"{'all agree within 1%' if report.all_agree else 'NOT all confirmed'}"
+    )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0 if report.all_agree else 1
@@ -80,9 +87,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from fedhealth.data.synth import write_cohort
 
     cfg = compose(args.overrides)
-    paths = write_cohort(cfg.data.root, cfg.sites, cfg.seed, cfg.data.train_per_site,
-                         cfg.data.test_per_site, fov=cfg.data.roi,
-                         heterogeneity=cfg.data.heterogeneity)
+    paths = write_cohort(
+        cfg.data.root,
+        cfg.sites,
+        cfg.seed,
+        cfg.data.train_per_site,
+        cfg.data.test_per_site,
+        fov=cfg.data.roi,
+        heterogeneity=cfg.data.heterogeneity,
+    )
     for path in paths:
         print(path)
     return 0
@@ -100,8 +113,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     else:
         results = {f"local:{k}": v for k, v in baselines.local(cfg).items()}
     table = {
-        model: {**{s: round(r.dice, 4) for s, r in per_site.items()},
-                "pooled": round(baselines.pooled_dice(per_site), 4)}
+        model: {
+            **{s: round(r.dice, 4) for s, r in per_site.items()},
+            "pooled": round(baselines.pooled_dice(per_site), 4),
+        }
         for model, per_site in results.items()
     }
     print(json.dumps(table, indent=2))
@@ -125,7 +140,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     for line in warnings:
         print(f"WARNING: {line}", file=sys.stderr)
     if args.certs_cmd == "check":
-        print("certificates ok" if not warnings else f"{len(warnings)} certificate(s) need attention")
+        print(
+            "certificates ok" if not warnings else f"{len(warnings)} certificate(s) need attention"
+        )
         return 1 if warnings else 0
     return 0
 
@@ -141,8 +158,10 @@ def cmd_site(args: argparse.Namespace) -> int:
         for item in items:
             print(f"{'PASS' if item.ok else 'FAIL'}  {item.name:<12} {item.detail}")
         failed = [i.name for i in items if not i.ok]
-        print(f"site {settings.name}: " + (f"{len(failed)} check(s) failed: {', '.join(failed)}"
-                                           if failed else "ready"))
+        print(
+            f"site {settings.name}: "
+            + (f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "ready")
+        )
         return 1 if failed else 0
     report = site.status(settings)
     if args.json:
@@ -150,16 +169,20 @@ def cmd_site(args: argparse.Namespace) -> int:
         return 0
     daemon = report["daemon"]
     if isinstance(daemon, dict):
-        print(f"site {settings.name}: {daemon.get('state')} since {daemon.get('since')} "
-              f"(pid {daemon.get('pid')}, coordinator {daemon.get('coordinator')})")
+        print(
+            f"site {settings.name}: {daemon.get('state')} since {daemon.get('since')} "
+            f"(pid {daemon.get('pid')}, coordinator {daemon.get('coordinator')})"
+        )
         for key in ("activity", "last_trained", "last_evaluated", "reason"):
             if daemon.get(key):
                 print(f"  {key.replace('_', ' ')}: {daemon[key]}")
     else:
         print(f"site {settings.name}: daemon {daemon}")
     p = report["privacy"]
-    print(f"  privacy: epsilon {p['epsilon_spent']:.4f} of {p['epsilon_cap']:g} spent in "
-          f"{p['rounds_trained']} round(s)" + (f"; last: {p['last']}" if p.get("last") else ""))
+    print(
+        f"  privacy: epsilon {p['epsilon_spent']:.4f} of {p['epsilon_cap']:g} spent in "
+        f"{p['rounds_trained']} round(s)" + (f"; last: {p['last']}" if p.get("last") else "")
+    )
     return 0
 
 
@@ -174,8 +197,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhealth", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -183,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sites=4 rounds=5")
     p.set_defaults(func=cmd_simulate)
 
-    data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="site data tools").add_subparsers(
+        dest="data_cmd", required=True
+    )
     p = data.add_parser("synth", help="write synthetic NIfTI sites with dataset.json")
     p.add_argument("overrides", nargs="*", help="e.g. sites=4 data.root=data/synthetic seed=1")
     p.set_defaults(func=cmd_data_synth)
@@ -195,53 +221,74 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="consortium CA, coordinator TLS cert, site auth keys")
     certs_sub = certs.add_subparsers(dest="certs_cmd", required=True)
     p = certs_sub.add_parser("init", help="create the consortium CA and the coordinator's TLS cert")
-    p.add_argument("--server-name", nargs="+", default=["localhost", "127.0.0.1", "::1"],
-                   help="DNS names / IP addresses sites use to reach the coordinator")
+    p.add_argument(
+        "--server-name",
+        nargs="+",
+        default=["localhost", "127.0.0.1", "::1"],
+        help="DNS names / IP addresses sites use to reach the coordinator",
+    )
     p = certs_sub.add_parser("site", help="create a site's SuperNode authentication key pair")
     p.add_argument("names", nargs="+")
     certs_sub.add_parser("check", help="warn about expired or soon-expiring certificates")
     for sp in certs_sub.choices.values():
         sp.add_argument("--dir", type=Path, default=Path("certs"), help="key directory")
-        sp.add_argument("--rotate", action="store_true",
-                        help="replace existing keys/certs (old files kept as .bak)")
+        sp.add_argument(
+            "--rotate",
+            action="store_true",
+            help="replace existing keys/certs (old files kept as .bak)",
+        )
         sp.set_defaults(func=cmd_certs)
 
     site = sub.add_parser("site", help="the hospital's site daemon").add_subparsers(
-        dest="site_cmd", required=True)
-    for name, text in (("run", "keep this site's SuperNode connected (until SIGTERM)"),
-                       ("check", "preflight: data, keys, ledger, coordinator"),
-                       ("status", "what the daemon is doing and what the site has spent")):
+        dest="site_cmd", required=True
+    )
+    for name, text in (
+        ("run", "keep this site's SuperNode connected (until SIGTERM)"),
+        ("check", "preflight: data, keys, ledger, coordinator"),
+        ("status", "what the daemon is doing and what the site has spent"),
+    ):
         p = site.add_parser(name, help=text)
         p.add_argument("--config", type=Path, default=None, help="site.yaml")
-        p.add_argument("--insecure", action="store_true",
-                       help="NO TLS, NO authentication (labs only)")
+        p.add_argument(
+            "--insecure", action="store_true", help="NO TLS, NO authentication (labs only)"
+        )
         p.add_argument("settings", nargs="*", help="key=value overrides of site.yaml")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=cmd_site)
 
     server = sub.add_parser("server", help="the coordinator service").add_subparsers(
-        dest="server_cmd", required=True)
-    p = server.add_parser("run", help="SuperLink with TLS, site enrolment, state db (until SIGTERM)")
+        dest="server_cmd", required=True
+    )
+    p = server.add_parser(
+        "run", help="SuperLink with TLS, site enrolment, state db (until SIGTERM)"
+    )
     p.add_argument("settings", nargs="*", help="key=value overrides of coordinator.yaml")
     p = server.add_parser("launch", help="submit a run, follow it to the end, write the report")
     p.add_argument("settings", nargs="*", help="Hydra overrides of the run config")
-    p.add_argument("--address", default=None,
-                   help="the coordinator's host:port (default: 127.0.0.1:<port of --config>)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the coordinator's host:port (default: 127.0.0.1:<port of --config>)",
+    )
     p.add_argument("--ca", default=None, help="consortium CA certificate (default: from --config)")
     p.add_argument("--state-dir", default=None, help="where the launcher keeps its Flower config")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
     for p in server.choices.values():
         p.add_argument("--config", type=Path, default=None, help="coordinator.yaml")
-        p.add_argument("--insecure", action="store_true",
-                       help="NO TLS, NO site authentication (labs only)")
+        p.add_argument(
+            "--insecure", action="store_true", help="NO TLS, NO site authentication (labs only)"
+        )
         p.set_defaults(func=cmd_server)
 
     report = sub.add_parser("report", help="reports for people").add_subparsers(
-        dest="report_cmd", required=True)
+        dest="report_cmd", required=True
+    )
     p = report.add_parser("privacy", help="privacy budget report (HTML, JSON, Markdown)")
     p.add_argument("path", type=Path, help="a run directory, a ledger.sqlite, or a ledger root")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: beside input)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: beside input)"
+    )
     p.set_defaults(func=cmd_report_privacy)
     return parser
 
@@ -252,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FedHealthError as exc:
-        print(f"fedhealth: error: {exc}", file=sys.stderr)
+        print(f"fedhealth: error {exc.describe()}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -77,10 +77,11 @@ class StrategyConfig:
 class FederationConfig:
     """How rounds are run: deadlines, the simulation backend, secure aggregation (SecAgg+:
     Shamir threshold as a fraction of the round's sites, neighbours per site with 0 = all,
-    update clipping range and the public bound on a site's example count)."""
+    update clipping range and the public bound on a site's example count).
+    """
 
     round_timeout: float = 600.0
-    reply_poll_interval: float = 0.1   # seconds between reply pulls (Flower's own: 3 s)
+    reply_poll_interval: float = 0.1  # seconds between reply pulls (Flower's own: 3 s)
     fold_evaluate: bool = True  # evaluate round r's model with round r+1's train message
     pack_arrays: bool = True  # the model travels as one float32 vector, not one array per tensor
     rejoin_wait: float = 30.0  # fewer sites than the last round sent to: wait this for them
@@ -131,9 +132,25 @@ class Config:
 
 
 def config_dir() -> Path:
-    """The Hydra config directory: ``$FEDHEALTH_CONFIG_DIR`` or ``configs/`` beside the package."""
+    """The Hydra config directory: ``$FEDHEALTH_CONFIG_DIR``, else the installed ``fedhealth.configs``.
+
+    Returns
+    -------
+    Path
+        A directory holding ``config.yaml`` and its groups.
+
+    Raises
+    ------
+    ConfigError
+        If that directory has no ``config.yaml``.
+    """
     env = os.environ.get("FEDHEALTH_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if env:
+        path = Path(env)
+    else:
+        import fedhealth.configs
+
+        path = Path(fedhealth.configs.__file__).resolve().parent
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in config directory {path} (set FEDHEALTH_CONFIG_DIR)")
     return path
@@ -159,7 +176,9 @@ def validate(raw: dict[str, Any]) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config field {getattr(exc, 'full_key', '?')}: {exc.msg}") from exc
+        raise ConfigError(
+            f"invalid config field {getattr(exc, 'full_key', '?')}: {exc.msg}"
+        ) from exc
     _check_ranges(cfg)
     return cfg
 
@@ -244,8 +263,17 @@ def unflatten(flat: dict[str, Any]) -> Config:
 
 # What a site needs to train: sent by the coordinator as plain scalars in every instruction.
 SITE_KEYS = (
-    "seed", "rounds", "model.", "train.", "data.roi", "data.target_spacing", "data.cache",
-    "privacy.enabled", "privacy.max_grad_norm", "privacy.accountant", "privacy.secure_rng",
+    "seed",
+    "rounds",
+    "model.",
+    "train.",
+    "data.roi",
+    "data.target_spacing",
+    "data.cache",
+    "privacy.enabled",
+    "privacy.max_grad_norm",
+    "privacy.accountant",
+    "privacy.secure_rng",
     "privacy.noise_multiplier",
 )
 

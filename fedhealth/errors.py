@@ -1,63 +1,250 @@
-"""Error catalogue: every error names what was wrong and where (site, round, file, field)."""
+"""The error catalogue: one named code per failure, grouped by component, with a help text each.
+
+Shaped after Flower's ``flwr/common/exit/exit_code.py``: every error fedhealth raises on purpose
+is a :class:`FedHealthError` subclass carrying its :class:`ErrorCode`; :data:`ERROR_HELP` says
+what to do about each. The message of an error names what was wrong and where (site, round,
+file, field); the CLI prints the message, the code and its help, never a traceback.
+
+Code ranges, one per component:
+
+==========  ==================================================================================
+0xx         configuration (Hydra config, site.yaml, coordinator.yaml, run config)
+1xx         site data (datalists, NIfTI files)
+2xx         the coordinator's rounds (``serverapp/``): updates, deadlines, stopped runs
+3xx         run storage (``runs/``): checkpoints
+4xx         privacy (``privacy/``): ledger, budget
+5xx         security (``security/``): certificates, secure aggregation
+6xx         the site's long-running side (``supernode/``): patches of Flower internals
+7xx         test harnesses (``testing/``): the compose topology
+1001-1005   codes a site puts in an error *reply* (:data:`SITE_ERROR_CODES`); their public text
+            is fixed, details stay in the site's log
+==========  ==================================================================================
+"""
 
 from __future__ import annotations
 
+from enum import IntEnum
+from typing import ClassVar
+
+
+class ErrorCode(IntEnum):
+    """Named error codes, grouped by component (see the module docstring)."""
+
+    # configuration
+    CONFIG_INVALID = 1
+    # site data
+    DATA_INVALID = 101
+    # the coordinator's rounds
+    UPDATE_REJECTED = 201
+    FEDERATION_FAILED = 202
+    RUN_STOPPED = 203
+    RUN_INCOMPLETE = 204
+    # run storage
+    CHECKPOINT_INVALID = 301
+    # privacy
+    LEDGER_INVALID = 401
+    BUDGET_EXHAUSTED = 402
+    # security
+    CERTIFICATE_INVALID = 501
+    SECAGG_FAILED = 502
+    # the site's long-running side
+    PATCH_MISMATCH = 601
+    # test harnesses
+    COMPOSE_FAILED = 701
+    # site error replies (sent over the network)
+    SITE_DATA = 1001
+    SITE_TRAINING = 1002
+    SITE_REFUSED_CONFIG = 1003
+    SITE_REFUSED_BUDGET = 1004
+    SITE_LEDGER = 1005
+
+
+ERROR_HELP: dict[ErrorCode, str] = {
+    ErrorCode.CONFIG_INVALID: "Fix the named key or value: in configs/ (Hydra overrides such as "
+    "rounds=5), site.yaml or coordinator.yaml. Unknown keys and wrong types are refused.",
+    ErrorCode.DATA_INVALID: "Fix the named datalist or image file at the site; `fedhealth site "
+    "check` opens every file and names each one that fails.",
+    ErrorCode.UPDATE_REJECTED: "A site's reply failed validation and was left out of the round; "
+    "the reason names the site and field. Check that site's log and version.",
+    ErrorCode.FEDERATION_FAILED: "The coordinator or a Flower command did not answer as needed; "
+    "check that the SuperLink runs, the address and the CA, then retry.",
+    ErrorCode.RUN_STOPPED: "Too few sites took part (connected, replied in time, or had budget "
+    "left). The global model is the last completed round's; see metrics.jsonl and the sites' "
+    "logs.",
+    ErrorCode.RUN_INCOMPLETE: "The run ended before its last round; the run directory's "
+    "manifest.json and the log above say where. Rerun with the same run_name to resume.",
+    ErrorCode.CHECKPOINT_INVALID: "A checkpoint is missing or its bytes no longer match its "
+    "recorded sha256: restore it from a backup or start a new run_name.",
+    ErrorCode.LEDGER_INVALID: "The site's privacy ledger is unreadable or fails its hash chain: "
+    "training stops until the privacy officer restores it. Never delete a ledger of real data.",
+    ErrorCode.BUDGET_EXHAUSTED: "Training this round would take the site past its (epsilon, "
+    "delta) cap. The site refuses; a new budget is the privacy officer's decision.",
+    ErrorCode.CERTIFICATE_INVALID: "Create or rotate keys with `fedhealth certs`; `fedhealth "
+    "certs check` lists expired and expiring ones.",
+    ErrorCode.SECAGG_FAILED: "Secure aggregation could not complete this round (fewer sites than "
+    "the threshold, or a malformed protocol reply); the global model stays as it was.",
+    ErrorCode.PATCH_MISMATCH: "The installed Flower differs from the release fedhealth's "
+    "SuperNode patches were written for; the SuperNode runs stock (slower, same results).",
+    ErrorCode.COMPOSE_FAILED: "The compose file is invalid or one of its services failed; the "
+    "message names the service and ends with its log.",
+    ErrorCode.SITE_DATA: "site data invalid or unreadable (see the site's log)",
+    ErrorCode.SITE_TRAINING: "site training failed (see the site's log)",
+    ErrorCode.SITE_REFUSED_CONFIG: "site refused the instruction (bad configuration from the "
+    "coordinator)",
+    ErrorCode.SITE_REFUSED_BUDGET: "site refused: training this round would exceed its privacy "
+    "budget",
+    ErrorCode.SITE_LEDGER: "site privacy ledger unreadable or corrupt: site stopped training",
+}
+
+
+def component(code: ErrorCode) -> str:
+    """The component a code belongs to, by its range.
+
+    Parameters
+    ----------
+    code : ErrorCode
+        A catalogued code.
+
+    Returns
+    -------
+    str
+        ``config``, ``data``, ``serverapp``, ``runs``, ``privacy``, ``security``,
+        ``supernode``, ``testing`` or ``site-reply``.
+    """
+    if code >= 1000:
+        return "site-reply"
+    names = ("config", "data", "serverapp", "runs", "privacy", "security", "supernode", "testing")
+    return names[int(code) // 100]
+
 
 class FedHealthError(Exception):
-    """Base class of every error the framework raises on purpose."""
+    """Base class of every error the framework raises on purpose; ``code`` says which."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.CONFIG_INVALID
+
+    @property
+    def help(self) -> str:
+        """The catalogue's help text for this error's code."""
+        return ERROR_HELP[self.code]
+
+    def describe(self) -> str:
+        """``E<code> <component>: <message>`` and the help text, as the CLI prints it."""
+        return f"E{int(self.code):04d} {component(self.code)}: {self}\n  help: {self.help}"
 
 
 class ConfigError(FedHealthError):
     """A configuration value is missing, has the wrong type or is out of range."""
 
+    code = ErrorCode.CONFIG_INVALID
+
 
 class DataError(FedHealthError):
     """A site's datalist or one of its image files is unreadable or inconsistent."""
+
+    code = ErrorCode.DATA_INVALID
 
 
 class UpdateRejected(FedHealthError):
     """A model update from a site failed validation (shape, dtype, finiteness, counts)."""
 
+    code = ErrorCode.UPDATE_REJECTED
+
+
+class FederationError(FedHealthError):
+    """A round or a Flower command cannot proceed: no answer, or too few sites, in time."""
+
+    code = ErrorCode.FEDERATION_FAILED
+
+
+class RunStopped(FedHealthError):
+    """The coordinator stopped the run cleanly (for example: too few sites left)."""
+
+    code = ErrorCode.RUN_STOPPED
+
+
+class RunIncomplete(FedHealthError):
+    """A run ended before its last round without being stopped cleanly."""
+
+    code = ErrorCode.RUN_INCOMPLETE
+
 
 class CheckpointError(FedHealthError):
     """A checkpoint is missing, or its bytes do not match its recorded sha256."""
 
-
-# Codes a site puts in an error reply. The reason sent with them is the fixed public text
-# below: details (file names, stack traces) stay in the site's own log.
-SITE_ERROR_CODES: dict[int, str] = {
-    1001: "site data invalid or unreadable (see the site's log)",
-    1002: "site training failed (see the site's log)",
-    1003: "site refused the instruction (bad configuration from the coordinator)",
-    1004: "site refused: training this round would exceed its privacy budget",
-    1005: "site privacy ledger unreadable or corrupt: site stopped training",
-}
-BUDGET_REFUSAL = 1004
-
-
-def site_error_code(exc: BaseException) -> int:
-    if isinstance(exc, BudgetExhausted):
-        return 1004
-    if isinstance(exc, LedgerError):
-        return 1005
-    if isinstance(exc, DataError):
-        return 1001
-    if isinstance(exc, ConfigError):
-        return 1003
-    return 1002
-
-
-class FederationError(FedHealthError):
-    """A round cannot proceed: too few sites connected or replied before the deadline."""
+    code = ErrorCode.CHECKPOINT_INVALID
 
 
 class LedgerError(FedHealthError):
     """The privacy ledger is unreadable, corrupt or inconsistent: training must stop."""
 
+    code = ErrorCode.LEDGER_INVALID
+
 
 class BudgetExhausted(FedHealthError):
     """Training this round would take the site past its (epsilon, delta) cap."""
 
+    code = ErrorCode.BUDGET_EXHAUSTED
 
-class RunStopped(FedHealthError):
-    """The coordinator stopped the run cleanly (for example: too few sites left)."""
+
+class CertError(FedHealthError):
+    """A key or certificate is missing, expired, or would be silently overwritten."""
+
+    code = ErrorCode.CERTIFICATE_INVALID
+
+
+class SecAggError(FedHealthError):
+    """Secure aggregation cannot complete (too few sites left, a bad share or mask)."""
+
+    code = ErrorCode.SECAGG_FAILED
+
+
+class PatchMismatch(FedHealthError):
+    """The installed Flower's SuperNode internals are not those a patch was written for."""
+
+    code = ErrorCode.PATCH_MISMATCH
+
+
+class ComposeError(FedHealthError):
+    """The compose file is invalid, or a service failed while running it locally."""
+
+    code = ErrorCode.COMPOSE_FAILED
+
+
+# Codes a site puts in an error reply. The reason sent with them is the fixed public text
+# below: details (file names, stack traces) stay in the site's own log.
+SITE_ERROR_CODES: dict[int, str] = {
+    int(code): ERROR_HELP[code]
+    for code in (
+        ErrorCode.SITE_DATA,
+        ErrorCode.SITE_TRAINING,
+        ErrorCode.SITE_REFUSED_CONFIG,
+        ErrorCode.SITE_REFUSED_BUDGET,
+        ErrorCode.SITE_LEDGER,
+    )
+}
+BUDGET_REFUSAL = int(ErrorCode.SITE_REFUSED_BUDGET)
+
+
+def site_error_code(exc: BaseException) -> int:
+    """The error-reply code a site sends for ``exc``.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the site's handler raised.
+
+    Returns
+    -------
+    int
+        A key of :data:`SITE_ERROR_CODES`: budget refusal, ledger, data, bad instruction, or
+        (anything else) training failed.
+    """
+    if isinstance(exc, BudgetExhausted):
+        return int(ErrorCode.SITE_REFUSED_BUDGET)
+    if isinstance(exc, LedgerError):
+        return int(ErrorCode.SITE_LEDGER)
+    if isinstance(exc, DataError):
+        return int(ErrorCode.SITE_DATA)
+    if isinstance(exc, ConfigError):
+        return int(ErrorCode.SITE_REFUSED_CONFIG)
+    return int(ErrorCode.SITE_TRAINING)

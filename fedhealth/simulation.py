@@ -8,11 +8,12 @@ from pathlib import Path
 
 from flwr.simulation import run_simulation
 
+from fedhealth.clientapp.app import make_client_app
 from fedhealth.config import Config
 from fedhealth.data.synth import site_dir, write_cohort
-from fedhealth.clientapp.app import make_client_app
-from fedhealth.serverapp.app import make_server_app
+from fedhealth.errors import RunIncomplete
 from fedhealth.runs.rundir import RunDir
+from fedhealth.serverapp.app import make_server_app
 
 log = logging.getLogger("fedhealth.simulate")
 
@@ -23,8 +24,15 @@ def ensure_cohort(cfg: Config) -> Path:
     if all((site_dir(root, s) / "dataset.json").is_file() for s in range(cfg.sites)):
         return root
     log.info("writing synthetic cohort: %d sites under %s", cfg.sites, root)
-    write_cohort(root, cfg.sites, cfg.seed, cfg.data.train_per_site, cfg.data.test_per_site,
-                 fov=cfg.data.roi, heterogeneity=cfg.data.heterogeneity)
+    write_cohort(
+        root,
+        cfg.sites,
+        cfg.seed,
+        cfg.data.train_per_site,
+        cfg.data.test_per_site,
+        fov=cfg.data.roi,
+        heterogeneity=cfg.data.heterogeneity,
+    )
     return root
 
 
@@ -44,7 +52,7 @@ def simulate(cfg: Config, client_mods: list | None = None) -> RunDir:
         backend_config=backend,
     )
     if run_dir.manifest["rounds_completed"] != cfg.rounds and "stopped" not in run_dir.manifest:
-        raise RuntimeError(
+        raise RunIncomplete(
             f"simulation ended after {run_dir.manifest['rounds_completed']} of {cfg.rounds} "
             f"rounds; see the log above and {run_dir.path}"
         )

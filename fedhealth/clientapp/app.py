@@ -20,10 +20,14 @@ if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs the
     from fedhealth.config import PrivacyConfig
 
 
-def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None = None,
-                    mods: list[Mod] | None = None) -> ClientApp:
+def make_client_app(
+    data_root: str | None = None,
+    privacy: PrivacyConfig | None = None,
+    mods: list[Mod] | None = None,
+) -> ClientApp:
     """``data_root`` and ``privacy`` (the sites' own budget) only in simulation; ``mods`` are
-    Flower client mods (tests use one to capture every byte a site sends)."""
+    Flower client mods (tests use one to capture every byte a site sends).
+    """
     site_log = logging.getLogger("fedhealth")
     if not site_log.handlers:  # the site's log: plan, spend, refusals, data errors
         handler = logging.StreamHandler()
@@ -48,6 +52,7 @@ def make_client_app(data_root: str | None = None, privacy: PrivacyConfig | None 
     from fedhealth.clientapp.secagg_stages import handle_stage
 
     for stage in STAGES:
+
         def run_stage(msg: Message, context: Context, stage: str = stage) -> Message:
             return handle_stage(msg, context, stage, data_root, privacy)
 

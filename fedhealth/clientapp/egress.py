@@ -40,27 +40,39 @@ def _record_bytes(content: RecordDict) -> bytes:
 
 class EgressLog:
     """Client mod: ``ClientApp(mods=[EgressLog(path)])``; with no path, the SuperNode's node
-    config key ``egress-log`` names the file (and no key means no log)."""
+    config key ``egress-log`` names the file (and no key means no log).
+    """
 
     def __init__(self, path: Path | str | None = None, raw: bool = False) -> None:
         self.path, self.raw = (Path(path) if path else None), raw
 
-    def __call__(self, msg: Message, context: Context,
-                 call_next: Callable[[Message, Context], Message]) -> Message:
+    def __call__(
+        self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
         reply = call_next(msg, context)
         node = context.node_config
-        path = self.path or (Path(str(node[K.NODE_EGRESS_LOG]))
-                             if K.NODE_EGRESS_LOG in node else None)
+        path = self.path or (
+            Path(str(node[K.NODE_EGRESS_LOG])) if K.NODE_EGRESS_LOG in node else None
+        )
         if path is None:
             return reply
         data = payload_bytes(reply)
         path.parent.mkdir(parents=True, exist_ok=True)
-        append_line(path, json.dumps({
-            "type": msg.metadata.message_type, "bytes": len(data),
-            "round": msg.content[K.CONFIG][K.SERVER_ROUND]
-            if K.CONFIG in msg.content.config_records and K.SERVER_ROUND in msg.content[K.CONFIG]
-            else None,
-            "sha256": hashlib.sha256(data).hexdigest(), "error": reply.has_error()}))
+        append_line(
+            path,
+            json.dumps(
+                {
+                    "type": msg.metadata.message_type,
+                    "bytes": len(data),
+                    "round": msg.content[K.CONFIG][K.SERVER_ROUND]
+                    if K.CONFIG in msg.content.config_records
+                    and K.SERVER_ROUND in msg.content[K.CONFIG]
+                    else None,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "error": reply.has_error(),
+                }
+            ),
+        )
         if self.raw:
             with open(path.with_suffix(".bin"), "ab") as handle:
                 handle.write(data)

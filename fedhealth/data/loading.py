@@ -71,7 +71,8 @@ def _signature(paths: list[str]) -> tuple:
 
 def load_site(dataset_json: Path | str) -> SiteData:
     """:func:`read_datalist` with its file checks done once per process while no file changes
-    (in simulation one ClientApp process answers many rounds for several sites)."""
+    (in simulation one ClientApp process answers many rounds for several sites).
+    """
     path = Path(dataset_json)
     cached = _VERIFIED.get(str(path))
     if cached is not None and cached[0] == _site_signature(path, cached[1]):
@@ -82,7 +83,9 @@ def load_site(dataset_json: Path | str) -> SiteData:
 
 
 def _site_signature(path: Path, site: SiteData) -> tuple:
-    return _signature([str(path), *(i[k] for i in site.train + site.test for k in ("image", "label"))])
+    return _signature(
+        [str(path), *(i[k] for i in site.train + site.test for k in ("image", "label"))]
+    )
 
 
 def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteData:
@@ -97,16 +100,22 @@ def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteDat
     lists = {}
     for split, key in SPLITS.items():
         try:
-            items = (load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
-                     if not isinstance(raw, dict) or raw.get(key) != [] else [])
+            items = (
+                load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+                if not isinstance(raw, dict) or raw.get(key) != []
+                else []
+            )
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise DataError(f"{path}: missing or malformed '{key}' list ({exc})") from exc
         for i, item in enumerate(items):
             if not {"image", "label"} <= item.keys():
                 raise DataError(f"{path}: entry {i} of '{key}' needs 'image' and 'label'")
         lists[split] = [
-            {"image": str(it["image"]), "label": str(it["label"]),
-             "patient": str(it.get("patient", f"{key}-{i}"))}
+            {
+                "image": str(it["image"]),
+                "label": str(it["label"]),
+                "patient": str(it.get("patient", f"{key}-{i}")),
+            }
             for i, it in enumerate(items)
         ]
     if not lists["train"]:
@@ -199,8 +208,12 @@ def make_loader(
     xform = transforms(roi, target_spacing, train)
     volumes = [{"image": it["image"], "label": it["label"]} for it in items]
     if cache:
-        key = (_signature([v[k] for v in volumes for k in ("image", "label")]), roi,
-               target_spacing, train)
+        key = (
+            _signature([v[k] for v in volumes for k in ("image", "label")]),
+            roi,
+            target_spacing,
+            train,
+        )
         if key not in _VOLUMES:
             if len(_VOLUMES) >= 64:
                 _VOLUMES.clear()
@@ -211,8 +224,9 @@ def make_loader(
         dataset = Dataset(volumes, xform)
     if train:
         xform.set_random_state(seed)
-        dataset = PatientDataset(dataset, [it.get("patient", str(i)) for i, it in enumerate(items)],
-                                 seed)
+        dataset = PatientDataset(
+            dataset, [it.get("patient", str(i)) for i, it in enumerate(items)], seed
+        )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, num_workers=0, generator=generator

@@ -73,13 +73,17 @@ def site_profile(site: int, seed: int, heterogeneity: float = 1.0) -> ScannerPro
     )
 
 
-def phantom(profile: ScannerProfile, fov: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def phantom(
+    profile: ScannerProfile, fov: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One patient's (image, label) on the site's voxel grid, image in scanner units."""
     n = max(16, int(round(fov / profile.spacing)))
     to_vox = 1.0 / profile.spacing
     rs = np.random.RandomState(rng.integers(0, 2**31 - 1))
     _, lesion = create_test_image_3d(
-        n, n, n,
+        n,
+        n,
+        n,
         num_objs=int(rng.integers(1, profile.lesion_count + 1)),
         rad_max=max(2, int(round(profile.lesion_rad_max * to_vox))),
         rad_min=max(1, int(round(profile.lesion_rad_min * to_vox))),
@@ -153,7 +157,12 @@ def site_dir(root: Path | str, site: int) -> Path:
 
 
 def write_cohort(
-    root: Path | str, sites: int, seed: int, n_train: int, n_test: int, fov: int = 32,
+    root: Path | str,
+    sites: int,
+    seed: int,
+    n_train: int,
+    n_test: int,
+    fov: int = 32,
     heterogeneity: float = 1.0,
 ) -> list[Path]:
     """Write ``sites`` sites under ``root/site-<i>/``; returns their ``dataset.json`` paths."""

@@ -77,4 +77,3 @@ def check_dp_compatible(model: nn.Module) -> None:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-

@@ -37,14 +37,20 @@ def epsilon(history: Sequence[Phase], delta: float, name: str = "rdp") -> float:
 
 
 def plan_noise(
-    history: Sequence[Phase], sample_rate: float, steps: int, cap: float, delta: float,
-    name: str = "rdp", tolerance: float = 0.005,
+    history: Sequence[Phase],
+    sample_rate: float,
+    steps: int,
+    cap: float,
+    delta: float,
+    name: str = "rdp",
+    tolerance: float = 0.005,
 ) -> float | None:
     """Smallest noise multiplier whose ``steps`` more steps keep epsilon within ``cap``.
 
     Bisection over Opacus's accountant with the site's past history included; ``None`` when
     even :data:`SIGMA_MAX` would exceed the cap (the budget is spent).
     """
+
     def fits(sigma: float) -> bool:
         return epsilon([*history, (sigma, sample_rate, steps)], delta, name) <= cap
 

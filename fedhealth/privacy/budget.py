@@ -43,8 +43,14 @@ class RoundRequest:
     fixed_noise: float = 0.0
 
 
-def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
-                 fingerprint: str, site: str, model_sha256: str = "") -> Entry:
+def charge_round(
+    ledger: PrivacyLedger,
+    budget: SiteBudget,
+    req: RoundRequest,
+    fingerprint: str,
+    site: str,
+    model_sha256: str = "",
+) -> Entry:
     """Plan (once per run), check the cap, and record the round; raises BudgetExhausted.
 
     A round asked again with the same global model (a coordinator that resumed a run after a
@@ -54,9 +60,14 @@ def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
     if model_sha256:
         prior = ledger.release(req.run, req.server_round, model_sha256)
         if prior is not None:
-            log.info("site %s: round %d of run %s replayed with the same global model and seed: "
-                     "no new privacy spend (epsilon stays %.3f)", site, req.server_round,
-                     req.run, ledger.entries[-1].epsilon_after)
+            log.info(
+                "site %s: round %d of run %s replayed with the same global model and seed: "
+                "no new privacy spend (epsilon stays %.3f)",
+                site,
+                req.server_round,
+                req.run,
+                ledger.entries[-1].epsilon_after,
+            )
             return prior
     history = ledger.history()
     spent = epsilon(history, budget.delta, req.accountant)
@@ -64,22 +75,39 @@ def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
     if plan is None:
         rounds_left = max(1, req.rounds_total - req.server_round + 1)
         planned_steps = req.steps * rounds_left
-        sigma = req.fixed_noise or plan_noise(history, req.sample_rate, planned_steps,
-                                              budget.epsilon_cap, budget.delta, req.accountant)
+        sigma = req.fixed_noise or plan_noise(
+            history,
+            req.sample_rate,
+            planned_steps,
+            budget.epsilon_cap,
+            budget.delta,
+            req.accountant,
+        )
         if sigma is None:
             raise BudgetExhausted(
                 f"site {site}: {spent:.3f} of epsilon cap {budget.epsilon_cap} spent; "
                 f"{rounds_left} more round(s) of {req.steps} steps cannot fit at any noise level"
             )
-        planned = epsilon([*history, (sigma, req.sample_rate, planned_steps)], budget.delta,
-                          req.accountant)
+        planned = epsilon(
+            [*history, (sigma, req.sample_rate, planned_steps)], budget.delta, req.accountant
+        )
         plan = Plan(req.run, sigma, req.sample_rate, req.steps, rounds_left, planned)
         ledger.save_plan(plan)
         log.info(
             "site %s: privacy plan for run %s: noise multiplier %.3f, sample rate %.4f, "
             "%d rounds x %d steps; epsilon %.3f spent before, %.3f planned after, cap %.3f "
-            "(delta %.1e, %s accountant)", site, req.run, sigma, req.sample_rate, rounds_left,
-            req.steps, spent, planned, budget.epsilon_cap, budget.delta, req.accountant,
+            "(delta %.1e, %s accountant)",
+            site,
+            req.run,
+            sigma,
+            req.sample_rate,
+            rounds_left,
+            req.steps,
+            spent,
+            planned,
+            budget.epsilon_cap,
+            budget.delta,
+            req.accountant,
         )
     phase = (plan.noise_multiplier, req.sample_rate, req.steps)
     would = epsilon([*history, phase], budget.delta, req.accountant)
@@ -88,5 +116,14 @@ def charge_round(ledger: PrivacyLedger, budget: SiteBudget, req: RoundRequest,
             f"site {site}: round {req.server_round} would bring epsilon to {would:.3f}, over "
             f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
         )
-    return ledger.record(req.run, req.server_round, phase, req.max_grad_norm, req.accountant,
-                         budget.delta, budget.epsilon_cap, fingerprint, model_sha256)
+    return ledger.record(
+        req.run,
+        req.server_round,
+        phase,
+        req.max_grad_norm,
+        req.accountant,
+        budget.delta,
+        budget.epsilon_cap,
+        fingerprint,
+        model_sha256,
+    )

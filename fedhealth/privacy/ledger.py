@@ -100,7 +100,9 @@ class PrivacyLedger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_now(),))
         except sqlite3.DatabaseError as exc:
@@ -137,19 +139,25 @@ class PrivacyLedger:
         prev, history = GENESIS, []
         for i, entry in enumerate(entries):
             if entry.prev_hash != prev or entry.digest() != entry.hash:
-                raise LedgerError(f"{self.path}: entry {i + 1} (run {entry.run}, round "
-                                  f"{entry.round}) breaks the hash chain: ledger was altered")
+                raise LedgerError(
+                    f"{self.path}: entry {i + 1} (run {entry.run}, round "
+                    f"{entry.round}) breaks the hash chain: ledger was altered"
+                )
             history.append(entry.phase)
             if json.loads(entry.accountant_state) != [list(p) for p in history]:
-                raise LedgerError(f"{self.path}: entry {i + 1}: accountant state does not "
-                                  "match the recorded phases")
+                raise LedgerError(
+                    f"{self.path}: entry {i + 1}: accountant state does not "
+                    "match the recorded phases"
+                )
             prev = entry.hash
         if entries:
             last = entries[-1]
             recomputed = epsilon(history, last.delta, last.accountant)
             if abs(recomputed - last.epsilon_after) > REL_TOL * max(1.0, recomputed):
-                raise LedgerError(f"{self.path}: stored epsilon {last.epsilon_after:.6f} != "
-                                  f"{recomputed:.6f} recomputed from the recorded phases")
+                raise LedgerError(
+                    f"{self.path}: stored epsilon {last.epsilon_after:.6f} != "
+                    f"{recomputed:.6f} recomputed from the recorded phases"
+                )
         return entries
 
     def history(self) -> list[Phase]:
@@ -160,8 +168,10 @@ class PrivacyLedger:
 
     def release(self, run: str, server_round: int, model_sha256: str) -> Entry | None:
         """The entry already charged for this run, round and incoming global model, if any."""
-        row = self.db.execute("SELECT entry_hash FROM releases WHERE run=? AND round=? AND "
-                              "model_sha256=?", (run, server_round, model_sha256)).fetchone()
+        row = self.db.execute(
+            "SELECT entry_hash FROM releases WHERE run=? AND round=? AND model_sha256=?",
+            (run, server_round, model_sha256),
+        ).fetchone()
         if row is None:
             return None
         return next((e for e in self.entries if e.hash == row[0]), None)
@@ -169,42 +179,66 @@ class PrivacyLedger:
     def plan(self, run: str) -> Plan | None:
         row = self.db.execute(
             "SELECT run, noise_multiplier, sample_rate, steps_per_round, rounds, epsilon_planned "
-            "FROM plans WHERE run=?", (run,)).fetchone()
+            "FROM plans WHERE run=?",
+            (run,),
+        ).fetchone()
         return Plan(*row) if row else None
 
     # -- writing -----------------------------------------------------------------------------
     def save_plan(self, plan: Plan) -> None:
-        self.db.execute("INSERT OR IGNORE INTO plans VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (*asdict(plan).values(), _now()))
+        self.db.execute(
+            "INSERT OR IGNORE INTO plans VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*asdict(plan).values(), _now()),
+        )
 
     def record(
-        self, run: str, server_round: int, phase: Phase, max_grad_norm: float, accountant: str,
-        delta: float, cap: float, fingerprint: str, model_sha256: str = "",
+        self,
+        run: str,
+        server_round: int,
+        phase: Phase,
+        max_grad_norm: float,
+        accountant: str,
+        delta: float,
+        cap: float,
+        fingerprint: str,
+        model_sha256: str = "",
     ) -> Entry:
         """Append one phase; durable (fsynced WAL commit) when this returns. With
         ``model_sha256`` the release (run, round, incoming model) is recorded in the same
-        transaction, so :meth:`release` finds it after a crash."""
+        transaction, so :meth:`release` finds it after a crash.
+        """
         history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
         entry = Entry(
-            run=run, round=server_round, noise_multiplier=float(phase[0]),
-            sample_rate=float(phase[1]), steps=int(phase[2]), max_grad_norm=max_grad_norm,
-            accountant=accountant, delta=delta,
-            epsilon_after=epsilon(history, delta, accountant), epsilon_cap=cap,
+            run=run,
+            round=server_round,
+            noise_multiplier=float(phase[0]),
+            sample_rate=float(phase[1]),
+            steps=int(phase[2]),
+            max_grad_norm=max_grad_norm,
+            accountant=accountant,
+            delta=delta,
+            epsilon_after=epsilon(history, delta, accountant),
+            epsilon_cap=cap,
             dataset_fingerprint=fingerprint,
             accountant_state=json.dumps([list(p) for p in history]),
-            created=_now(), prev_hash=self.entries[-1].hash if self.entries else GENESIS,
+            created=_now(),
+            prev_hash=self.entries[-1].hash if self.entries else GENESIS,
         )
         entry = Entry(**{**asdict(entry), "hash": entry.digest()})
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
-                            "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
-                            "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            tuple(asdict(entry).values()))
+            self.db.execute(
+                "INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
+                "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
+                "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                tuple(asdict(entry).values()),
+            )
             if model_sha256:
-                self.db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?)",
-                                (run, server_round, model_sha256, entry.hash))
+                self.db.execute(
+                    "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?)",
+                    (run, server_round, model_sha256, entry.hash),
+                )
             self.db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             if self.db.in_transaction:

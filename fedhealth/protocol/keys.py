@@ -53,8 +53,15 @@ NOISE_MULTIPLIER: Final = "noise-multiplier"
 SAMPLE_RATE: Final = "sample-rate"
 DP_STEPS: Final = "dp-steps"
 MAX_GRAD_NORM: Final = "max-grad-norm"
-PRIVACY_METRICS: Final = (EPSILON, EPSILON_CAP, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, DP_STEPS,
-                          MAX_GRAD_NORM)
+PRIVACY_METRICS: Final = (
+    EPSILON,
+    EPSILON_CAP,
+    DELTA,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    DP_STEPS,
+    MAX_GRAD_NORM,
+)
 """The DP metrics a site reports with every DP-trained update."""
 
 # -- the reply's ``site`` record ------------------------------------------------------------------

@@ -42,8 +42,10 @@ def layout(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     for key, value in state.items():
         array = _numpy(value)
         if array.dtype != np.float32:
-            raise ConfigError(f"model tensor {key!r} is {array.dtype}: only float32 models can "
-                              "be packed (set federation.pack_arrays=false)")
+            raise ConfigError(
+                f"model tensor {key!r} is {array.dtype}: only float32 models can "
+                "be packed (set federation.pack_arrays=false)"
+            )
         out.append((key, tuple(array.shape)))
     return out
 
@@ -51,8 +53,11 @@ def layout(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 def pack(state: Mapping[str, Any]) -> ArrayRecord:
     """One float32 vector holding every tensor of ``state`` in order."""
     layout(state)  # dtype check, naming the tensor
-    vector = np.concatenate([_numpy(v).ravel() for v in state.values()]) if state else \
-        np.zeros(0, np.float32)
+    vector = (
+        np.concatenate([_numpy(v).ravel() for v in state.values()])
+        if state
+        else np.zeros(0, np.float32)
+    )
     return ArrayRecord({PACKED_KEY: Array(np.ascontiguousarray(vector, dtype=np.float32))})
 
 
@@ -60,21 +65,26 @@ def is_packed(arrays: ArrayRecord) -> bool:
     return list(arrays.keys()) == [PACKED_KEY]
 
 
-def unpack(arrays: ArrayRecord, shapes: list[tuple[str, tuple[int, ...]]],
-           what: str = "model") -> dict[str, np.ndarray]:
+def unpack(
+    arrays: ArrayRecord, shapes: list[tuple[str, tuple[int, ...]]], what: str = "model"
+) -> dict[str, np.ndarray]:
     """The tensors of a packed record, by :func:`layout`; a clear error if it does not fit."""
     if not is_packed(arrays):
-        raise ConfigError(f"{what}: expected one packed array {PACKED_KEY!r}, got keys "
-                          f"{sorted(arrays.keys())[:5]}")
+        raise ConfigError(
+            f"{what}: expected one packed array {PACKED_KEY!r}, got keys "
+            f"{sorted(arrays.keys())[:5]}"
+        )
     vector = arrays[PACKED_KEY].numpy()
     expected = sum(int(np.prod(shape)) for _, shape in shapes)
     if vector.ndim != 1 or vector.size != expected or vector.dtype != np.float32:
-        raise ConfigError(f"{what}: packed array of shape {vector.shape} and dtype "
-                          f"{vector.dtype}, the model config needs {expected} float32 values")
+        raise ConfigError(
+            f"{what}: packed array of shape {vector.shape} and dtype "
+            f"{vector.dtype}, the model config needs {expected} float32 values"
+        )
     out, offset = {}, 0
     for key, shape in shapes:
         size = int(np.prod(shape))
-        out[key] = vector[offset:offset + size].reshape(shape)
+        out[key] = vector[offset : offset + size].reshape(shape)
         offset += size
     return out
 
@@ -87,6 +97,6 @@ def unflatten(vector: np.ndarray, template: ArrayRecord) -> ArrayRecord:
     out, offset = {}, 0
     for key in sorted(template):
         ref = template[key].numpy()
-        out[key] = Array(vector[offset:offset + ref.size].reshape(ref.shape).astype(ref.dtype))
+        out[key] = Array(vector[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype))
         offset += ref.size
     return ArrayRecord({k: out[k] for k in template})

@@ -1,7 +1,8 @@
 """Error replies from a site: a catalogue code and its fixed public text, details in the site's log.
 
 Kept free of torch and MONAI so that the light protocol stages of secure aggregation start fast
-(every message starts a fresh ClientApp process on a SuperNode)."""
+(every message starts a fresh ClientApp process on a SuperNode).
+"""
 
 from __future__ import annotations
 

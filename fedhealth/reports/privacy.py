@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.errors import FedHealthError
-from fedhealth.runs.rundir import read_jsonl
 from fedhealth.privacy.accounting import Phase, epsilon
 from fedhealth.privacy.independent import agrees, independent_epsilon
 from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.runs.rundir import read_jsonl
 
 MAX_ROUNDS_LEFT = 10_000
 
@@ -69,8 +69,11 @@ class PrivacyReport:
         return bool(trained) and all(r.agrees is True for r in trained)
 
 
-def rounds_left(history: list[Phase], last: Phase, cap: float, delta: float, accountant: str) -> int:
+def rounds_left(
+    history: list[Phase], last: Phase, cap: float, delta: float, accountant: str
+) -> int:
     """How many more phases like ``last`` fit within ``cap`` (exponential then binary search)."""
+
     def fits(k: int) -> bool:
         return epsilon([*history, (last[0], last[1], last[2] * k)], delta, accountant) <= cap
 
@@ -87,18 +90,23 @@ def rounds_left(history: list[Phase], last: Phase, cap: float, delta: float, acc
     return lo
 
 
-def _summarize(site: str, accountant: str, delta: float, cap: float, rows: list[Row],
-               history: list[Phase]) -> SiteSummary:
+def _summarize(
+    site: str, accountant: str, delta: float, cap: float, rows: list[Row], history: list[Phase]
+) -> SiteSummary:
     spent = rows[-1].epsilon if rows else 0.0
     trained = [r for r in rows if r.status == "trained"]
     left = None
     if trained and history:
         last = trained[-1]
-        left = rounds_left(history, (last.noise_multiplier, last.sample_rate, last.steps), cap,
-                           delta, accountant)
+        left = rounds_left(
+            history, (last.noise_multiplier, last.sample_rate, last.steps), cap, delta, accountant
+        )
     refused = any(r.status == "refused" for r in rows)
-    status = "budget exhausted: site refused to train" if refused else (
-        "within budget" if spent <= cap else "OVER BUDGET")
+    status = (
+        "budget exhausted: site refused to train"
+        if refused
+        else ("within budget" if spent <= cap else "OVER BUDGET")
+    )
     return SiteSummary(site, accountant, delta, cap, spent, left, status, rows)
 
 
@@ -123,16 +131,25 @@ def from_run_dir(run_dir: Path) -> PrivacyReport:
             if line["status"] == "trained":
                 spent = float(line["epsilon"])
                 history = [tuple(h) for h in line.get("history", [])]
-                row = Row(i + 1, run_dir.name, line["round"], "trained", spent,
-                          line["noise_multiplier"], line["sample_rate"], line["dp_steps"],
-                          line.get("max_grad_norm"))
+                row = Row(
+                    i + 1,
+                    run_dir.name,
+                    line["round"],
+                    "trained",
+                    spent,
+                    line["noise_multiplier"],
+                    line["sample_rate"],
+                    line["dp_steps"],
+                    line.get("max_grad_norm"),
+                )
                 if history:
                     _check(row, history, delta, accountant)
             else:
                 row = Row(i + 1, run_dir.name, line["round"], line["status"], spent)
             rows.append(row)
-        sites.append(_summarize(site, accountant, delta, float(meta.get("epsilon_cap", 0.0)),
-                                rows, history))
+        sites.append(
+            _summarize(site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history)
+        )
     return PrivacyReport(str(run_dir), "run", _now(), sites)
 
 
@@ -147,8 +164,17 @@ def from_ledgers(paths: list[Path]) -> PrivacyReport:
         rows, history = [], []
         for i, e in enumerate(entries):
             history.append(e.phase)
-            row = Row(i + 1, e.run, e.round, "trained", e.epsilon_after, e.noise_multiplier,
-                      e.sample_rate, e.steps, e.max_grad_norm)
+            row = Row(
+                i + 1,
+                e.run,
+                e.round,
+                "trained",
+                e.epsilon_after,
+                e.noise_multiplier,
+                e.sample_rate,
+                e.steps,
+                e.max_grad_norm,
+            )
             _check(row, list(history), e.delta, e.accountant)
             rows.append(row)
         last = entries[-1]
@@ -172,6 +198,7 @@ def load(path: Path | str) -> PrivacyReport:
 
 
 # -- rendering ------------------------------------------------------------------------------
+
 
 def plot_png(report: PrivacyReport) -> bytes:
     import matplotlib
@@ -233,8 +260,10 @@ def _factor(eps: float) -> str:
 
 
 def to_json(report: PrivacyReport) -> str:
-    return json.dumps({**asdict(report), "all_agree": report.all_agree,
-                       "explanation": explanation(report)}, indent=2)
+    return json.dumps(
+        {**asdict(report), "all_agree": report.all_agree, "explanation": explanation(report)},
+        indent=2,
+    )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -247,20 +276,50 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-ROW_HEAD = ["site", "#", "run", "round", "status", "noise multiplier", "sampling rate", "steps",
-            "clip norm", "epsilon after", "epsilon (dp-accounting)", "agree within 1%"]
+ROW_HEAD = [
+    "site",
+    "#",
+    "run",
+    "round",
+    "status",
+    "noise multiplier",
+    "sampling rate",
+    "steps",
+    "clip norm",
+    "epsilon after",
+    "epsilon (dp-accounting)",
+    "agree within 1%",
+]
 SUM_HEAD = ["site", "epsilon spent", "cap", "delta", "accountant", "rounds left", "status"]
 
 
 def _sum_cells(s: SiteSummary) -> list[str]:
-    return [s.site, _fmt(s.epsilon_spent), _fmt(s.epsilon_cap), _fmt(s.delta), s.accountant,
-            _fmt(s.rounds_left), s.status]
+    return [
+        s.site,
+        _fmt(s.epsilon_spent),
+        _fmt(s.epsilon_cap),
+        _fmt(s.delta),
+        s.accountant,
+        _fmt(s.rounds_left),
+        s.status,
+    ]
 
 
 def _row_cells(site: str, r: Row) -> list[str]:
-    return [site, str(r.step), r.run, str(r.round), r.status, _fmt(r.noise_multiplier),
-            _fmt(r.sample_rate), _fmt(r.steps), _fmt(r.max_grad_norm), _fmt(r.epsilon),
-            _fmt(r.independent_epsilon), _fmt(r.agrees)]
+    return [
+        site,
+        str(r.step),
+        r.run,
+        str(r.round),
+        r.status,
+        _fmt(r.noise_multiplier),
+        _fmt(r.sample_rate),
+        _fmt(r.steps),
+        _fmt(r.max_grad_norm),
+        _fmt(r.epsilon),
+        _fmt(r.independent_epsilon),
+        _fmt(r.agrees),
+    ]
 
 
 def to_markdown(report: PrivacyReport) -> str:
@@ -268,29 +327,39 @@ def to_markdown(report: PrivacyReport) -> str:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
-    return "\n\n".join([
-        "# Privacy budget report",
-        f"Source: `{report.source}` ({report.kind}); written {report.created}.",
-        "## Summary", table(SUM_HEAD, [_sum_cells(s) for s in report.sites]),
-        explanation(report),
-        "## Every training phase",
-        table(ROW_HEAD, [_row_cells(s.site, r) for s in report.sites for r in s.rows]),
-        f"Independent check (Google dp-accounting): "
-        f"{'every epsilon agrees within 1%' if report.all_agree else 'NOT every epsilon confirmed'}.",
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                "# Privacy budget report",
+                f"Source: `{report.source}` ({report.kind}); written {report.created}.",
+                "## Summary",
+                table(SUM_HEAD, [_sum_cells(s) for s in report.sites]),
+                explanation(report),
+                "## Every training phase",
+                table(ROW_HEAD, [_row_cells(s.site, r) for s in report.sites for r in s.rows]),
+                f"Independent check (Google dp-accounting): "
+                f"{'every epsilon agrees within 1%' if report.all_agree else 'NOT every epsilon confirmed'}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def to_html(report: PrivacyReport) -> str:
     def table(head: list[str], rows: list[list[str]]) -> str:
         th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                       for r in rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+        )
         return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
     png = base64.b64encode(plot_png(report)).decode()
-    check = ("Every epsilon above agrees within 1% with Google's dp-accounting, an accountant "
-             "independent of the one used in training." if report.all_agree else
-             "WARNING: at least one epsilon could not be confirmed by the independent accountant.")
+    check = (
+        "Every epsilon above agrees within 1% with Google's dp-accounting, an accountant "
+        "independent of the one used in training."
+        if report.all_agree
+        else "WARNING: at least one epsilon could not be confirmed by the independent accountant."
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Privacy budget report</title>
 <style>
@@ -318,8 +387,11 @@ def write(report: PrivacyReport, out_dir: Path | str) -> dict[str, Path]:
     from fedhealth.io import atomic_write_text
 
     out = Path(out_dir)
-    paths = {"html": out / "privacy-report.html", "json": out / "privacy-report.json",
-             "md": out / "privacy-report.md"}
+    paths = {
+        "html": out / "privacy-report.html",
+        "json": out / "privacy-report.json",
+        "md": out / "privacy-report.md",
+    }
     atomic_write_text(paths["html"], to_html(report))
     atomic_write_text(paths["json"], to_json(report))
     atomic_write_text(paths["md"], to_markdown(report))

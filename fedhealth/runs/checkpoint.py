@@ -29,20 +29,23 @@ class CheckpointStore:
     def path(self, server_round: int, kind: str = "round") -> Path:
         return self.directory / f"{kind}-{server_round:04d}.safetensors"
 
-    def save(self, server_round: int, arrays: dict[str, np.ndarray],
-             kind: str = "round") -> tuple[Path, str]:
+    def save(
+        self, server_round: int, arrays: dict[str, np.ndarray], kind: str = "round"
+    ) -> tuple[Path, str]:
         """Write the round's model atomically; returns (path, sha256)."""
         # One metadata key only: safetensors writes a multi-key metadata map in hash order,
         # which would make identical models hash differently.
-        data = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                       metadata={"fedhealth-round": str(server_round)})
+        data = st_save(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            metadata={"fedhealth-round": str(server_round)},
+        )
         path = self.path(server_round, kind)
         digest = atomic_write_bytes(path, data)
         append_line(self.sums, f"{digest}  {path.name}")
         return path, digest
 
     def recorded(self) -> dict[str, str]:
-        """file name -> sha256 as listed in ``SHA256SUMS`` (last entry wins)."""
+        """File name -> sha256 as listed in ``SHA256SUMS`` (last entry wins)."""
         if not self.sums.is_file():
             return {}
         entries: dict[str, str] = {}
@@ -54,8 +57,11 @@ class CheckpointStore:
 
     def rounds(self, kind: str = "round") -> list[int]:
         prefix = f"{kind}-"
-        return sorted(int(name[len(prefix):len(prefix) + 4]) for name in self.recorded()
-                      if name.startswith(prefix))
+        return sorted(
+            int(name[len(prefix) : len(prefix) + 4])
+            for name in self.recorded()
+            if name.startswith(prefix)
+        )
 
     def load(self, server_round: int, kind: str = "round") -> dict[str, np.ndarray]:
         """Load and verify the round's checkpoint against its recorded sha256."""

@@ -32,9 +32,9 @@ import numpy as np
 
 from fedhealth.config import Config, to_yaml
 from fedhealth.errors import ConfigError
-from fedhealth.runs.checkpoint import CheckpointStore
-from fedhealth.protocol.keys import NUM_EXAMPLES
 from fedhealth.io import append_line, atomic_write_text
+from fedhealth.protocol.keys import NUM_EXAMPLES
+from fedhealth.runs.checkpoint import CheckpointStore
 
 PACKAGES = ("fedhealth", "flwr", "torch", "monai", "opacus", "numpy", "safetensors")
 
@@ -56,8 +56,11 @@ def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, f
     total = sum(float(r[NUM_EXAMPLES]) for r in rows.values())
     if total <= 0:
         return {}
-    return {k: sum(float(r[k]) * float(r[NUM_EXAMPLES]) for r in rows.values()) / total
-            for k in keys if all(k in r for r in rows.values())}
+    return {
+        k: sum(float(r[k]) * float(r[NUM_EXAMPLES]) for r in rows.values()) / total
+        for k in keys
+        if all(k in r for r in rows.values())
+    }
 
 
 @dataclass
@@ -91,8 +94,10 @@ class RunDir:
         if manifest.is_file():
             self.manifest: dict[str, Any] = json.loads(manifest.read_text())
             if self.manifest.get("config_sha256") != config_sha:
-                raise ConfigError(f"{self.path}: exists with a different configuration "
-                                  "(config.yaml); choose another run_name")
+                raise ConfigError(
+                    f"{self.path}: exists with a different configuration "
+                    "(config.yaml); choose another run_name"
+                )
             if not self.manifest.get("finished"):
                 self.resumed_from = int(self.manifest["rounds_completed"])
                 self.pending = self.manifest.get("pending_line")
@@ -100,7 +105,8 @@ class RunDir:
                 # it is dropped and written again when the repeated evaluation arrives
                 self._drop_lines_after(self.resumed_from, self.pending is not None)
                 self.manifest.setdefault("resumed", []).append(
-                    {"at": _now(), "after_round": self.resumed_from})
+                    {"at": _now(), "after_round": self.resumed_from}
+                )
                 self._write_manifest()
             return
         atomic_write_text(self.path / "config.yaml", config_text)
@@ -131,8 +137,9 @@ class RunDir:
             last = server_round - 1 if pending and path == self.metrics else server_round
             lines = [ln for ln in read_jsonl(path) if ln["round"] <= last]
             if path.is_file():
-                atomic_write_text(path, "".join(json.dumps(ln, sort_keys=True) + "\n"
-                                                for ln in lines))
+                atomic_write_text(
+                    path, "".join(json.dumps(ln, sort_keys=True) + "\n" for ln in lines)
+                )
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
@@ -142,12 +149,14 @@ class RunDir:
     def log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
 
-    def end_round(self, server_round: int, arrays: dict[str, np.ndarray],
-                  defer_evaluate: bool = False) -> list[dict[str, Any]]:
+    def end_round(
+        self, server_round: int, arrays: dict[str, np.ndarray], defer_evaluate: bool = False
+    ) -> list[dict[str, Any]]:
         """Checkpoint the global model and append the round's metrics line; returns the lines
         written. ``defer_evaluate``: this round's model is evaluated with the next round's
         train message, so its line waits (in the manifest, to survive a restart) until then;
-        a waiting earlier line is written first."""
+        a waiting earlier line is written first.
+        """
         written = self.flush_pending()
         ckpt, digest = self.checkpoints.save(server_round, arrays)
         line: dict[str, Any] = {
@@ -177,7 +186,8 @@ class RunDir:
 
     def flush_pending(self) -> list[dict[str, Any]]:
         """Write the line waiting for its folded evaluation, with whatever evaluation arrived
-        (none if the run stopped first)."""
+        (none if the run stopped first).
+        """
         if self.pending is None:
             return []
         line, self.pending = self.pending, None
@@ -203,11 +213,20 @@ class RunDir:
         """The privacy table: one JSON line per site and round (trained or refused)."""
         entry = self.log(server_round)
         for site, row in sorted(entry.privacy.items()):
-            append_line(self.privacy, json.dumps({"round": server_round, "site": site,
-                                                  "status": "trained", **row}, sort_keys=True))
+            append_line(
+                self.privacy,
+                json.dumps(
+                    {"round": server_round, "site": site, "status": "trained", **row},
+                    sort_keys=True,
+                ),
+            )
         for site in sorted(entry.refused):
-            append_line(self.privacy, json.dumps({"round": server_round, "site": site,
-                                                  "status": "refused"}, sort_keys=True))
+            append_line(
+                self.privacy,
+                json.dumps(
+                    {"round": server_round, "site": site, "status": "refused"}, sort_keys=True
+                ),
+            )
 
     def stop(self, server_round: int, reason: str) -> None:
         """The run stopped cleanly in ``server_round``: the global model stays as last saved."""

@@ -24,14 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedhealth.errors import FedHealthError
+from fedhealth.errors import CertError
 
 CURVE = ec.SECP384R1
 WARN_DAYS = 30
-
-
-class CertError(FedHealthError):
-    """A key or certificate is missing, would be overwritten, is invalid or expired."""
 
 
 def _now() -> dt.datetime:
@@ -42,8 +38,10 @@ def _write(path: Path, data: bytes, private: bool, rotate: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         if not rotate:
-            raise CertError(f"{path} exists; refusing to overwrite it (use --rotate to replace "
-                            "it, keeping a backup)")
+            raise CertError(
+                f"{path} exists; refusing to overwrite it (use --rotate to replace "
+                "it, keeping a backup)"
+            )
         path.rename(path.with_name(f"{path.name}.{_now():%Y%m%dT%H%M%SZ}.bak"))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(path, flags, 0o600 if private else 0o644)
@@ -55,13 +53,18 @@ def _write(path: Path, data: bytes, private: bool, rotate: bool) -> Path:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedhealth consortium"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedhealth consortium"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass(frozen=True)
@@ -81,20 +84,34 @@ class CA:
         return cls(cert, key)
 
 
-def create_ca(directory: Path, name: str = "fedhealth consortium CA", days: int = 730,
-              rotate: bool = False) -> CA:
+def create_ca(
+    directory: Path, name: str = "fedhealth consortium CA", days: int = 730, rotate: bool = False
+) -> CA:
     key = ec.generate_private_key(CURVE())
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(name)).issuer_name(_name(name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -103,8 +120,9 @@ def create_ca(directory: Path, name: str = "fedhealth consortium CA", days: int 
     return CA(cert, key)
 
 
-def create_server_cert(ca: CA, directory: Path, names: list[str], days: int = 365,
-                       rotate: bool = False) -> Path:
+def create_server_cert(
+    ca: CA, directory: Path, names: list[str], days: int = 365, rotate: bool = False
+) -> Path:
     """The coordinator's TLS key and certificate; ``names`` are DNS names or IP addresses."""
     if not names:
         raise CertError("the coordinator certificate needs at least one DNS name or IP address")
@@ -118,31 +136,42 @@ def create_server_cert(ca: CA, directory: Path, names: list[str], days: int = 36
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[0])).issuer_name(ca.cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .subject_name(_name(names[0]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
         .sign(ca.key, hashes.SHA384())
     )
     _write(directory / "server.key", _pem_key(key), private=True, rotate=rotate)
-    return _write(directory / "server.crt", cert.public_bytes(serialization.Encoding.PEM), False,
-                  rotate)
+    return _write(
+        directory / "server.crt", cert.public_bytes(serialization.Encoding.PEM), False, rotate
+    )
 
 
 def create_site_keys(directory: Path, site: str, rotate: bool = False) -> tuple[Path, Path]:
     """A site's SuperNode authentication key pair, OpenSSH ECDSA format."""
     key = ec.generate_private_key(CURVE())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     site_dir = directory / "sites" / site
-    return (_write(site_dir / "auth.key", private, private=True, rotate=rotate),
-            _write(site_dir / "auth.pub", public + f" {site}\n".encode(), False, rotate))
+    return (
+        _write(site_dir / "auth.key", private, private=True, rotate=rotate),
+        _write(site_dir / "auth.pub", public + f" {site}\n".encode(), False, rotate),
+    )
 
 
 def expiry_warnings(directory: Path, warn_days: int = WARN_DAYS) -> list[str]:

@@ -39,14 +39,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
-from fedhealth.errors import FedHealthError
+from fedhealth.errors import SecAggError
 
 MODULUS_BITS = 32
 _RAW = serialization.Encoding.Raw
-
-
-class SecAggError(FedHealthError):
-    """The protocol cannot complete (too few survivors, a bad share, a protocol violation)."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +67,13 @@ class SecAggParams:
     max_examples: int = 1024
 
     @classmethod
-    def sized(cls, participants: int, threshold: int, clipping_range: float = 8.0,
-              max_examples: int = 1024) -> SecAggParams:
+    def sized(
+        cls,
+        participants: int,
+        threshold: int,
+        clipping_range: float = 8.0,
+        max_examples: int = 1024,
+    ) -> SecAggParams:
         """The finest quantization whose sum over ``participants`` cannot wrap mod 2^32."""
         levels = 1 << 30
         while participants * (levels + 1 + max_examples) >= 1 << MODULUS_BITS:
@@ -121,19 +122,27 @@ def _pair_info(i: int, j: int, kind: bytes) -> bytes:
     return b"fedhealth-secagg/" + kind + struct.pack("<QQ", lo, hi)
 
 
-def quantize(update: np.ndarray, weight: int, params: SecAggParams,
-             rng: np.random.Generator | None = None) -> np.ndarray:
+def quantize(
+    update: np.ndarray, weight: int, params: SecAggParams, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Scale by ``weight / max_examples``, clip, quantize (stochastic rounding) to uint32."""
-    scaled = np.clip(update.astype(np.float64) * (weight / params.max_examples),
-                     -params.clipping_range, params.clipping_range)
-    levels = (scaled + params.clipping_range) * (params.quantization_levels / (2 * params.clipping_range))
+    scaled = np.clip(
+        update.astype(np.float64) * (weight / params.max_examples),
+        -params.clipping_range,
+        params.clipping_range,
+    )
+    levels = (scaled + params.clipping_range) * (
+        params.quantization_levels / (2 * params.clipping_range)
+    )
     floor = np.floor(levels)
     rng = rng or np.random.default_rng()
     rounded = floor + (rng.random(levels.shape) < (levels - floor))
     return rounded.astype(np.uint32)
 
 
-def dequantize_sum(total: np.ndarray, count_sum: int, survivors: int, params: SecAggParams) -> np.ndarray:
+def dequantize_sum(
+    total: np.ndarray, count_sum: int, survivors: int, params: SecAggParams
+) -> np.ndarray:
     """From the unmasked integer sum to the weighted mean ``sum_i w_i x_i / sum_i w_i``."""
     scaled_sum = total.astype(np.float64) * (2 * params.clipping_range / params.quantization_levels)
     scaled_sum -= survivors * params.clipping_range
@@ -158,25 +167,37 @@ class SecAggSite:
         """Plain values for the site's Flower ``context.state`` (it never leaves the site)."""
         raw = serialization.PrivateFormat.Raw
         return {
-            "site-id": self.site_id, "neighbours": list(self.neighbours),
-            "threshold": self.params.threshold, "clip": self.params.clipping_range,
-            "levels": self.params.quantization_levels, "max-examples": self.params.max_examples,
+            "site-id": self.site_id,
+            "neighbours": list(self.neighbours),
+            "threshold": self.params.threshold,
+            "clip": self.params.clipping_range,
+            "levels": self.params.quantization_levels,
+            "max-examples": self.params.max_examples,
             "c": self._c.private_bytes(_RAW, raw, serialization.NoEncryption()),
             "s": self._s.private_bytes(_RAW, raw, serialization.NoEncryption()),
             "seed": self._seed,
-            "pub-ids": list(self._publics), "pub-c": [v[0] for v in self._publics.values()],
+            "pub-ids": list(self._publics),
+            "pub-c": [v[0] for v in self._publics.values()],
             "pub-s": [v[1] for v in self._publics.values()],
-            "rx-ids": list(self._received), "rx": list(self._received.values()),
-            "rev-ids": list(self._revealed), "rev": list(self._revealed.values()),
+            "rx-ids": list(self._received),
+            "rx": list(self._received.values()),
+            "rev-ids": list(self._revealed),
+            "rev": list(self._revealed.values()),
         }
 
     @classmethod
     def from_state(cls, st: dict) -> SecAggSite:
-        params = SecAggParams(int(st["threshold"]), float(st["clip"]), int(st["levels"]),
-                              int(st["max-examples"]))
-        site = cls(int(st["site-id"]), params, [int(n) for n in st["neighbours"]],
-                   X25519PrivateKey.from_private_bytes(st["c"]),
-                   X25519PrivateKey.from_private_bytes(st["s"]), bytes(st["seed"]))
+        params = SecAggParams(
+            int(st["threshold"]), float(st["clip"]), int(st["levels"]), int(st["max-examples"])
+        )
+        site = cls(
+            int(st["site-id"]),
+            params,
+            [int(n) for n in st["neighbours"]],
+            X25519PrivateKey.from_private_bytes(st["c"]),
+            X25519PrivateKey.from_private_bytes(st["s"]),
+            bytes(st["seed"]),
+        )
         site._publics = {int(i): (c, s) for i, c, s in zip(st["pub-ids"], st["pub-c"], st["pub-s"])}
         site._received = {int(i): b for i, b in zip(st["rx-ids"], st["rx"])}
         site._revealed = {int(i): k for i, k in zip(st["rev-ids"], st["rev"])}
@@ -184,8 +205,10 @@ class SecAggSite:
 
     # stage 1
     def advertise(self) -> tuple[bytes, bytes]:
-        return (self._c.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
-                self._s.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+        return (
+            self._c.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
+            self._s.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
+        )
 
     # stage 2
     def share_keys(self, publics: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
@@ -194,14 +217,17 @@ class SecAggSite:
         # mask with them; the round goes on while threshold holders remain.
         self.neighbours = [j for j in self.neighbours if j in publics]
         if self.site_id not in publics or len(self.neighbours) + 1 < self.params.threshold:
-            raise SecAggError(f"site {self.site_id}: {len(self.neighbours)} neighbour(s) advertised "
-                              f"keys, fewer than the threshold {self.params.threshold} - 1")
+            raise SecAggError(
+                f"site {self.site_id}: {len(self.neighbours)} neighbour(s) advertised "
+                f"keys, fewer than the threshold {self.params.threshold} - 1"
+            )
         if len({c for c, _ in publics.values()}) != len(publics):
             raise SecAggError(f"site {self.site_id}: duplicate public keys advertised")
         self._publics = dict(publics)
         holders = sorted([self.site_id, *self.neighbours])
-        s_raw = self._s.private_bytes(_RAW, serialization.PrivateFormat.Raw,
-                                      serialization.NoEncryption())
+        s_raw = self._s.private_bytes(
+            _RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         seed_shares = create_shares(self._seed, self.params.threshold, len(holders))
         key_shares = create_shares(s_raw, self.params.threshold, len(holders))
         out = {}
@@ -211,7 +237,9 @@ class SecAggSite:
         return out
 
     def _aead(self, peer: int) -> ChaCha20Poly1305:
-        return ChaCha20Poly1305(_agree(self._c, self._publics[peer][0], _pair_info(self.site_id, peer, b"enc")))
+        return ChaCha20Poly1305(
+            _agree(self._c, self._publics[peer][0], _pair_info(self.site_id, peer, b"enc"))
+        )
 
     def _seal(self, peer: int, plaintext: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -219,22 +247,33 @@ class SecAggSite:
         return nonce + self._aead(peer).encrypt(nonce, plaintext, aad)
 
     # stage 3
-    def masked_input(self, update: np.ndarray, weight: int, received: dict[int, bytes],
-                     rng: np.random.Generator | None = None) -> np.ndarray:
+    def masked_input(
+        self,
+        update: np.ndarray,
+        weight: int,
+        received: dict[int, bytes],
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
         """The masked, quantized, weighted update with the example count as last word."""
         if not isinstance(weight, int) or not 1 <= weight <= self.params.max_examples:
             raise SecAggError(f"site {self.site_id}: example count {weight} out of bounds")
         if not np.isfinite(update).all():
             raise SecAggError(f"site {self.site_id}: update has NaN or infinite values")
         self._received = dict(received)
-        vector = np.concatenate([quantize(update.ravel(), weight, self.params, rng),
-                                 np.array([weight], dtype=np.uint32)])
+        vector = np.concatenate(
+            [
+                quantize(update.ravel(), weight, self.params, rng),
+                np.array([weight], dtype=np.uint32),
+            ]
+        )
         masked = vector + prg(self._seed, vector.size)
         for j in self.neighbours:
             if j not in received:  # j dropped before sharing its secrets: no mask with it
                 continue
-            pair = prg(_agree(self._s, self._publics[j][1], _pair_info(self.site_id, j, b"mask")),
-                       vector.size)
+            pair = prg(
+                _agree(self._s, self._publics[j][1], _pair_info(self.site_id, j, b"mask")),
+                vector.size,
+            )
             masked = masked + pair if self.site_id < j else masked - pair
         return masked.astype(np.uint32)
 
@@ -242,11 +281,15 @@ class SecAggSite:
     def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
         """Per neighbour: the seed share of a survivor, the masking-key share of a dropped site."""
         if set(survivors) & set(dropped):
-            raise SecAggError(f"site {self.site_id}: asked to reveal both shares of "
-                              f"{sorted(set(survivors) & set(dropped))}")
+            raise SecAggError(
+                f"site {self.site_id}: asked to reveal both shares of "
+                f"{sorted(set(survivors) & set(dropped))}"
+            )
         if len(survivors) < self.params.threshold:
-            raise SecAggError(f"site {self.site_id}: {len(survivors)} survivors < threshold "
-                              f"{self.params.threshold}; refusing to reveal anything")
+            raise SecAggError(
+                f"site {self.site_id}: {len(survivors)} survivors < threshold "
+                f"{self.params.threshold}; refusing to reveal anything"
+            )
         out = {}
         for src in sorted(set(survivors) | set(dropped)):
             if src not in self._received or (src != self.site_id and src not in self.neighbours):
@@ -263,12 +306,14 @@ class SecAggSite:
         try:
             plaintext = self._aead(src).decrypt(blob[:12], blob[12:], aad)
         except Exception as exc:  # cryptography raises InvalidTag
-            raise SecAggError(f"site {self.site_id}: share from {src} fails authentication") from exc
+            raise SecAggError(
+                f"site {self.site_id}: share from {src} fails authentication"
+            ) from exc
         sender, holder, nb, ns = struct.unpack("<QQHH", plaintext[:20])
         if (sender, holder) != (src, self.site_id):
             raise SecAggError(f"site {self.site_id}: share from {src} is addressed wrongly")
         body = plaintext[20:]
-        return body[:nb] if kind == "seed" else body[nb:nb + ns]
+        return body[:nb] if kind == "seed" else body[nb : nb + ns]
 
 
 @dataclass
@@ -294,15 +339,19 @@ class SecAggServer:
         survivors = sorted(self.masked)
         dropped = sorted(set(self.shared) - set(self.masked))
         if len(survivors) < self.params.threshold:
-            raise SecAggError(f"{len(survivors)} site(s) sent masked input, fewer than the "
-                              f"threshold {self.params.threshold}: the round cannot be unmasked")
+            raise SecAggError(
+                f"{len(survivors)} site(s) sent masked input, fewer than the "
+                f"threshold {self.params.threshold}: the round cannot be unmasked"
+            )
         return survivors, dropped
 
     def aggregate(self, reveals: dict[int, dict[int, bytes]]) -> tuple[np.ndarray, int]:
         """Unmask the sum from the survivors' reveals; returns (weighted mean, example sum)."""
         survivors, dropped = self.survivors_and_dropped()
         if len(reveals) < self.params.threshold:
-            raise SecAggError(f"{len(reveals)} unmasking replies < threshold {self.params.threshold}")
+            raise SecAggError(
+                f"{len(reveals)} unmasking replies < threshold {self.params.threshold}"
+            )
         lengths = {v.size for v in self.masked.values()}
         if len(lengths) != 1:
             raise SecAggError(f"masked inputs differ in length: {sorted(lengths)}")
@@ -329,8 +378,10 @@ class SecAggServer:
     def _rebuild(self, owner: int, reveals: dict[int, dict[int, bytes]]) -> bytes:
         shares = [r[owner] for r in reveals.values() if owner in r]
         if len(shares) < self.params.threshold:
-            raise SecAggError(f"only {len(shares)} share(s) of site {owner}'s secret, "
-                              f"threshold {self.params.threshold}")
+            raise SecAggError(
+                f"only {len(shares)} share(s) of site {owner}'s secret, "
+                f"threshold {self.params.threshold}"
+            )
         try:
             return combine_shares(shares[: self.params.threshold])
         except ValueError as exc:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedhealth.protocol import keys as K
 from fedhealth.errors import UpdateRejected
+from fedhealth.protocol import keys as K
 
 WEIGHT_KEY = K.NUM_EXAMPLES
 MAX_METRICS = 64
@@ -61,14 +61,19 @@ def nbytes(record: ArrayRecord) -> int:
 
 
 def validate_update(
-    reference: ArrayRecord, content: RecordDict, max_examples: int, site: str = "?",
+    reference: ArrayRecord,
+    content: RecordDict,
+    max_examples: int,
+    site: str = "?",
     required_metrics: Iterable[str] = (WEIGHT_KEY,),
 ) -> int:
     """Raise :class:`UpdateRejected` naming the site and field; returns the example count."""
     arrays = content.array_records
     if list(arrays) != [K.ARRAYS]:
-        raise UpdateRejected(f"site {site}: field 'arrays': expected exactly one ArrayRecord "
-                             f"'arrays', got {len(arrays)}: {_keys(arrays)}")
+        raise UpdateRejected(
+            f"site {site}: field 'arrays': expected exactly one ArrayRecord "
+            f"'arrays', got {len(arrays)}: {_keys(arrays)}"
+        )
     update = arrays[K.ARRAYS]
     if len(update) != len(reference) or set(update) != set(reference):
         missing, extra = set(reference) - set(update), set(update) - set(reference)
@@ -82,16 +87,21 @@ def validate_update(
         for key, ref in reference.items():  # name the (first) parameter that grew
             got = update[key]
             if len(got.data) > len(ref.data):
-                detail = (f"; parameter {key!r} is {len(got.data)} bytes, declared "
-                          f"{_r(got.dtype)}{_r(list(got.shape))}, expected {len(ref.data)} "
-                          f"bytes, {ref.dtype}{list(ref.shape)}")
+                detail = (
+                    f"; parameter {key!r} is {len(got.data)} bytes, declared "
+                    f"{_r(got.dtype)}{_r(list(got.shape))}, expected {len(ref.data)} "
+                    f"bytes, {ref.dtype}{list(ref.shape)}"
+                )
                 break
-        raise UpdateRejected(f"site {site}: field 'arrays' is {size} bytes, more than the "
-                             f"reference model's {limit} bytes{detail}")
+        raise UpdateRejected(
+            f"site {site}: field 'arrays' is {size} bytes, more than the "
+            f"reference model's {limit} bytes{detail}"
+        )
     metrics = content.metric_records
     if len(metrics) != 1:
-        raise UpdateRejected(f"site {site}: expected exactly one MetricRecord, got "
-                             f"{len(metrics)}: {_keys(metrics)}")
+        raise UpdateRejected(
+            f"site {site}: expected exactly one MetricRecord, got {len(metrics)}: {_keys(metrics)}"
+        )
     count = validate_metrics(next(iter(metrics.values())), max_examples, site, required_metrics)
     for key, ref in reference.items():
         _check_array(site, key, update[key], ref)
@@ -102,11 +112,12 @@ def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
     """Metadata, then the ``.npy`` header, then the exact length, then the values."""
     field = f"site {site}: parameter {key!r}"
     want_dtype, want_shape = np.dtype(ref.dtype), tuple(ref.shape)
-    if (array.stype != NUMPY_STYPE or array.dtype != ref.dtype
-            or tuple(array.shape) != want_shape):
-        raise UpdateRejected(f"{field} is declared {_r(array.stype)} {_r(array.dtype)}"
-                             f"{_r(list(array.shape))}, expected {NUMPY_STYPE} {ref.dtype}"
-                             f"{list(want_shape)}")
+    if array.stype != NUMPY_STYPE or array.dtype != ref.dtype or tuple(array.shape) != want_shape:
+        raise UpdateRejected(
+            f"{field} is declared {_r(array.stype)} {_r(array.dtype)}"
+            f"{_r(list(array.shape))}, expected {NUMPY_STYPE} {ref.dtype}"
+            f"{list(want_shape)}"
+        )
     data = array.data
     try:  # the header only: a header may claim any shape, loading it could allocate terabytes
         stream = io.BytesIO(data)
@@ -120,12 +131,13 @@ def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a rejection, never a crash
         raise UpdateRejected(f"{field}: bytes are not a .npy array ({_r(str(exc))})") from None
     if dtype != want_dtype or tuple(shape) != want_shape:
-        raise UpdateRejected(f"{field}: its bytes hold {_r(str(dtype))}{_r(list(shape))}, "
-                             f"expected {want_dtype}{list(want_shape)}")
+        raise UpdateRejected(
+            f"{field}: its bytes hold {_r(str(dtype))}{_r(list(shape))}, "
+            f"expected {want_dtype}{list(want_shape)}"
+        )
     expected = stream.tell() + want_dtype.itemsize * math.prod(want_shape)
     if len(data) != expected:
-        raise UpdateRejected(f"{field} is {len(data)} bytes, its shape and header make "
-                             f"{expected}")
+        raise UpdateRejected(f"{field} is {len(data)} bytes, its shape and header make {expected}")
     try:
         values = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
@@ -135,17 +147,22 @@ def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
 
 
 def validate_metrics(
-    record: Mapping[str, Any], max_examples: int, site: str = "?",
+    record: Mapping[str, Any],
+    max_examples: int,
+    site: str = "?",
     required: Iterable[str] = (WEIGHT_KEY,),
     bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> int:
     """A reply's metrics: at most MAX_METRICS finite numbers, the ``required`` keys present, each
     within its ``bounds``, the example count a whole number in ``[1, max_examples]``. Raises
-    :class:`UpdateRejected` naming the site and the metric; returns the example count."""
+    :class:`UpdateRejected` naming the site and the metric; returns the example count.
+    """
     values = dict(record.items())
     if len(values) > MAX_METRICS:
-        raise UpdateRejected(f"site {site}: MetricRecord has {len(values)} entries, at most "
-                             f"{MAX_METRICS} are accepted")
+        raise UpdateRejected(
+            f"site {site}: MetricRecord has {len(values)} entries, at most "
+            f"{MAX_METRICS} are accepted"
+        )
     for key in required:
         if key not in values:
             raise UpdateRejected(f"site {site}: metric {key!r} is missing")
@@ -157,23 +174,29 @@ def validate_metrics(
         )
     for key, value in values.items():
         if not is_number(value):
-            raise UpdateRejected(f"site {site}: metric {_r(key)}={_r(value)} is not a finite "
-                                 "number")
+            raise UpdateRejected(
+                f"site {site}: metric {_r(key)}={_r(value)} is not a finite number"
+            )
         low, high = (bounds or {}).get(key, (-math.inf, math.inf))
         if not low <= value <= high:
-            raise UpdateRejected(f"site {site}: metric {key!r}={_r(value)} is outside "
-                                 f"[{low}, {high}]")
+            raise UpdateRejected(
+                f"site {site}: metric {key!r}={_r(value)} is outside [{low}, {high}]"
+            )
     return count
 
 
 def validate_accounting(about: Mapping[str, Any], site: str = "?") -> None:
     """The DP history a site sends with its epsilon (``site`` ConfigRecord): lists of finite
-    numbers, one entry per phase, so that anyone can recompute the epsilon."""
+    numbers, one entry per phase, so that anyone can recompute the epsilon.
+    """
     lists = {key: about.get(key, []) for key in HISTORY_KEYS}
     for key, value in lists.items():
         if not isinstance(value, list) or not all(is_number(v) for v in value):
-            raise UpdateRejected(f"site {site}: field {key!r}={_r(value)} is not a list of "
-                                 "finite numbers")
+            raise UpdateRejected(
+                f"site {site}: field {key!r}={_r(value)} is not a list of finite numbers"
+            )
     if len({len(v) for v in lists.values()}) > 1:
-        raise UpdateRejected(f"site {site}: privacy history lengths differ "
-                             f"({', '.join(f'{k}: {len(v)}' for k, v in lists.items())})")
+        raise UpdateRejected(
+            f"site {site}: privacy history lengths differ "
+            f"({', '.join(f'{k}: {len(v)}' for k, v in lists.items())})"
+        )

@@ -1,20 +1,19 @@
 """The coordinator's ServerApp: rounds of the guarded strategy, checkpoints, the run directory.
 
 ``server/server_app.py`` exposes :func:`make_server_app` to ``flwr run``; ``fedhealth simulate``
-binds a config and run directory directly (Flower's simulation API passes no run config)."""
+binds a config and run directory directly (Flower's simulation API passes no run config).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.serverapp import Grid, ServerApp
-
 from typing import TYPE_CHECKING
 
-from fedhealth.errors import ConfigError, RunStopped
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedhealth.errors import RunStopped
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import layout, pack, unpack
 
@@ -51,8 +50,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
     remaining rounds keep their round numbers, seeds and learning rates.
     """
     from fedhealth.config import site_settings
-    from fedhealth.serverapp.strategy import build_strategy
     from fedhealth.models import build_model
+    from fedhealth.serverapp.strategy import build_strategy
     from fedhealth.training import seed_everything
 
     if run_dir.finished:
@@ -68,8 +67,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
     if run_dir.resumed_from is not None:
         arrays = run_dir.checkpoints.load(done)  # refuses a file whose sha256 does not match
         tensors = {k: np.ascontiguousarray(arrays[k]) for k in model_state}
-        initial = pack(tensors) if fed.pack_arrays else \
-            ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        initial = (
+            pack(tensors)
+            if fed.pack_arrays
+            else ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        )
         if done in run_dir.checkpoints.rounds("strategy"):
             restore_strategy_state(strategy, run_dir.checkpoints.load(done, "strategy"))
         strategy.round_offset = done
@@ -80,8 +82,13 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
     if fed.secure_aggregation:
         from fedhealth.serverapp.secure_grid import SecureGrid
 
-        grid = SecureGrid(grid, fed.secagg_threshold, fed.secagg_degree,
-                          fed.secagg_clipping_range, fed.secagg_max_examples)
+        grid = SecureGrid(
+            grid,
+            fed.secagg_threshold,
+            fed.secagg_degree,
+            fed.secagg_clipping_range,
+            fed.secagg_max_examples,
+        )
     instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -91,18 +98,28 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         state = strategy_state(strategy)
         if state:
             run_dir.checkpoints.save(server_round, state, "strategy")
-        tensors = unpack(arrays, shapes, f"round {server_round} global model") if shapes else \
-            {k: v.numpy() for k, v in arrays.items()}
-        lines = run_dir.end_round(server_round, tensors,
-                                  defer_evaluate=strategy.folds(server_round))
+        tensors = (
+            unpack(arrays, shapes, f"round {server_round} global model")
+            if shapes
+            else {k: v.numpy() for k, v in arrays.items()}
+        )
+        lines = run_dir.end_round(
+            server_round, tensors, defer_evaluate=strategy.folds(server_round)
+        )
         weighted = {}
         for line in lines:
             if line["round"]:
                 weighted = line["evaluate"]["weighted"]
-                per_site = ", ".join(f"{n} {m['dice']:.3f}"
-                                     for n, m in sorted(line["evaluate"]["sites"].items()))
-                log.info("round %d/%d: weighted dice %.4f | %s", line["round"], cfg.rounds,
-                         weighted.get("dice", float("nan")), per_site)
+                per_site = ", ".join(
+                    f"{n} {m['dice']:.3f}" for n, m in sorted(line["evaluate"]["sites"].items())
+                )
+                log.info(
+                    "round %d/%d: weighted dice %.4f | %s",
+                    line["round"],
+                    cfg.rounds,
+                    weighted.get("dice", float("nan")),
+                    per_site,
+                )
         return MetricRecord(weighted) if weighted else None
 
     try:
@@ -128,7 +145,6 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from fedhealth.runs.rundir import RunDir
-
         from fedhealth.serverapp.runconfig import config_from_run_config
 
         config = cfg if cfg is not None else config_from_run_config(dict(context.run_config))

@@ -23,8 +23,9 @@ class PolledGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         pending = set(self.grid.push_messages(messages))
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

@@ -1,5 +1,6 @@
 """The run config of a deployed run: the resolved :class:`~fedhealth.config.Config` as one JSON
-string under :data:`~fedhealth.protocol.keys.RUN_CONFIG` (``flwr run --run-config``)."""
+string under :data:`~fedhealth.protocol.keys.RUN_CONFIG` (``flwr run --run-config``).
+"""
 
 from __future__ import annotations
 

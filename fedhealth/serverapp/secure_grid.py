@@ -31,11 +31,10 @@ from flwr.serverapp import Grid
 from fedhealth.errors import UpdateRejected
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import unflatten
-from fedhealth.security.validation import validate_metrics
 from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, neighbour_graph
+from fedhealth.security.validation import validate_metrics
 
 log = logging.getLogger("fedhealth.secagg")
-
 
 
 class SecureGrid:
@@ -50,8 +49,14 @@ class SecureGrid:
     clipping_range, max_examples : see :class:`fedhealth.security.secagg.SecAggParams`.
     """
 
-    def __init__(self, grid: Grid, threshold_fraction: float = 0.51, degree: int = 0,
-                 clipping_range: float = 8.0, max_examples: int = 1024) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        threshold_fraction: float = 0.51,
+        degree: int = 0,
+        clipping_range: float = 8.0,
+        max_examples: int = 1024,
+    ) -> None:
         self.grid = grid
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.clipping_range, self.max_examples = clipping_range, max_examples
@@ -60,8 +65,9 @@ class SecureGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         msgs = list(messages)
         if not msgs or msgs[0].metadata.message_type != "train":
             return self.grid.send_and_receive(msgs, timeout=timeout)
@@ -74,12 +80,21 @@ class SecureGrid:
             log.exception("secure aggregation failed on a malformed reply, no update this round")
         return list(self._errors)  # the strategy sees who failed; the model stays as it was
 
-    def _stage(self, stage: str, contents: dict[int, RecordDict], node_of: dict[int, int],
-               timeout: float | None, parse: Any = None) -> dict[int, Any]:
+    def _stage(
+        self,
+        stage: str,
+        contents: dict[int, RecordDict],
+        node_of: dict[int, int],
+        timeout: float | None,
+        parse: Any = None,
+    ) -> dict[int, Any]:
         """Send each protocol id its content; replies by protocol id, each passed through
-        ``parse``; an error reply or one ``parse`` cannot read drops that site."""
+        ``parse``; an error reply or one ``parse`` cannot read drops that site.
+        """
         pid_of = {node: pid for pid, node in node_of.items()}
-        out = [Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()]
+        out = [
+            Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()
+        ]
         replies = {}
         for reply in self.grid.send_and_receive(out, timeout=timeout):
             pid = pid_of.get(reply.metadata.src_node_id)
@@ -91,10 +106,21 @@ class SecureGrid:
                 continue
             try:
                 replies[pid] = parse(reply) if parse is not None else reply
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
-                    UpdateRejected) as exc:
-                log.warning("%s: site %d dropped: malformed reply (%s: %.200s)", stage, pid,
-                            type(exc).__name__, exc)
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                IndexError,
+                AttributeError,
+                UpdateRejected,
+            ) as exc:
+                log.warning(
+                    "%s: site %d dropped: malformed reply (%s: %.200s)",
+                    stage,
+                    pid,
+                    type(exc).__name__,
+                    exc,
+                )
         return replies
 
     def _secure_round(self, msgs: list[Message], timeout: float | None) -> list[Message]:
@@ -109,37 +135,67 @@ class SecureGrid:
         graph = neighbour_graph(nodes, self.degree or None)
         server = SecAggServer(params, graph)
 
-        setup = {n: RecordDict({K.SECAGG: ConfigRecord({
-            K.SECAGG_SITE_ID: n, K.SECAGG_NEIGHBOURS: graph[n],
-            K.SECAGG_THRESHOLD: params.threshold, K.SECAGG_CLIP: params.clipping_range,
-            K.SECAGG_LEVELS: params.quantization_levels,
-            K.SECAGG_MAX_EXAMPLES: params.max_examples})}) for n in nodes}
+        setup = {
+            n: RecordDict(
+                {
+                    K.SECAGG: ConfigRecord(
+                        {
+                            K.SECAGG_SITE_ID: n,
+                            K.SECAGG_NEIGHBOURS: graph[n],
+                            K.SECAGG_THRESHOLD: params.threshold,
+                            K.SECAGG_CLIP: params.clipping_range,
+                            K.SECAGG_LEVELS: params.quantization_levels,
+                            K.SECAGG_MAX_EXAMPLES: params.max_examples,
+                        }
+                    )
+                }
+            )
+            for n in nodes
+        }
         server.publics.update(self._stage(K.STAGE_ADVERTISE, setup, node_of, timeout, _publics))
 
         shares = {}
         for n in server.publics:
             peers = [p for p in [n, *graph[n]] if p in server.publics]
-            shares[n] = RecordDict({K.SECAGG: ConfigRecord({
-                K.SECAGG_IDS: peers, K.SECAGG_PUBLIC_C: [server.publics[p][0] for p in peers],
-                K.SECAGG_PUBLIC_S: [server.publics[p][1] for p in peers]})})
+            shares[n] = RecordDict(
+                {
+                    K.SECAGG: ConfigRecord(
+                        {
+                            K.SECAGG_IDS: peers,
+                            K.SECAGG_PUBLIC_C: [server.publics[p][0] for p in peers],
+                            K.SECAGG_PUBLIC_S: [server.publics[p][1] for p in peers],
+                        }
+                    )
+                }
+            )
         server.shared.update(self._stage(K.STAGE_SHARE, shares, node_of, timeout, _blobs))
 
         inbox = server.route()
         masks = {}
         for n, received in inbox.items():
             content = RecordDict({**by_node[n].content})
-            content[K.SECAGG] = ConfigRecord({K.SECAGG_FROM: list(received) or [0],
-                                              K.SECAGG_BLOBS: list(received.values()) or [b""]})
+            content[K.SECAGG] = ConfigRecord(
+                {
+                    K.SECAGG_FROM: list(received) or [0],
+                    K.SECAGG_BLOBS: list(received.values()) or [b""],
+                }
+            )
             masks[n] = content
         size = sum(a.numpy().size for a in by_node[nodes[0]].content[K.ARRAYS].values()) + 1
 
         def masked(reply: Message) -> Message:
             vector = reply.content[K.MASKED][K.MASKED].numpy()
             if vector.shape != (size,) or vector.dtype.kind not in "ui":
-                raise ValueError(f"masked vector {vector.dtype}{vector.shape}, expected "
-                                 f"({size},): the model plus the example count")
-            validate_metrics(dict(reply.content[K.METRICS].items()), self.max_examples,
-                             f"protocol id {pid_of_reply(reply)}", (K.NUM_EXAMPLES, K.LOSS))
+                raise ValueError(
+                    f"masked vector {vector.dtype}{vector.shape}, expected "
+                    f"({size},): the model plus the example count"
+                )
+            validate_metrics(
+                dict(reply.content[K.METRICS].items()),
+                self.max_examples,
+                f"protocol id {pid_of_reply(reply)}",
+                (K.NUM_EXAMPLES, K.LOSS),
+            )
             dict(reply.content[K.SITE].items())
             return reply
 
@@ -153,27 +209,61 @@ class SecureGrid:
             server.masked[node] = reply.content[K.MASKED][K.MASKED].numpy().astype(np.uint32)
 
         survivors, dropped = server.survivors_and_dropped()
-        unmask = {n: RecordDict({K.SECAGG: ConfigRecord({K.SECAGG_SURVIVORS: survivors,
-                                                          K.SECAGG_DROPPED: dropped or [0]})})
-                  for n in survivors}
+        unmask = {
+            n: RecordDict(
+                {
+                    K.SECAGG: ConfigRecord(
+                        {K.SECAGG_SURVIVORS: survivors, K.SECAGG_DROPPED: dropped or [0]}
+                    )
+                }
+            )
+            for n in survivors
+        }
         reveals = self._stage(K.STAGE_UNMASK, unmask, node_of, timeout, _reveals)
         mean, count = server.aggregate(reveals)
-        log.info("secure aggregation: %d site(s) summed, %d dropped, %d examples",
-                 len(survivors), len(dropped), count)
+        log.info(
+            "secure aggregation: %d site(s) summed, %d dropped, %d examples",
+            len(survivors),
+            len(dropped),
+            count,
+        )
 
         template = by_node[survivors[0]].content[K.ARRAYS]
-        losses = [float(site_replies[n].content[K.METRICS][K.LOSS]) *
-                  int(site_replies[n].content[K.METRICS][K.NUM_EXAMPLES]) for n in survivors]
-        aggregate = Message(RecordDict({
-            K.ARRAYS: unflatten(mean, template),
-            K.METRICS: MetricRecord({K.NUM_EXAMPLES: count, K.LOSS: sum(losses) / count}),
-            K.SITE: ConfigRecord({K.SITE_NAME: K.SECURE_SUM_NAME, K.SECAGG_SUM: True,
-                                  K.SECAGG_SITES: len(survivors)}),
-        }), reply_to=by_node[survivors[0]])
-        per_site = [Message(RecordDict({
-            K.METRICS: site_replies[n].content[K.METRICS],
-            K.SITE: ConfigRecord({**site_replies[n].content[K.SITE], K.SECAGG_METRICS_ONLY: True}),
-        }), reply_to=by_node[n]) for n in survivors]
+        losses = [
+            float(site_replies[n].content[K.METRICS][K.LOSS])
+            * int(site_replies[n].content[K.METRICS][K.NUM_EXAMPLES])
+            for n in survivors
+        ]
+        aggregate = Message(
+            RecordDict(
+                {
+                    K.ARRAYS: unflatten(mean, template),
+                    K.METRICS: MetricRecord({K.NUM_EXAMPLES: count, K.LOSS: sum(losses) / count}),
+                    K.SITE: ConfigRecord(
+                        {
+                            K.SITE_NAME: K.SECURE_SUM_NAME,
+                            K.SECAGG_SUM: True,
+                            K.SECAGG_SITES: len(survivors),
+                        }
+                    ),
+                }
+            ),
+            reply_to=by_node[survivors[0]],
+        )
+        per_site = [
+            Message(
+                RecordDict(
+                    {
+                        K.METRICS: site_replies[n].content[K.METRICS],
+                        K.SITE: ConfigRecord(
+                            {**site_replies[n].content[K.SITE], K.SECAGG_METRICS_ONLY: True}
+                        ),
+                    }
+                ),
+                reply_to=by_node[n],
+            )
+            for n in survivors
+        ]
         return [aggregate, *per_site]
 
 
@@ -192,5 +282,6 @@ def _blobs(reply: Message) -> dict[int, bytes]:
 
 def _reveals(reply: Message) -> dict[int, bytes]:
     rec = reply.content[K.SECAGG]
-    return {int(o): bytes(sh)
-            for o, sh in zip(rec[K.SECAGG_OWNERS], rec[K.SECAGG_SHARES], strict=True)}
+    return {
+        int(o): bytes(sh) for o, sh in zip(rec[K.SECAGG_OWNERS], rec[K.SECAGG_SHARES], strict=True)
+    }

@@ -29,8 +29,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedhealth.config import Config
 from fedhealth.errors import BUDGET_REFUSAL, ConfigError, RunStopped, UpdateRejected
-from fedhealth.runs.rundir import RunDir
 from fedhealth.protocol import keys as K
+from fedhealth.runs.rundir import RunDir
 from fedhealth.security.validation import validate_accounting, validate_metrics, validate_update
 
 log = logging.getLogger("fedhealth.coordinator")
@@ -72,9 +72,17 @@ class GuardedRounds:
     rejoin_wait: float = 0.0
     _sent: int = 0  # sites the last train round was sent to
 
-    def guard(self, run_dir: RunDir, max_examples: int, min_sites: int, wait_timeout: float,
-              secure: bool = False, fold_evaluate: bool = False, last_round: int = 0,
-              rejoin_wait: float = 0.0) -> None:
+    def guard(
+        self,
+        run_dir: RunDir,
+        max_examples: int,
+        min_sites: int,
+        wait_timeout: float,
+        secure: bool = False,
+        fold_evaluate: bool = False,
+        last_round: int = 0,
+        rejoin_wait: float = 0.0,
+    ) -> None:
         self.run_dir, self.max_examples = run_dir, max_examples
         self.fold_evaluate, self.last_round = fold_evaluate, last_round
         self.rejoin_wait = rejoin_wait
@@ -99,9 +107,14 @@ class GuardedRounds:
                 time.sleep(0.5)
                 connected = len(list(grid.get_node_ids()))
             if connected < self._sent:
-                log.info("round %d: %d of the previous round's %d sites connected after %.0fs; "
-                         "going on without the others", server_round, connected, self._sent,
-                         self.rejoin_wait)
+                log.info(
+                    "round %d: %d of the previous round's %d sites connected after %.0fs; "
+                    "going on without the others",
+                    server_round,
+                    connected,
+                    self._sent,
+                    self.rejoin_wait,
+                )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -138,7 +151,8 @@ class GuardedRounds:
         replies = list(replies)
         if folded:  # a site that failed or refused this round's task evaluated nothing either
             self.run_dir.log(server_round - 1).failed["evaluate"] += sum(
-                msg.has_error() for msg in replies)
+                msg.has_error() for msg in replies
+            )
         for name, msg in self._without_errors(server_round, replies, "train"):
             about = _about(msg)
             if not self.secure:
@@ -153,8 +167,11 @@ class GuardedRounds:
                     if K.EPSILON in metrics:
                         validate_accounting(about, name)
                 except UpdateRejected as exc:
-                    log.warning("round %d: metrics not recorded (the update is in the secure "
-                                "sum): %s", server_round, exc)
+                    log.warning(
+                        "round %d: metrics not recorded (the update is in the secure sum): %s",
+                        server_round,
+                        exc,
+                    )
                     entry.rejected[name] = f"{exc} (metrics only: the update is in the sum)"
                     continue
                 self._record_site(entry, name, metrics, about)
@@ -175,18 +192,25 @@ class GuardedRounds:
                 contributors += 1
             accepted.append(msg)
         if contributors < self.min_sites or not accepted:
-            reason = (f"round {server_round}: {contributors} valid update(s), fewer than the "
-                      f"{self.min_sites} required (refused: {sorted(entry.refused) or 'none'}, "
-                      f"failed: {entry.failed['train']}, rejected: {sorted(entry.rejected) or 'none'})")
+            reason = (
+                f"round {server_round}: {contributors} valid update(s), fewer than the "
+                f"{self.min_sites} required (refused: {sorted(entry.refused) or 'none'}, "
+                f"failed: {entry.failed['train']}, rejected: {sorted(entry.rejected) or 'none'})"
+            )
             log.warning("%s; stopping the run, global model unchanged", reason)
             raise RunStopped(reason)
         arrays, metrics = super().aggregate_train(  # type: ignore[misc]
-            server_round, _plain(accepted, True))
+            server_round, _plain(accepted, True)
+        )
         if arrays is not None and self._reference is not None:
             # FedAdam's step (and any mean of integer buffers) comes back as float64: sites train
             # and reply in the global model's dtypes, which validation then requires exactly.
-            arrays = ArrayRecord({k: Array(_as_dtype(arrays[k].numpy(), ref.dtype))
-                                  for k, ref in self._reference.items()})
+            arrays = ArrayRecord(
+                {
+                    k: Array(_as_dtype(arrays[k].numpy(), ref.dtype))
+                    for k, ref in self._reference.items()
+                }
+            )
         return arrays, metrics
 
     def _record_evaluation(self, server_round: int, name: str, metrics: dict[str, Any]) -> None:
@@ -194,8 +218,9 @@ class GuardedRounds:
         entry = self.run_dir.log(server_round)
         if not metrics:
             entry.failed["evaluate"] += 1
-            log.warning("round %d evaluate: site %s trained but sent no evaluation",
-                        server_round, name)
+            log.warning(
+                "round %d evaluate: site %s trained but sent no evaluation", server_round, name
+            )
             return
         try:
             validate_metrics(metrics, self.max_examples, name, EVALUATE_METRICS, EVALUATE_BOUNDS)
@@ -215,10 +240,13 @@ class GuardedRounds:
             metrics = _metrics(msg)
             try:
                 if msg.content.array_records:
-                    raise UpdateRejected(f"site {name}: an evaluation reply carries no "
-                                         f"ArrayRecord, got {len(msg.content.array_records)}")
-                validate_metrics(metrics, self.max_examples, name, EVALUATE_METRICS,
-                                 EVALUATE_BOUNDS)
+                    raise UpdateRejected(
+                        f"site {name}: an evaluation reply carries no "
+                        f"ArrayRecord, got {len(msg.content.array_records)}"
+                    )
+                validate_metrics(
+                    metrics, self.max_examples, name, EVALUATE_METRICS, EVALUATE_BOUNDS
+                )
             except UpdateRejected as exc:
                 log.warning("round %d: rejected evaluation: %s", server_round, exc)
                 entry.rejected_evaluate[name] = str(exc)
@@ -237,9 +265,14 @@ class GuardedRounds:
             entry.privacy[name] = {
                 **{k.replace("-", "_"): metrics[k] for k in K.PRIVACY_METRICS if k in metrics},
                 "accountant": str(about.get(K.ACCOUNTANT, "")),
-                "history": [list(h) for h in zip(about.get(K.HISTORY_NOISE, []),
-                                                 about.get(K.HISTORY_RATE, []),
-                                                 about.get(K.HISTORY_STEPS, []))],
+                "history": [
+                    list(h)
+                    for h in zip(
+                        about.get(K.HISTORY_NOISE, []),
+                        about.get(K.HISTORY_RATE, []),
+                        about.get(K.HISTORY_STEPS, []),
+                    )
+                ],
             }
 
     def _without_errors(
@@ -247,7 +280,8 @@ class GuardedRounds:
     ) -> list[tuple[str, Message]]:
         """Error replies counted and logged; the others as (site name, reply) in name, then
         node order, those without exactly one MetricRecord rejected. A name that more than one
-        node claims this round is ambiguous: each claimant gets its node id appended."""
+        node claims this round is ambiguous: each claimant gets its node id appended.
+        """
         kept, answered, errors = [], [], []
         entry = self.run_dir.log(server_round)
         rejected = entry.rejected if phase == "train" else entry.rejected_evaluate
@@ -257,19 +291,28 @@ class GuardedRounds:
         for msg in answered:
             claims.setdefault(site_name(msg), set()).add(msg.metadata.src_node_id)
         if clashes := sorted(n for n, nodes in claims.items() if len(nodes) > 1):
-            log.warning("round %d %s: site name(s) %s claimed by more than one node",
-                        server_round, phase, clashes[:5])
-        named = sorted(((f"{name}#node-{msg.metadata.src_node_id}" if name in clashes else name,
-                         msg) for name, msg in ((site_name(m), m) for m in answered)),
-                       key=lambda pair: (pair[0], pair[1].metadata.src_node_id))
+            log.warning(
+                "round %d %s: site name(s) %s claimed by more than one node",
+                server_round,
+                phase,
+                clashes[:5],
+            )
+        named = sorted(
+            (
+                (f"{name}#node-{msg.metadata.src_node_id}" if name in clashes else name, msg)
+                for name, msg in ((site_name(m), m) for m in answered)
+            ),
+            key=lambda pair: (pair[0], pair[1].metadata.src_node_id),
+        )
         for name, msg in named:
             records = msg.content.metric_records
             if len(records) == 1:
                 self.node_names[msg.metadata.src_node_id] = name
                 kept.append((name, msg))
             else:
-                rejected[name] = (f"site {name}: expected exactly one MetricRecord, got "
-                                  f"{len(records)}")
+                rejected[name] = (
+                    f"site {name}: expected exactly one MetricRecord, got {len(records)}"
+                )
                 log.warning("round %d %s: rejected reply: %s", server_round, phase, rejected[name])
         owner = {name: node for node, name in self.node_names.items()}
         for msg in errors:
@@ -283,8 +326,12 @@ class GuardedRounds:
             else:
                 entry.failed[phase] += 1
             log.warning(  # the reason is the site's text: shortened, quoted
-                "round %d %s: node %d replied with error %d: %r", server_round, phase,
-                node, msg.error.code, (msg.error.reason or "")[:200],
+                "round %d %s: node %d replied with error %d: %r",
+                server_round,
+                phase,
+                node,
+                msg.error.code,
+                (msg.error.reason or "")[:200],
             )
         return kept
 
@@ -297,8 +344,9 @@ def _metrics(msg: Message) -> dict[str, Any]:
 def _split_folded(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(train metrics, folded evaluation metrics without their prefix)."""
     train = {k: v for k, v in metrics.items() if not k.startswith(K.FOLDED_PREFIX)}
-    evaluation = {k[len(K.FOLDED_PREFIX):]: v for k, v in metrics.items()
-                  if k.startswith(K.FOLDED_PREFIX)}
+    evaluation = {
+        k[len(K.FOLDED_PREFIX) :]: v for k, v in metrics.items() if k.startswith(K.FOLDED_PREFIX)
+    }
     return train, evaluation
 
 
@@ -311,7 +359,8 @@ def _as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
 def _plain(replies: list[Message], arrays: bool) -> list[Message]:
     """The validated replies as Flower's aggregation gets them: the arrays, and the metrics that
     every reply has under one record name (Flower stops the round when record names or metric
-    keys differ; a site with DP metrics among sites without is no reason to)."""
+    keys differ; a site with DP metrics among sites without is no reason to).
+    """
     metrics = [_split_folded(_metrics(msg))[0] for msg in replies]
     common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
     out = []
@@ -343,8 +392,14 @@ def build_strategy(cfg: Config, run_dir: RunDir) -> FedAvg:
         kwargs.update(eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     cls = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})
     strategy = cls(**kwargs)
-    strategy.guard(run_dir, s.max_examples_per_site, need, cfg.federation.round_timeout,
-                   secure=cfg.federation.secure_aggregation,
-                   fold_evaluate=cfg.federation.fold_evaluate and s.fraction_evaluate > 0,
-                   last_round=cfg.rounds, rejoin_wait=cfg.federation.rejoin_wait)
+    strategy.guard(
+        run_dir,
+        s.max_examples_per_site,
+        need,
+        cfg.federation.round_timeout,
+        secure=cfg.federation.secure_aggregation,
+        fold_evaluate=cfg.federation.fold_evaluate and s.fraction_evaluate > 0,
+        last_round=cfg.rounds,
+        rejoin_wait=cfg.federation.rejoin_wait,
+    )
     return strategy

@@ -18,8 +18,9 @@ from fedhealth.errors import ConfigError
 T = TypeVar("T")
 
 
-def load_settings(schema: type[T], path: Path | None, overrides: list[str],
-                  path_keys: tuple[str, ...], what: str) -> T:
+def load_settings(
+    schema: type[T], path: Path | None, overrides: list[str], path_keys: tuple[str, ...], what: str
+) -> T:
     base = OmegaConf.structured(schema)
     layers = []
     where = "command line"
@@ -42,8 +43,9 @@ def load_settings(schema: type[T], path: Path | None, overrides: list[str],
         merged = OmegaConf.merge(base, *layers)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"{what} config: missing {', '.join(missing)}"
-                              + (f" (file {path})" if path else ""))
+            raise ConfigError(
+                f"{what} config: missing {', '.join(missing)}" + (f" (file {path})" if path else "")
+            )
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -55,4 +57,3 @@ def load_settings(schema: type[T], path: Path | None, overrides: list[str],
         if value:
             setattr(obj, key, str(Path(value).resolve()))
     return obj
-

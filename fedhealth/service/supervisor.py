@@ -82,16 +82,25 @@ class Supervisor:
     for ``healthy_after`` seconds starts again from ``backoff_initial``.
     """
 
-    def __init__(self, status_file: Path | None = None, backoff_initial: float = 1.0,
-                 backoff_max: float = 60.0, healthy_after: float = 60.0,
-                 stop_grace: float = 30.0) -> None:
+    def __init__(
+        self,
+        status_file: Path | None = None,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        healthy_after: float = 60.0,
+        stop_grace: float = 30.0,
+    ) -> None:
         self.children: list[Child] = []
         self.status_file = status_file
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.healthy_after, self.stop_grace = healthy_after, stop_grace
         self.stopping = threading.Event()
-        self.status: dict[str, Any] = {"pid": os.getpid(), "state": "starting",
-                                       "since": _now(), "children": {}}
+        self.status: dict[str, Any] = {
+            "pid": os.getpid(),
+            "state": "starting",
+            "since": _now(),
+            "children": {},
+        }
 
     def add(self, child: Child) -> Child:
         self.children.append(child)
@@ -106,8 +115,13 @@ class Supervisor:
 
     def _write_status(self) -> None:
         self.status["children"] = {
-            c.name: {"pid": c.proc.pid if c.proc else None, "restarts": c.restarts,
-                     "last_exit": c.last_exit} for c in self.children}
+            c.name: {
+                "pid": c.proc.pid if c.proc else None,
+                "restarts": c.restarts,
+                "last_exit": c.last_exit,
+            }
+            for c in self.children
+        }
         self.status["updated"] = _now()
         if self.status_file is not None:
             atomic_write_text(self.status_file, json.dumps(self.status, indent=2, sort_keys=True))
@@ -115,16 +129,33 @@ class Supervisor:
     # -- processes ------------------------------------------------------------------------------
     def _start(self, child: Child) -> None:
         child.proc = subprocess.Popen(
-            child.argv, cwd=child.cwd, env=child.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-            bufsize=1, preexec_fn=_die_with_parent,
+            child.argv,
+            cwd=child.cwd,
+            env=child.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            bufsize=1,
+            preexec_fn=_die_with_parent,
         )
         child.started = time.monotonic()
-        log.info("started %s", child.name, extra={"fields": {
-            "event": "child.start", "child": child.name, "pid": child.proc.pid,
-            "restarts": child.restarts}})
-        child.reader = threading.Thread(target=self._relay, args=(child, child.proc.stdout),
-                                        daemon=True)
+        log.info(
+            "started %s",
+            child.name,
+            extra={
+                "fields": {
+                    "event": "child.start",
+                    "child": child.name,
+                    "pid": child.proc.pid,
+                    "restarts": child.restarts,
+                }
+            },
+        )
+        child.reader = threading.Thread(
+            target=self._relay, args=(child, child.proc.stdout), daemon=True
+        )
         child.reader.start()
         self._write_status()
 
@@ -135,8 +166,9 @@ class Supervisor:
             line = _strip_ansi(raw.rstrip())
             if not line.strip():
                 continue
-            log.log(_level(line), line,
-                    extra={"fields": {"event": "child.output", "child": child.name}})
+            log.log(
+                _level(line), line, extra={"fields": {"event": "child.output", "child": child.name}}
+            )
             if child.on_line is not None:
                 try:
                     child.on_line(child.name, line)
@@ -152,8 +184,11 @@ class Supervisor:
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
         if not self.stopping.is_set():
-            log.info("stop requested (signal %d)", signum,
-                     extra={"fields": {"event": "stop.requested", "signal": signum}})
+            log.info(
+                "stop requested (signal %d)",
+                signum,
+                extra={"fields": {"event": "stop.requested", "signal": signum}},
+            )
         self.stopping.set()
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.2) -> int:
@@ -176,14 +211,31 @@ class Supervisor:
                     if child.name not in restart_at:
                         child.last_exit = code
                         ran = now - child.started
-                        child.delay = (self.backoff_initial if ran >= self.healthy_after or not child.delay
-                                       else min(self.backoff_max, child.delay * 2))
+                        child.delay = (
+                            self.backoff_initial
+                            if ran >= self.healthy_after or not child.delay
+                            else min(self.backoff_max, child.delay * 2)
+                        )
                         restart_at[child.name] = now + child.delay
-                        log.warning("%s exited with %d after %.1fs; restarting in %.1fs",
-                                    child.name, code, ran, child.delay, extra={"fields": {
-                                        "event": "child.exit", "child": child.name, "code": code,
-                                        "ran_s": round(ran, 1), "backoff_s": child.delay}})
-                        self.set_status(state="backoff", last_exit={"child": child.name, "code": code})
+                        log.warning(
+                            "%s exited with %d after %.1fs; restarting in %.1fs",
+                            child.name,
+                            code,
+                            ran,
+                            child.delay,
+                            extra={
+                                "fields": {
+                                    "event": "child.exit",
+                                    "child": child.name,
+                                    "code": code,
+                                    "ran_s": round(ran, 1),
+                                    "backoff_s": child.delay,
+                                }
+                            },
+                        )
+                        self.set_status(
+                            state="backoff", last_exit={"child": child.name, "code": code}
+                        )
                     elif now >= restart_at[child.name]:
                         del restart_at[child.name]
                         child.restarts += 1
@@ -207,8 +259,12 @@ class Supervisor:
             try:
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0fs; killing it", child.name, self.stop_grace,
-                            extra={"fields": {"event": "child.kill", "child": child.name}})
+                log.warning(
+                    "%s did not stop within %.0fs; killing it",
+                    child.name,
+                    self.stop_grace,
+                    extra={"fields": {"event": "child.kill", "child": child.name}},
+                )
                 self._signal(child, signal.SIGKILL)
                 child.proc.wait(timeout=10)
             child.last_exit = child.proc.returncode
@@ -231,7 +287,8 @@ def _die_with_parent() -> None:
 
 def _level(line: str) -> int:
     """The level a child's line was printed at (Flower: ``ERROR :``; uvicorn: ``... INFO [``);
-    HTTP access lines (a SuperNode polls every few seconds) only at debug level."""
+    HTTP access lines (a SuperNode polls every few seconds) only at debug level.
+    """
     if "[uvicorn.access]" in line:
         return logging.DEBUG
     head = line[:40]

@@ -22,9 +22,9 @@ from typing import Any
 
 from fedhealth.errors import ConfigError
 from fedhealth.protocol import keys as K
-from fedhealth.supernode.paced import MAX_INTERVAL
 from fedhealth.service.settings import load_settings
 from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging  # noqa: F401
+from fedhealth.supernode.paced import MAX_INTERVAL
 
 log = logging.getLogger("fedhealth.site")
 
@@ -36,22 +36,22 @@ class SiteSettings:
     """A hospital's ``site.yaml`` (every key can also be given as ``key=value``)."""
 
     name: str = "???"
-    coordinator: str = "???"              # host:port of the coordinator's Fleet API
-    ca: str = ""                          # consortium ca.crt (TLS root)
-    auth_key: str = ""                    # the site's private authentication key (0600)
-    data_dir: str = "???"                 # directory holding the site's dataset.json
-    ledger_dir: str = "???"               # the privacy ledger (ledger.sqlite) lives here
-    state_dir: str = "state"              # status.json, daemon.jsonl, Flower's app cache
+    coordinator: str = "???"  # host:port of the coordinator's Fleet API
+    ca: str = ""  # consortium ca.crt (TLS root)
+    auth_key: str = ""  # the site's private authentication key (0600)
+    data_dir: str = "???"  # directory holding the site's dataset.json
+    ledger_dir: str = "???"  # the privacy ledger (ledger.sqlite) lives here
+    state_dir: str = "state"  # status.json, daemon.jsonl, Flower's app cache
     epsilon_cap: float = 8.0
     delta: float = 1e-5
-    appio_port: int = 9094                # the SuperNode's local ClientApp API port
-    isolation: str = "warm"               # warm: ClientApps fork from a pre-loaded process
-    pull_interval: float = 0.5            # seconds between the SuperNode's polls (Flower: 3 s)
-    backoff_initial: float = 1.0          # seconds before the first restart of the SuperNode
+    appio_port: int = 9094  # the SuperNode's local ClientApp API port
+    isolation: str = "warm"  # warm: ClientApps fork from a pre-loaded process
+    pull_interval: float = 0.5  # seconds between the SuperNode's polls (Flower: 3 s)
+    backoff_initial: float = 1.0  # seconds before the first restart of the SuperNode
     backoff_max: float = 60.0
-    stop_grace: float = 30.0              # SIGTERM -> wait this long for a running ClientApp
-    egress_log: str = ""                  # optional JSON-lines record of every reply sent
-    insecure: bool = False                # plaintext, no authentication: labs only
+    stop_grace: float = 30.0  # SIGTERM -> wait this long for a running ClientApp
+    egress_log: str = ""  # optional JSON-lines record of every reply sent
+    insecure: bool = False  # plaintext, no authentication: labs only
 
     PATHS = ("ca", "auth_key", "data_dir", "ledger_dir", "state_dir", "egress_log")
 
@@ -61,16 +61,22 @@ class SiteSettings:
         if not re.fullmatch(r"[^:\s]+:\d{1,5}", self.coordinator):
             raise ConfigError(f"site config: coordinator={self.coordinator!r}: expected host:port")
         if not self.insecure and (not self.ca or not self.auth_key):
-            raise ConfigError("site config: 'ca' and 'auth_key' are required (TLS and site "
-                              "authentication); plaintext only with --insecure")
+            raise ConfigError(
+                "site config: 'ca' and 'auth_key' are required (TLS and site "
+                "authentication); plaintext only with --insecure"
+            )
         if not 0 < self.epsilon_cap or not 0 < self.delta < 1:
-            raise ConfigError(f"site config: epsilon_cap={self.epsilon_cap}, delta={self.delta}: "
-                              "need epsilon_cap > 0 and 0 < delta < 1")
+            raise ConfigError(
+                f"site config: epsilon_cap={self.epsilon_cap}, delta={self.delta}: "
+                "need epsilon_cap > 0 and 0 < delta < 1"
+            )
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
         if not 0 < self.pull_interval <= MAX_INTERVAL:
-            raise ConfigError(f"site config: pull_interval={self.pull_interval!r}: need "
-                              f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)")
+            raise ConfigError(
+                f"site config: pull_interval={self.pull_interval!r}: need "
+                f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
+            )
         return self
 
     @property
@@ -92,9 +98,12 @@ def load(path: Path | None, overrides: list[str], insecure: bool = False) -> Sit
 def node_config(s: SiteSettings) -> str:
     """Flower ``--node-config``: what the ClientApp learns about its site."""
     items: dict[str, str | float] = {
-        K.NODE_SITE_NAME: s.name, K.NODE_DATA_DIR: str(Path(s.data_dir).resolve()),
-        K.NODE_LEDGER_DIR: str(Path(s.ledger_dir).resolve()), K.NODE_EPSILON_CAP: s.epsilon_cap,
-        K.NODE_DELTA: s.delta}
+        K.NODE_SITE_NAME: s.name,
+        K.NODE_DATA_DIR: str(Path(s.data_dir).resolve()),
+        K.NODE_LEDGER_DIR: str(Path(s.ledger_dir).resolve()),
+        K.NODE_EPSILON_CAP: s.epsilon_cap,
+        K.NODE_DELTA: s.delta,
+    }
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())
     for key, value in items.items():
@@ -104,14 +113,29 @@ def node_config(s: SiteSettings) -> str:
 
 
 def supernode_argv(s: SiteSettings) -> list[str]:
-    argv = [sys.executable, "-m", "fedhealth.supernode.paced", "--pull-interval",
-            str(s.pull_interval), "--", "--superlink", s.coordinator,
-            "--node-config", node_config(s), "--port", str(s.appio_port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedhealth.supernode.paced",
+        "--pull-interval",
+        str(s.pull_interval),
+        "--",
+        "--superlink",
+        s.coordinator,
+        "--node-config",
+        node_config(s),
+        "--port",
+        str(s.appio_port),
+    ]
     if s.insecure:
         argv.append("--insecure")
     else:
-        argv += ["--root-certificates", str(Path(s.ca).resolve()),
-                 "--auth-supernode-private-key", str(Path(s.auth_key).resolve())]
+        argv += [
+            "--root-certificates",
+            str(Path(s.ca).resolve()),
+            "--auth-supernode-private-key",
+            str(Path(s.auth_key).resolve()),
+        ]
     if s.isolation == "warm":
         argv += ["--isolation", "process"]
     return argv
@@ -119,14 +143,20 @@ def supernode_argv(s: SiteSettings) -> list[str]:
 
 def service_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
-_TRAINED = re.compile(r"site (\S+) round (\d+): trained, loss ([0-9.eE+-]+|nan)"
-                      r"(?:, epsilon ([0-9.]+) of ([0-9.]+))?")
+_TRAINED = re.compile(
+    r"site (\S+) round (\d+): trained, loss ([0-9.eE+-]+|nan)"
+    r"(?:, epsilon ([0-9.]+) of ([0-9.]+))?"
+)
 _EVALUATED = re.compile(r"site (\S+) round (\d+): dice ([0-9.]+)")
 _STARTED = re.compile(r"site (\S+) round (\d+): (train|evaluate) started")
 
@@ -136,24 +166,31 @@ def watch_line(sup: Supervisor, _child: str, line: str) -> None:
     if "SuperNode ID:" in line:
         sup.set_status(state="connected", node_id=line.rsplit(":", 1)[1].strip(), reason="")
     elif "Failed to activate SuperNode" in line or "not registered" in line.lower():
-        log.error("the coordinator refused to activate this site: its key is not enrolled, or "
-                  "the site's previous session has not expired yet (after a crash); retrying",
-                  extra={"fields": {"event": "auth.refused"}})
-        sup.set_status(state="refused", reason="activation refused: key not enrolled, or the "
-                                               "previous session not expired yet")
+        log.error(
+            "the coordinator refused to activate this site: its key is not enrolled, or "
+            "the site's previous session has not expired yet (after a crash); retrying",
+            extra={"fields": {"event": "auth.refused"}},
+        )
+        sup.set_status(
+            state="refused",
+            reason="activation refused: key not enrolled, or the previous session not expired yet",
+        )
     elif "Connection attempt failed" in line or "UNAVAILABLE" in line:
         sup.set_status(state="reconnecting")
     elif m := _STARTED.search(line):
-        sup.set_status(state="connected",
-                       activity=f"{m.group(3)} round {m.group(2)} since {_now()}")
+        sup.set_status(
+            state="connected", activity=f"{m.group(3)} round {m.group(2)} since {_now()}"
+        )
     elif m := _TRAINED.search(line):
         last = {"round": int(m.group(2)), "loss": m.group(3), "at": _now()}
         if m.group(4):
             last.update(epsilon=float(m.group(4)), epsilon_cap=float(m.group(5)))
         sup.set_status(activity="idle", last_trained=last)
     elif m := _EVALUATED.search(line):
-        sup.set_status(activity="idle", last_evaluated={"round": int(m.group(2)),
-                                                        "dice": float(m.group(3)), "at": _now()})
+        sup.set_status(
+            activity="idle",
+            last_evaluated={"round": int(m.group(2)), "dice": float(m.group(3)), "at": _now()},
+        )
     elif "refusing to train" in line or "cannot fit at any noise level" in line:
         sup.set_status(activity="budget exhausted: refusing to train", budget_exhausted=True)
 
@@ -165,25 +202,47 @@ def run(s: SiteSettings) -> int:
     Path(s.ledger_dir).mkdir(parents=True, exist_ok=True)
     setup_json_logging(state / "daemon.jsonl")
     if s.insecure:
-        log.warning("INSECURE MODE: no TLS and no site authentication; updates travel in "
-                    "plaintext. Never use this outside a lab.", extra={"fields": {"event": "insecure"}})
+        log.warning(
+            "INSECURE MODE: no TLS and no site authentication; updates travel in "
+            "plaintext. Never use this outside a lab.",
+            extra={"fields": {"event": "insecure"}},
+        )
     env = service_env(state / "flwr")
-    sup = Supervisor(state / "status.json", s.backoff_initial, s.backoff_max,
-                     stop_grace=s.stop_grace)
-    sup.status.update(site=s.name, coordinator=s.coordinator, isolation=s.isolation,
-                      ledger=str(s.ledger_path.resolve()))
+    sup = Supervisor(
+        state / "status.json", s.backoff_initial, s.backoff_max, stop_grace=s.stop_grace
+    )
+    sup.status.update(
+        site=s.name,
+        coordinator=s.coordinator,
+        isolation=s.isolation,
+        ledger=str(s.ledger_path.resolve()),
+    )
 
     def hook(child: str, line: str) -> None:
         watch_line(sup, child, line)
 
     sup.add(Child("supernode", supernode_argv(s), env, state, hook))
     if s.isolation == "warm":
-        argv = [sys.executable, "-m", "fedhealth.supernode.warm",
-                "--appio-api-address", f"127.0.0.1:{s.appio_port}", "--parent-pid", str(os.getpid()),
-                "--poll-interval", "0.1", "--grace-period", str(max(1.0, s.stop_grace - 5))]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedhealth.supernode.warm",
+            "--appio-api-address",
+            f"127.0.0.1:{s.appio_port}",
+            "--parent-pid",
+            str(os.getpid()),
+            "--poll-interval",
+            "0.1",
+            "--grace-period",
+            str(max(1.0, s.stop_grace - 5)),
+        ]
         sup.add(Child("clientapp-executor", argv, env, state, hook))
-    log.info("site %s: connecting to %s", s.name, s.coordinator,
-             extra={"fields": {"event": "site.start", "site": s.name}})
+    log.info(
+        "site %s: connecting to %s",
+        s.name,
+        s.coordinator,
+        extra={"fields": {"event": "site.start", "site": s.name}},
+    )
     return sup.run()
 
 
@@ -210,9 +269,13 @@ def _check_data(s: SiteSettings) -> CheckItem:
     except DataError as exc:
         return CheckItem("data", False, str(exc))
     patients = {i["patient"] for i in data.train}
-    return CheckItem("data", True, f"{path}: {len(data.train)} training scans of "
-                                   f"{len(patients)} patients, {len(data.test)} test scans, "
-                                   "every file readable and consistent")
+    return CheckItem(
+        "data",
+        True,
+        f"{path}: {len(data.train)} training scans of "
+        f"{len(patients)} patients, {len(data.test)} test scans, "
+        "every file readable and consistent",
+    )
 
 
 def _check_keys(s: SiteSettings) -> list[CheckItem]:
@@ -229,9 +292,15 @@ def _check_keys(s: SiteSettings) -> list[CheckItem]:
         cert = x509.load_pem_x509_certificate(Path(s.ca).read_bytes())
         left = (cert.not_valid_after_utc - datetime.now(UTC)).days
         ok = left >= WARN_DAYS
-        items.append(CheckItem("ca", ok, f"{s.ca}: {cert.subject.rfc4514_string()}, "
-                               + (f"valid until {cert.not_valid_after_utc:%Y-%m-%d}" if left >= 0
-                                  else "EXPIRED") + ("" if ok else f" (under {WARN_DAYS} days left)")))
+        items.append(
+            CheckItem(
+                "ca",
+                ok,
+                f"{s.ca}: {cert.subject.rfc4514_string()}, "
+                + (f"valid until {cert.not_valid_after_utc:%Y-%m-%d}" if left >= 0 else "EXPIRED")
+                + ("" if ok else f" (under {WARN_DAYS} days left)"),
+            )
+        )
     except (OSError, ValueError) as exc:
         items.append(CheckItem("ca", False, f"{s.ca}: not a readable PEM certificate ({exc})"))
     key_path = Path(s.auth_key)
@@ -241,14 +310,21 @@ def _check_keys(s: SiteSettings) -> list[CheckItem]:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             items.append(CheckItem("auth_key", False, f"{key_path}: not an ECDSA key"))
         elif mode & 0o077:
-            items.append(CheckItem("auth_key", False, f"{key_path}: mode {mode:o}, readable by "
-                                   "others; chmod 600 it"))
+            items.append(
+                CheckItem(
+                    "auth_key",
+                    False,
+                    f"{key_path}: mode {mode:o}, readable by others; chmod 600 it",
+                )
+            )
         else:
-            items.append(CheckItem("auth_key", True, f"{key_path}: ECDSA {key.curve.name}, "
-                                   f"mode {mode:o}"))
+            items.append(
+                CheckItem("auth_key", True, f"{key_path}: ECDSA {key.curve.name}, mode {mode:o}")
+            )
     except (OSError, ValueError) as exc:
-        items.append(CheckItem("auth_key", False, f"{key_path}: not a readable OpenSSH private "
-                               f"key ({exc})"))
+        items.append(
+            CheckItem("auth_key", False, f"{key_path}: not a readable OpenSSH private key ({exc})")
+        )
     return items
 
 
@@ -260,9 +336,12 @@ def _check_ledger(s: SiteSettings) -> CheckItem:
     if not path.exists():
         existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
         writable = os.access(existing, os.W_OK)
-        return CheckItem("ledger", writable, f"{path}: new ledger, created on first training"
-                         + ("" if writable else f"; but {existing} is not writable, so it "
-                            "cannot be created"))
+        return CheckItem(
+            "ledger",
+            writable,
+            f"{path}: new ledger, created on first training"
+            + ("" if writable else f"; but {existing} is not writable, so it cannot be created"),
+        )
     try:
         with PrivacyLedger(path, s.name) as ledger:
             entries = ledger.verify()
@@ -270,8 +349,12 @@ def _check_ledger(s: SiteSettings) -> CheckItem:
         return CheckItem("ledger", False, str(exc))
     spent = entries[-1].epsilon_after if entries else 0.0
     ok = spent < s.epsilon_cap
-    return CheckItem("ledger", ok, f"{path}: {len(entries)} entries, hash chain intact, epsilon "
-                     f"{spent:.3f} of {s.epsilon_cap:g} spent" + ("" if ok else " (budget exhausted)"))
+    return CheckItem(
+        "ledger",
+        ok,
+        f"{path}: {len(entries)} entries, hash chain intact, epsilon "
+        f"{spent:.3f} of {s.epsilon_cap:g} spent" + ("" if ok else " (budget exhausted)"),
+    )
 
 
 def _check_coordinator(s: SiteSettings, timeout: float) -> CheckItem:
@@ -283,8 +366,12 @@ def _check_coordinator(s: SiteSettings, timeout: float) -> CheckItem:
             context = ssl.create_default_context(cafile=s.ca)
             context.set_alpn_protocols(["h2"])
             with context.wrap_socket(sock, server_hostname=host) as tls:
-                return CheckItem("coordinator", True, f"{s.coordinator}: reachable, TLS "
-                                 f"{tls.version()} certificate verified against {s.ca}")
+                return CheckItem(
+                    "coordinator",
+                    True,
+                    f"{s.coordinator}: reachable, TLS "
+                    f"{tls.version()} certificate verified against {s.ca}",
+                )
     except ssl.SSLError as exc:
         return CheckItem("coordinator", False, f"{s.coordinator}: TLS failed ({exc.reason or exc})")
     except OSError as exc:
@@ -299,8 +386,11 @@ def status(s: SiteSettings) -> dict[str, Any]:
     if status_file.is_file():
         daemon = json.loads(status_file.read_text())
         alive = _alive(int(daemon.get("pid", 0)))
-        out["daemon"] = daemon if alive or daemon.get("state") == "stopped" else {
-            **daemon, "state": f"not running (last state {daemon.get('state')!r})"}
+        out["daemon"] = (
+            daemon
+            if alive or daemon.get("state") == "stopped"
+            else {**daemon, "state": f"not running (last state {daemon.get('state')!r})"}
+        )
     if s.ledger_path.exists():
         from fedhealth.privacy.ledger import PrivacyLedger
 
@@ -308,10 +398,16 @@ def status(s: SiteSettings) -> dict[str, Any]:
             entries = ledger.verify()
         spent = entries[-1].epsilon_after if entries else 0.0
         out["privacy"] = {
-            "epsilon_spent": spent, "epsilon_cap": s.epsilon_cap, "delta": s.delta,
-            "rounds_trained": len(entries), "runs": sorted({e.run for e in entries}),
-            "last": ({"run": entries[-1].run, "round": entries[-1].round,
-                      "at": entries[-1].created} if entries else None),
+            "epsilon_spent": spent,
+            "epsilon_cap": s.epsilon_cap,
+            "delta": s.delta,
+            "rounds_trained": len(entries),
+            "runs": sorted({e.run for e in entries}),
+            "last": (
+                {"run": entries[-1].run, "round": entries[-1].round, "at": entries[-1].created}
+                if entries
+                else None
+            ),
         }
     else:
         out["privacy"] = {"epsilon_spent": 0.0, "epsilon_cap": s.epsilon_cap, "rounds_trained": 0}
@@ -332,4 +428,3 @@ def _alive(pid: int) -> bool:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-

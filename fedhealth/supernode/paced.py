@@ -28,6 +28,8 @@ import sys
 import time
 from types import ModuleType, SimpleNamespace
 
+from fedhealth.errors import PatchMismatch
+
 log = logging.getLogger("fedhealth.supernode")
 
 MODULE = "flwr.supernode.start_client_internal"
@@ -39,10 +41,6 @@ DEFAULT_INTERVAL = 0.5
 MAX_INTERVAL = 3.0  # Flower's own sleep after an empty pull: a longer cap would change nothing
 
 
-class PatchMismatch(RuntimeError):
-    """The installed Flower's SuperNode loop is not the one the patch was written for."""
-
-
 def paced_time(interval: float) -> SimpleNamespace:
     """A stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``."""
     if not 0 < interval <= MAX_INTERVAL:
@@ -51,8 +49,9 @@ def paced_time(interval: float) -> SimpleNamespace:
     def sleep(seconds: float) -> None:
         time.sleep(min(seconds, interval))
 
-    return SimpleNamespace(sleep=sleep, **{name: getattr(time, name) for name in CLOCKS},
-                           pull_interval=interval)
+    return SimpleNamespace(
+        sleep=sleep, **{name: getattr(time, name) for name in CLOCKS}, pull_interval=interval
+    )
 
 
 def check_module(module: ModuleType) -> None:
@@ -63,18 +62,24 @@ def check_module(module: ModuleType) -> None:
     missing = [needle for needle in EXPECTED if needle not in source]
     if missing:
         raise PatchMismatch(f"{module.__name__} no longer contains {missing}")
-    used = {node.attr for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-            and node.value.id == "time"}
+    used = {
+        node.attr
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "time"
+    }
     unknown = sorted(used - {"sleep", *CLOCKS})
     if unknown:
-        raise PatchMismatch(f"{module.__name__} uses time.{unknown}, which the patch does not "
-                            "provide")
+        raise PatchMismatch(
+            f"{module.__name__} uses time.{unknown}, which the patch does not provide"
+        )
 
 
 def pace(interval: float) -> bool:
     """Cap the SuperNode loop's sleeps at ``interval``; False (and a warning) if the installed
-    Flower does not match."""
+    Flower does not match.
+    """
     module = importlib.import_module(MODULE)
     if isinstance(getattr(module, "time", None), SimpleNamespace):  # already paced
         module.time = paced_time(interval)
@@ -82,26 +87,38 @@ def pace(interval: float) -> bool:
     try:
         check_module(module)
     except PatchMismatch as exc:
-        log.warning("pull interval %.2f s not applied, the SuperNode polls as stock Flower "
-                    "does: %s", interval, exc)
+        log.warning(
+            "pull interval %.2f s not applied, the SuperNode polls as stock Flower does: %s",
+            interval,
+            exc,
+        )
         return False
     module.time = paced_time(interval)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedhealth.supernode.paced",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pull-interval", type=float, default=DEFAULT_INTERVAL,
-                        help="seconds between the SuperNode's polls (stock Flower: 3 s after an "
-                             "empty pull, 0.5 s while waiting for a reply)")
-    parser.add_argument("supernode_args", nargs=argparse.REMAINDER,
-                        help="flower-supernode's own arguments, after --")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedhealth.supernode.paced", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--pull-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        help="seconds between the SuperNode's polls (stock Flower: 3 s after an "
+        "empty pull, 0.5 s while waiting for a reply)",
+    )
+    parser.add_argument(
+        "supernode_args",
+        nargs=argparse.REMAINDER,
+        help="flower-supernode's own arguments, after --",
+    )
     args = parser.parse_args(argv)
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         paced = pace(args.pull_interval)
     except ValueError as exc:

@@ -42,19 +42,32 @@ from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime import run_clientapp as run_clientapp_module
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+from fedhealth.errors import PatchMismatch
+
 log = logging.getLogger("fedhealth.warm")
 # Run as ``python -m``, each child re-runs this module as multiprocessing's __mp_main__ while it is
 # already imported (preloaded); runpy's warning about that would print once per task.
-warnings.filterwarnings("ignore", r"'fedhealth\.federation\.warm' found in sys\.modules",
-                        RuntimeWarning)
+warnings.filterwarnings(
+    "ignore", r"'fedhealth\.federation\.warm' found in sys\.modules", RuntimeWarning
+)
 
 # Imported once by the template process: the libraries, the app modules whose imports pull in the
 # rest of the stack (MONAI and Opacus submodules load lazily), and what a task would otherwise
 # import on first use (found by diffing a task's sys.modules): httpx's transport, when Flower's
 # Runtime client is created, and torch._dynamo (0.6-1.5 s), when the first optimizer is built.
-PRELOAD = ("torch", "monai", "opacus", "flwr.supernode.runtime.run_clientapp",
-           "fedhealth.clientapp.app", "fedhealth.clientapp.egress", "fedhealth.clientapp.handlers",
-           "fedhealth.clientapp.secagg_stages", "fedhealth.training", "httpcore", "torch._dynamo")
+PRELOAD = (
+    "torch",
+    "monai",
+    "opacus",
+    "flwr.supernode.runtime.run_clientapp",
+    "fedhealth.clientapp.app",
+    "fedhealth.clientapp.egress",
+    "fedhealth.clientapp.handlers",
+    "fedhealth.clientapp.secagg_stages",
+    "fedhealth.training",
+    "httpcore",
+    "torch._dynamo",
+)
 APP_PACKAGES = ("fedhealth",)  # re-imported in each child from the run's FAB
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STOP_WAIT_S = 5.0  # after terminate(), before kill()
@@ -65,8 +78,12 @@ STOP_WAIT_S = 5.0  # after terminate(), before kill()
 # Flower's pull retries after 1 s, then 2 s (``PULL_INITIAL_BACKOFF``), however soon they arrive.
 # In the child only, the pull retries after 0.05 s, doubling to at most 0.25 s, bounded
 # by Flower's own total wait (``PULL_MAX_TIME``) instead of its per-object try count.
-PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.25, "max_tries_per_object": None,
-                "max_time": PULL_MAX_TIME}
+PULL_BACKOFF = {
+    "initial_backoff": 0.05,
+    "backoff_cap": 0.25,
+    "max_tries_per_object": None,
+    "max_time": PULL_MAX_TIME,
+}
 
 
 def fast_pull() -> None:
@@ -76,14 +93,17 @@ def fast_pull() -> None:
     if isinstance(current, functools.partial):
         return
     if current is not pull_and_inflate_object_from_tree:
-        raise RuntimeError("flwr.supernode.runtime.run_clientapp no longer pulls with "
-                           "pull_and_inflate_object_from_tree")
+        raise PatchMismatch(
+            "flwr.supernode.runtime.run_clientapp no longer pulls with "
+            "pull_and_inflate_object_from_tree"
+        )
     module.pull_and_inflate_object_from_tree = functools.partial(current, **PULL_BACKOFF)
 
 
 def run_clientapp_task(spec: ExecutionSpec) -> None:
     """What ``flwr-clientapp --token ...`` does, in this already-warm process (pulling its
-    message with a short backoff, :func:`fast_pull`)."""
+    message with a short backoff, :func:`fast_pull`).
+    """
     fast_pull()
     run_flower_clientapp_task(spec)
 
@@ -94,15 +114,17 @@ def run_flower_clientapp_task(spec: ExecutionSpec) -> None:
         runtime_api_address=spec.runtime_api_address,
         token=spec.token,
         insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path,
-                                                            spec.insecure),
+        certificates=validate_and_resolve_root_certificates(
+            spec.root_certificates_path, spec.insecure
+        ),
         parent_pid=spec.parent_pid,
         runtime_dependency_install=spec.runtime_dependency_install,
     )
 
 
-def _child(target: Callable[[ExecutionSpec], None], spec: ExecutionSpec,
-           app_packages: tuple[str, ...]) -> None:
+def _child(
+    target: Callable[[ExecutionSpec], None], spec: ExecutionSpec, app_packages: tuple[str, ...]
+) -> None:
     for name in [n for n in sys.modules if n.partition(".")[0] in app_packages]:
         del sys.modules[name]
     target(spec)
@@ -129,9 +151,13 @@ class WarmExecutor:
     :meth:`close` lets running tasks finish before terminating them.
     """
 
-    def __init__(self, preload: Sequence[str] = PRELOAD, app_packages: Sequence[str] = APP_PACKAGES,
-                 target: Callable[[ExecutionSpec], None] = run_clientapp_task,
-                 grace_period: float = 10.0) -> None:
+    def __init__(
+        self,
+        preload: Sequence[str] = PRELOAD,
+        app_packages: Sequence[str] = APP_PACKAGES,
+        target: Callable[[ExecutionSpec], None] = run_clientapp_task,
+        grace_period: float = 10.0,
+    ) -> None:
         self.preload = (__name__, *preload)  # the child unpickles _child from this module
         self.app_packages = tuple(app_packages)
         self.target, self.grace_period = target, grace_period
@@ -151,21 +177,36 @@ class WarmExecutor:
             raise RuntimeError(f"template process failed to preload {self.preload}")
         return time.monotonic() - started
 
-    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
-                              root_certificates_path: str | None = None
-                              ) -> tuple[set[TaskType], set[str]]:
+    def get_eligible_capacity(
+        self,
+        supported_task_types: set[TaskType],
+        *,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> tuple[set[TaskType], set[str]]:
         del insecure, root_certificates_path
         return supported_task_types & {TaskType.CLIENT_APP}, set()
 
-    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
-                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
+    def wait_for_capacity(
+        self,
+        task_type: TaskType | None = None,
+        *,
+        fab_hash: str | None = None,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> None:
         del task_type, fab_hash, insecure, root_certificates_path  # no capacity gate
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if spec.task_type != TaskType.CLIENT_APP:
-            return LaunchResult.failed(f"the warm executor runs ClientApp tasks, not {spec.task_type}")
-        process = self._context.Process(target=_child, name=f"clientapp-task-{spec.task_id}",
-                                        args=(self.target, spec, self.app_packages))
+            return LaunchResult.failed(
+                f"the warm executor runs ClientApp tasks, not {spec.task_type}"
+            )
+        process = self._context.Process(
+            target=_child,
+            name=f"clientapp-task-{spec.task_id}",
+            args=(self.target, spec, self.app_packages),
+        )
         try:  # a dead template process is restarted (cold) on the next launch
             process.start()
         except (OSError, EOFError) as exc:
@@ -181,14 +222,22 @@ class WarmExecutor:
                 continue
             del self.children[task_id]
             child.process.close()
-            log.log(logging.INFO if code == 0 else logging.WARNING,
-                    "task %d: pid %d exited %d after %.2f s", task_id, child.pid, code,
-                    time.monotonic() - child.started)
+            log.log(
+                logging.INFO if code == 0 else logging.WARNING,
+                "task %d: pid %d exited %d after %.2f s",
+                task_id,
+                child.pid,
+                code,
+                time.monotonic() - child.started,
+            )
 
     def close(self) -> None:
         """Let running tasks finish for ``grace_period`` seconds, then terminate, then kill."""
-        for signal_children, wait in ((None, self.grace_period), ("terminate", STOP_WAIT_S),
-                                      ("kill", STOP_WAIT_S)):
+        for signal_children, wait in (
+            (None, self.grace_period),
+            ("terminate", STOP_WAIT_S),
+            ("kill", STOP_WAIT_S),
+        ):
             if not self.children:
                 return
             if signal_children:
@@ -203,29 +252,48 @@ class WarmExecutor:
 
 class TaskSource:
     """The SuperNode's Runtime API as ``flower-superexec`` uses it: Flower's HTTP client and
-    ``AutoExecPlugin``. The one place this module touches Flower's SuperExec internals."""
+    ``AutoExecPlugin``. The one place this module touches Flower's SuperExec internals.
+    """
 
-    def __init__(self, address: str, executor: WarmExecutor, root_certificates: str | None = None,
-                 auth_secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        executor: WarmExecutor,
+        root_certificates: str | None = None,
+        auth_secret: bytes | None = None,
+    ) -> None:
         insecure = root_certificates is None
         interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if auth_secret:
-            interceptors.append(SuperExecAuthHttpInterceptor(
-                master_secret=auth_secret,
-                protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=auth_secret,
+                    protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
+                )
+            )
         self.executor = executor
         self.client = RuntimeHttpClient.from_server_address(
-            server_address=address, insecure=insecure,
+            server_address=address,
+            insecure=insecure,
             root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
-        self.plugin = AutoExecPlugin(runtime_api_address=address, insecure=insecure,
-                                     root_certificates_path=root_certificates, executor=executor)
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        self.plugin = AutoExecPlugin(
+            runtime_api_address=address,
+            insecure=insecure,
+            root_certificates_path=root_certificates,
+            executor=executor,
+        )
 
     def acquire(self) -> tuple[Task, str] | None:
         """The next pending task and its token, if any (retries while the SuperNode is away)."""
-        types, fab_hashes = self.executor.get_eligible_capacity(set(self.plugin.supported_task_types))
-        res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=types,
-                                                         agentapp_fab_hashes=fab_hashes))
+        types, fab_hashes = self.executor.get_eligible_capacity(
+            set(self.plugin.supported_task_types)
+        )
+        res = self.client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=fab_hashes)
+        )
         return (res.task, res.token) if res.HasField("task") and res.token else None
 
     def launch(self, task: Task, token: str) -> LaunchResult:
@@ -235,8 +303,9 @@ class TaskSource:
         self.client.close()
 
 
-def serve(source: TaskSource, executor: WarmExecutor, poll_interval: float,
-          stop: threading.Event) -> None:
+def serve(
+    source: TaskSource, executor: WarmExecutor, poll_interval: float, stop: threading.Event
+) -> None:
     """Acquire and launch tasks until ``stop`` is set; one log line per launch."""
     while not stop.is_set():
         executor.reconcile()
@@ -247,11 +316,21 @@ def serve(source: TaskSource, executor: WarmExecutor, poll_interval: float,
             result = source.launch(task, token)
             ms = (time.monotonic() - started) * 1000
             if result.status == LaunchResultStatus.ACCEPTED:
-                log.info("task %d run %d: launched pid %d %.1f ms after acquisition", task.task_id,
-                         task.run_id, executor.children[task.task_id].pid, ms)
+                log.info(
+                    "task %d run %d: launched pid %d %.1f ms after acquisition",
+                    task.task_id,
+                    task.run_id,
+                    executor.children[task.task_id].pid,
+                    ms,
+                )
             else:
-                log.error("task %d run %d: not launched (%s): %s", task.task_id, task.run_id,
-                          result.status, result.message)
+                log.error(
+                    "task %d run %d: not launched (%s): %s",
+                    task.task_id,
+                    task.run_id,
+                    result.status,
+                    result.message,
+                )
         stop.wait(poll_interval)
 
 
@@ -260,20 +339,40 @@ class _Stop(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fedhealth.supernode.warm",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--appio-api-address", "--runtime-api-address", dest="address",
-                        required=True, help="the SuperNode's Runtime API, HOST:PORT")
-    parser.add_argument("--root-certificates", default=None,
-                        help="CA bundle for a TLS Runtime API (without it: plaintext, loopback only)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedhealth.supernode.warm", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--appio-api-address",
+        "--runtime-api-address",
+        dest="address",
+        required=True,
+        help="the SuperNode's Runtime API, HOST:PORT",
+    )
+    parser.add_argument(
+        "--root-certificates",
+        default=None,
+        help="CA bundle for a TLS Runtime API (without it: plaintext, loopback only)",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
-    parser.add_argument("--poll-interval", type=float, default=0.1,
-                        help="seconds between task polls (flower-superexec: 1.0)")
-    parser.add_argument("--grace-period", type=float, default=10.0,
-                        help="on stop, seconds running tasks may finish before being terminated")
-    parser.add_argument("--flower-pull-backoff", action="store_true",
-                        help="pull each task's message with Flower's backoff (1 s, 2 s, ...) "
-                             "instead of 0.05 s doubling to 0.25 s")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.1,
+        help="seconds between task polls (flower-superexec: 1.0)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="on stop, seconds running tasks may finish before being terminated",
+    )
+    parser.add_argument(
+        "--flower-pull-backoff",
+        action="store_true",
+        help="pull each task's message with Flower's backoff (1 s, 2 s, ...) "
+        "instead of 0.05 s doubling to 0.25 s",
+    )
     add_superexec_auth_secret_args(parser)
     return parser
 
@@ -281,8 +380,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     host = args.address.rpartition(":")[0].strip("[]")
@@ -312,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     source = None
     try:
         seconds = executor.warm_up()
-        log.info("template process ready in %.1f s; polling %s every %.2f s", seconds,
-                 args.address, args.poll_interval)
+        log.info(
+            "template process ready in %.1f s; polling %s every %.2f s",
+            seconds,
+            args.address,
+            args.poll_interval,
+        )
         source = TaskSource(args.address, executor, args.root_certificates, secret)
         serve(source, executor, args.poll_interval, stop)
     except _Stop as why:

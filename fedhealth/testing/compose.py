@@ -47,28 +47,36 @@ from typing import Any
 
 import yaml
 
-from fedhealth.errors import FedHealthError
+from fedhealth.errors import ComposeError
 from fedhealth.testing.loopback import free_ports
 
 BIN = Path(sys.executable).parent
 ROLE_LABEL = "org.fedhealth.role"
 PROVISION, COORDINATOR, HOSPITAL, LAUNCHER = "provision", "coordinator", "hospital", "launcher"
 
-__all__ = ["ComposeError", "LocalTopology", "Mount", "Project", "Service", "TopologyRun",
-           "assert_isolated", "compose_command", "free_ports", "isolation_problems", "load",
-           "port_variables", "run"]
-
-
-class ComposeError(FedHealthError):
-    """The compose file is invalid, or a service failed while running it locally."""
+__all__ = [
+    "ComposeError",
+    "LocalTopology",
+    "Mount",
+    "Project",
+    "Service",
+    "TopologyRun",
+    "assert_isolated",
+    "compose_command",
+    "free_ports",
+    "isolation_problems",
+    "load",
+    "port_variables",
+    "run",
+]
 
 
 # -- reading the compose file -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Mount:
-    source: str          # volume name (kind "volume") or absolute host path (kind "bind")
-    target: str          # absolute path inside the container
-    kind: str            # "volume" | "bind"
+    source: str  # volume name (kind "volume") or absolute host path (kind "bind")
+    target: str  # absolute path inside the container
+    kind: str  # "volume" | "bind"
     read_only: bool = False
 
 
@@ -79,7 +87,7 @@ class Service:
     command: list[str]
     environment: dict[str, str]
     mounts: list[Mount]
-    depends_on: dict[str, str]          # service -> condition
+    depends_on: dict[str, str]  # service -> condition
     healthcheck: dict[str, Any] | None
     restart: str
     labels: dict[str, str]
@@ -96,7 +104,9 @@ class Service:
 
     @property
     def argv(self) -> list[str]:
-        entry = self.entrypoint if self.entrypoint is not None else image_entrypoint(self.dockerfile)
+        entry = (
+            self.entrypoint if self.entrypoint is not None else image_entrypoint(self.dockerfile)
+        )
         return [*entry, *self.command]
 
 
@@ -133,7 +143,8 @@ def compose_command() -> list[str] | None:
     if exe := shutil.which("docker-compose"):
         return [exe]
     if (docker := shutil.which("docker")) and subprocess.run(
-            [docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        [docker, "compose", "version"], capture_output=True, timeout=30
+    ).returncode == 0:
         return [docker, "compose"]
     return None
 
@@ -146,20 +157,26 @@ def config_output(path: Path, variables: Mapping[str, str], timeout: float = 60.
     # Debian's docker-compose is a program of the system's Python: none of this process's
     # PYTHON* variables (Ray's workers, for one, leave PYTHONPATH pointing into our venv).
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}, **variables}
-    done = subprocess.run([*cmd, "-f", str(path), "config"], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    done = subprocess.run(
+        [*cmd, "-f", str(path), "config"], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if done.returncode != 0:
-        raise ComposeError(f"{' '.join(cmd)} -f {path} config failed (exit {done.returncode}):\n"
-                           f"{done.stderr.strip()}")
+        raise ComposeError(
+            f"{' '.join(cmd)} -f {path} config failed (exit {done.returncode}):\n"
+            f"{done.stderr.strip()}"
+        )
     return done.stdout
 
 
-_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(text: str, variables: Mapping[str, str]) -> str:
     """Compose variable substitution: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-d}``, ``${VAR-d}``,
-    ``${VAR:?err}``, ``${VAR?err}``."""
+    ``${VAR:?err}``, ``${VAR?err}``.
+    """
 
     def sub(m: re.Match[str]) -> str:
         if m.group(1):
@@ -193,8 +210,9 @@ def port_variables(path: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load(path: Path | str, variables: Mapping[str, str] | None = None,
-         use_compose: bool | None = None) -> Project:
+def load(
+    path: Path | str, variables: Mapping[str, str] | None = None, use_compose: bool | None = None
+) -> Project:
     """Parse the compose file with ``variables`` substituted.
 
     ``use_compose`` None: through ``docker-compose config`` when it is installed, else PyYAML.
@@ -213,13 +231,16 @@ def load(path: Path | str, variables: Mapping[str, str] | None = None,
                 if "=" in line and not line.lstrip().startswith("#"):
                     key, _, value = line.partition("=")
                     file_vars[key.strip()] = value.strip()
-        data = _interpolate_tree(yaml.safe_load(path.read_text()),
-                                 {**file_vars, **os.environ, **variables})
+        data = _interpolate_tree(
+            yaml.safe_load(path.read_text()), {**file_vars, **os.environ, **variables}
+        )
     if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
         raise ComposeError(f"{path}: no services")
     volumes = list((data.get("volumes") or {}).keys())
-    services = {name: _service(name, spec or {}, path.parent, volumes)
-                for name, spec in data["services"].items()}
+    services = {
+        name: _service(name, spec or {}, path.parent, volumes)
+        for name, spec in data["services"].items()
+    }
     return Project(path, services, volumes, data)
 
 
@@ -234,8 +255,9 @@ def _as_list(value: Any) -> list[str]:
 def _service(name: str, spec: dict[str, Any], base: Path, volumes: list[str]) -> Service:
     env = spec.get("environment") or {}
     if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, os.environ.get(item, ""))
-                   for item in env)
+        env = dict(
+            item.split("=", 1) if "=" in item else (item, os.environ.get(item, "")) for item in env
+        )
     deps = spec.get("depends_on") or {}
     if isinstance(deps, list):
         deps = {d: {"condition": "service_started"} for d in deps}
@@ -317,12 +339,17 @@ def isolation_problems(project: Project) -> list[str]:
             users.setdefault(m.source, set()).add(svc.name)
     for h in hospitals:
         for m in h.mounts:
-            others = {u for u in users[m.source] if u != h.name
-                      and not (project.services[u].role == PROVISION
-                               and project.services[u].one_shot)}
+            others = {
+                u
+                for u in users[m.source]
+                if u != h.name
+                and not (project.services[u].role == PROVISION and project.services[u].one_shot)
+            }
             if others:
-                problems.append(f"{h.name}'s volume {m.source} ({m.target}) is also mounted by "
-                                f"{', '.join(sorted(others))}")
+                problems.append(
+                    f"{h.name}'s volume {m.source} ({m.target}) is also mounted by "
+                    f"{', '.join(sorted(others))}"
+                )
         if h.networks:
             for other in hospitals:
                 shared = set(h.networks) & set(other.networks)
@@ -361,19 +388,25 @@ _PATH_TOKEN = re.compile(r"(?<![\w./~-])/[\w.@+-]+(?:/[\w.@+-]*)*")
 class Rewriter:
     """Container paths -> local directories, service hostnames -> 127.0.0.1, for one service."""
 
-    def __init__(self, svc: Service, host_dirs: dict[Mount, Path], root: Path,
-                 hostnames: list[str]) -> None:
+    def __init__(
+        self, svc: Service, host_dirs: dict[Mount, Path], root: Path, hostnames: list[str]
+    ) -> None:
         self.mounts = sorted(host_dirs.items(), key=lambda kv: -len(kv[0].target))
         self.root = root
-        self.ancestors = {str(p) for m in host_dirs if not _file_mount(m)   # directories only
-                          for p in PurePosixPath(m.target).parents if str(p) != "/"}
+        self.ancestors = {
+            str(p)
+            for m in host_dirs
+            if not _file_mount(m)  # directories only
+            for p in PurePosixPath(m.target).parents
+            if str(p) != "/"
+        }
         names = "|".join(re.escape(h) for h in sorted(hostnames, key=len, reverse=True))
         self.host_re = re.compile(rf"(?<![\w.-])(?:{names})(?=:\d)") if names else None
 
     def path(self, token: str) -> str:
         for mount, local in self.mounts:
             if token == mount.target or token.startswith(mount.target + "/"):
-                return str(local) + token[len(mount.target):]
+                return str(local) + token[len(mount.target) :]
         if any(token == a or token.startswith(a + "/") for a in self.ancestors):
             return str(self.root) + token  # above or beside a mount point: the service's root
         return token
@@ -392,8 +425,8 @@ class Running:
     log: Path
     started: float
     healthy: bool = False
-    checked: float = 0.0     # when the healthcheck last ran
-    failures: int = 0        # failed healthchecks after the start period
+    checked: float = 0.0  # when the healthcheck last ran
+    failures: int = 0  # failed healthchecks after the start period
 
 
 @dataclass
@@ -431,14 +464,21 @@ class LocalTopology:
         self.running: dict[str, Running] = {}
         self.done: dict[str, int] = {}
         self._prepared: dict[str, tuple[Rewriter, Path, Path]] = {}
-        self.hostnames = [*project.services,
-                          *[h for s in project.raw.get("services", {}).values()
-                            for h in [(s or {}).get("hostname")] if h]]
+        self.hostnames = [
+            *project.services,
+            *[
+                h
+                for s in project.raw.get("services", {}).values()
+                for h in [(s or {}).get("hostname")]
+                if h
+            ],
+        ]
 
     # paths -----------------------------------------------------------------------------------
     def _prepare(self, svc: Service) -> tuple[Rewriter, Path, Path]:
         """The service's local filesystem view (once): volume directories, its root with a
-        symlink at every mount point, a rewritten copy of every bind-mounted file."""
+        symlink at every mount point, a rewritten copy of every bind-mounted file.
+        """
         if svc.name in self._prepared:
             return self._prepared[svc.name]
         root = self.workdir / "fs" / svc.name
@@ -495,9 +535,15 @@ class LocalTopology:
         with log.open("ab") as out:
             out.write(f"$ {shlex.join(argv)}\n".encode())
             out.flush()
-            proc = subprocess.Popen(argv, cwd=cwd, env=self._env(svc, rewrite, home),
-                                    stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=self._env(svc, rewrite, home),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.running[name] = Running(svc, proc, log, started=time.monotonic())
 
     def healthy(self, name: str) -> bool:
@@ -519,19 +565,25 @@ class LocalTopology:
             return False
         run.checked = now
         rewrite, cwd, home = self._prepare(run.service)
-        argv = (["/bin/sh", "-c", test[1]] if test[0] == "CMD-SHELL" else list(test[1:]))
+        argv = ["/bin/sh", "-c", test[1]] if test[0] == "CMD-SHELL" else list(test[1:])
         try:
-            done = subprocess.run(self._argv(argv, rewrite), cwd=cwd,
-                                  env=self._env(run.service, rewrite, home),
-                                  capture_output=True, timeout=_seconds(check.get("timeout"), 30))
+            done = subprocess.run(
+                self._argv(argv, rewrite),
+                cwd=cwd,
+                env=self._env(run.service, rewrite, home),
+                capture_output=True,
+                timeout=_seconds(check.get("timeout"), 30),
+            )
             run.healthy = done.returncode == 0
         except subprocess.TimeoutExpired:
             run.healthy = False
         if not run.healthy and now - run.started > _seconds(check.get("start_period"), 0.0):
             run.failures += 1
             if run.failures > int(check.get("retries", 3)):
-                raise ComposeError(f"service {name} is unhealthy: its healthcheck failed "
-                                   f"{run.failures} times\n{self.logs()}")
+                raise ComposeError(
+                    f"service {name} is unhealthy: its healthcheck failed "
+                    f"{run.failures} times\n{self.logs()}"
+                )
         return run.healthy
 
     def condition_met(self, dep: str, condition: str) -> bool:
@@ -544,9 +596,11 @@ class LocalTopology:
         return True  # service_started
 
     def logs(self, tail: int = 4000) -> str:
-        return "\n".join(f"--- {name} ({run.log}) ---\n"
-                         f"{run.log.read_text(errors='replace')[-tail:]}"
-                         for name, run in self.running.items() if run.log.exists())
+        return "\n".join(
+            f"--- {name} ({run.log}) ---\n{run.log.read_text(errors='replace')[-tail:]}"
+            for name, run in self.running.items()
+            if run.log.exists()
+        )
 
     def poll(self) -> None:
         """Record finished one-shots; any failure (one-shot != 0, daemon exit) is an error."""
@@ -556,11 +610,11 @@ class LocalTopology:
                 continue
             self.done[name] = code
             if not run.service.one_shot:
-                raise ComposeError(f"long-running service {name} exited with {code}\n"
-                                   f"{self.logs()}")
+                raise ComposeError(f"long-running service {name} exited with {code}\n{self.logs()}")
             if code != 0:
-                raise ComposeError(f"one-shot service {name} failed with exit {code}\n"
-                                   f"{self.logs()}")
+                raise ComposeError(
+                    f"one-shot service {name} failed with exit {code}\n{self.logs()}"
+                )
 
     def run(self, poll_interval: float = 0.5) -> None:
         order = self.project.order()
@@ -576,13 +630,20 @@ class LocalTopology:
                 if all(self.condition_met(d, c) for d, c in svc.depends_on.items()):
                     self.start(name)
             if time.monotonic() > self.deadline:
-                waiting = {n: {d: c for d, c in self.project.services[n].depends_on.items()
-                               if not self.condition_met(d, c)}
-                           for n in order if n not in self.running}
+                waiting = {
+                    n: {
+                        d: c
+                        for d, c in self.project.services[n].depends_on.items()
+                        if not self.condition_met(d, c)
+                    }
+                    for n in order
+                    if n not in self.running
+                }
                 raise ComposeError(
                     f"deadline passed; still running: "
                     f"{sorted(n for n in self.running if n not in self.done)}; not started "
-                    f"(waiting on): {waiting}\n{self.logs()}")
+                    f"(waiting on): {waiting}\n{self.logs()}"
+                )
             time.sleep(poll_interval)
 
     def stop(self, grace: float = 20.0) -> None:
@@ -606,12 +667,18 @@ class LocalTopology:
                 run.proc.wait(timeout=5)
 
 
-def run(path: Path | str, workdir: Path | str, variables: Mapping[str, str] | None = None,
-        timeout: float = 600.0, use_compose: bool | None = None) -> TopologyRun:
+def run(
+    path: Path | str,
+    workdir: Path | str,
+    variables: Mapping[str, str] | None = None,
+    timeout: float = 600.0,
+    use_compose: bool | None = None,
+) -> TopologyRun:
     """Run the compose file's topology as local processes until every one-shot service has
     finished (0 exit), then stop the long-running ones. Raises :class:`ComposeError` naming the
     service that failed (with every service's log tail) or what was still waited on at the
-    deadline."""
+    deadline.
+    """
     start = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -623,7 +690,9 @@ def run(path: Path | str, workdir: Path | str, variables: Mapping[str, str] | No
     finally:
         topo.stop()
     return TopologyRun(
-        workdir=workdir, volumes=topo.volume_dirs,
+        workdir=workdir,
+        volumes=topo.volume_dirs,
         logs={n: r.log for n, r in topo.running.items()},
         exit_codes={n: r.proc.returncode for n, r in topo.running.items()},
-        seconds=time.monotonic() - start)
+        seconds=time.monotonic() - start,
+    )

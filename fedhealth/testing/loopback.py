@@ -1,6 +1,7 @@
 """Real Flower processes on one machine (SuperLink, SuperNodes, the ``flwr`` CLI), for the
 end-to-end tests and benchmarks: every wait has a deadline, every process group is killed at
-the end, and each process's log is kept for the failure message."""
+the end, and each process's log is kept for the failure message.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ BIN = Path(sys.executable).parent
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports: all sockets stay bound until every port is
-    chosen, so the kernel cannot hand the same port out twice (as one-at-a-time probing can)."""
+    chosen, so the kernel cannot hand the same port out twice (as one-at-a-time probing can).
+    """
     sockets = []
     try:
         for _ in range(count):
@@ -56,8 +58,12 @@ class Procs:
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
         proc = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], cwd=self.workdir, env=self.env,
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [str(BIN / args[0]), *args[1:]],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.running.append((name, proc, log))
         return proc
@@ -75,8 +81,11 @@ class Procs:
         raise TimeoutError(f"port {port} not open after {timeout}s:\n{self.logs()}")
 
     def logs(self, tail: int = 3000) -> str:
-        return "\n".join(f"--- {name} ---\n{log.read_text(errors='replace')[-tail:]}"
-                         for name, _, log in self.running if log.exists())
+        return "\n".join(
+            f"--- {name} ---\n{log.read_text(errors='replace')[-tail:]}"
+            for name, _, log in self.running
+            if log.exists()
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         for _, proc, _ in self.running:
@@ -91,42 +100,77 @@ class Procs:
                 proc.wait(timeout=5)
 
 
-def start_tls_superlink(procs: Procs, keys: Path, port: int, flwr_home: Path,
-                        connection: str) -> None:
+def start_tls_superlink(
+    procs: Procs, keys: Path, port: int, flwr_home: Path, connection: str
+) -> None:
     """A SuperLink with TLS and SuperNode authentication (certificates from
-    :mod:`fedhealth.security.certs` in ``keys``) and the ``flwr`` CLI's TLS connection to it."""
+    :mod:`fedhealth.security.certs` in ``keys``) and the ``flwr`` CLI's TLS connection to it.
+    """
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{keys / "ca.crt"}"\n')
-    procs.start("superlink", [
-        "flower-superlink", "--host", "127.0.0.1", "--port", str(port),
-        "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
-        "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
-        "--disable-runtime-dependency-installation"])
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{keys / "ca.crt"}"\n'
+    )
+    procs.start(
+        "superlink",
+        [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ssl-ca-certfile",
+            str(keys / "ca.crt"),
+            "--ssl-certfile",
+            str(keys / "server.crt"),
+            "--ssl-keyfile",
+            str(keys / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ],
+    )
     procs.wait_port(port)
 
 
 def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict:
     """Run the ``flwr`` CLI with ``--format json``; returns the parsed JSON."""
-    done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     try:
-        return json.loads(done.stdout[done.stdout.index("{"):])
+        return json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError as exc:
-        raise RuntimeError(f"flwr {args[0]} gave no JSON (exit {done.returncode}):\n"
-                           f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}") from exc
+        raise RuntimeError(
+            f"flwr {args[0]} gave no JSON (exit {done.returncode}):\n"
+            f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        ) from exc
 
 
-def run_to_completion(env: dict[str, str], project: Path, connection: str, cfg: Config,
-                      work: Path, timeout: float = 3000) -> None:
+def run_to_completion(
+    env: dict[str, str],
+    project: Path,
+    connection: str,
+    cfg: Config,
+    work: Path,
+    timeout: float = 3000,
+) -> None:
     """``flwr run --stream`` of ``cfg`` (its run config written under ``work``); raises with the
     status unless Flower reports the run ``finished:completed`` (``--stream`` exits 0 on a
-    failed ServerApp)."""
+    failed ServerApp).
+    """
     from fedhealth.serverapp.runconfig import write_run_config
 
     toml = write_run_config(cfg, work / f"{cfg.run_name}.toml")
-    out = flwr(env, ["run", str(project), connection, "--stream", "--run-config", str(toml)],
-               cwd=work, timeout=timeout)
+    out = flwr(
+        env,
+        ["run", str(project), connection, "--stream", "--run-config", str(toml)],
+        cwd=work,
+        timeout=timeout,
+    )
     status = flwr(env, ["ls", connection, "--run-id", str(out["run-id"])], cwd=work, timeout=60)
     if status["runs"][0]["status"] != "finished:completed":
         raise RuntimeError(f"run {cfg.run_name}: {status}")
@@ -134,7 +178,8 @@ def run_to_completion(env: dict[str, str], project: Path, connection: str, cfg: 
 
 def round_costs(run_dir: Path) -> list[dict[str, float]]:
     """Per round of a finished run: wall seconds (between the rounds' ``elapsed_s``), the slowest
-    site's ``train-seconds``, and the rest ("other")."""
+    site's ``train-seconds``, and the rest ("other").
+    """
     from fedhealth.runs.rundir import read_metrics
 
     lines = read_metrics(run_dir)

@@ -22,13 +22,27 @@ from fedhealth.training.loop import EvalResult, evaluate, seed_everything, train
 
 def load_sites(cfg: Config) -> dict[str, SiteData]:
     root = Path(cfg.data.root)
-    return {f"site-{s}": read_datalist(site_dir(root, s) / "dataset.json") for s in range(cfg.sites)}
-
-
-def evaluate_on_sites(model: nn.Module, sites: dict[str, SiteData], cfg: Config) -> dict[str, EvalResult]:
     return {
-        name: evaluate(model, make_loader(data.test, cfg.data.roi, cfg.data.target_spacing,
-                                          cfg.train.batch_size, False, cfg.seed, cfg.data.cache))
+        f"site-{s}": read_datalist(site_dir(root, s) / "dataset.json") for s in range(cfg.sites)
+    }
+
+
+def evaluate_on_sites(
+    model: nn.Module, sites: dict[str, SiteData], cfg: Config
+) -> dict[str, EvalResult]:
+    return {
+        name: evaluate(
+            model,
+            make_loader(
+                data.test,
+                cfg.data.roi,
+                cfg.data.target_spacing,
+                cfg.train.batch_size,
+                False,
+                cfg.seed,
+                cfg.data.cache,
+            ),
+        )
         for name, data in sites.items()
     }
 
@@ -42,8 +56,15 @@ def pooled_dice(results: dict[str, EvalResult]) -> float:
 def _fit(items: list[dict[str, str]], cfg: Config, seed: int) -> nn.Module:
     seed_everything(seed, cfg.train.num_threads)
     model = build_model(cfg.model)
-    loader = make_loader(items, cfg.data.roi, cfg.data.target_spacing, cfg.train.batch_size,
-                         True, seed, cfg.data.cache)
+    loader = make_loader(
+        items,
+        cfg.data.roi,
+        cfg.data.target_spacing,
+        cfg.train.batch_size,
+        True,
+        seed,
+        cfg.data.cache,
+    )
     train(model, loader, cfg.rounds * cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay)
     return model
 
@@ -55,7 +76,9 @@ def centralized(cfg: Config, sites: dict[str, SiteData] | None = None) -> dict[s
     return evaluate_on_sites(_fit(pooled, cfg, cfg.seed), sites, cfg)
 
 
-def local(cfg: Config, sites: dict[str, SiteData] | None = None) -> dict[str, dict[str, EvalResult]]:
+def local(
+    cfg: Config, sites: dict[str, SiteData] | None = None
+) -> dict[str, dict[str, EvalResult]]:
     """For each site: train on its data alone, evaluate on every site's test set."""
     sites = sites or load_sites(cfg)
     return {

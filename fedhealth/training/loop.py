@@ -68,9 +68,7 @@ def loss_fn() -> nn.Module:
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """``sum ||w - w_anchor||^2`` over trainable parameters."""
-    return sum(
-        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-    )  # type: ignore[return-value]
+    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))  # type: ignore[return-value]
 
 
 def train(
@@ -106,9 +104,13 @@ def train(
                 f"which is not installed ({exc}); no noise was drawn and nothing was trained"
             ) from exc
         model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=dp.grad_sample_mode,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=dp.grad_sample_mode,
         )
     model.train()
     steps, seen, last_epoch_loss = 0, 0, 0.0
@@ -134,8 +136,13 @@ def train(
     return TrainResult(loss=last_epoch_loss, num_examples=seen, steps=steps, history=history)
 
 
-def _step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], anchor: list[torch.Tensor],
-          mu: float, private: bool) -> None:
+def _step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    anchor: list[torch.Tensor],
+    mu: float,
+    private: bool,
+) -> None:
     if private:  # DPOptimizer: pre_step clips, noises and averages into p.grad
         if not optimizer.pre_step():  # type: ignore[attr-defined]
             return

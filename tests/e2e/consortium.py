@@ -11,8 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 
 
 class Consortium:
@@ -29,15 +29,27 @@ class Consortium:
 
     # -- coordinator -------------------------------------------------------------------------
     def coordinator_args(self) -> list[str]:
-        return ["fedhealth", "server", "run", f"ca={self.certs / 'ca.crt'}",
-                f"cert={self.certs / 'server.crt'}", f"key={self.certs / 'server.key'}",
-                f"enrolled={self.certs}", f"state_dir={self.root / 'coordinator'}",
-                "host=127.0.0.1", f"port={self.port}", "backoff_initial=0.5"]
+        return [
+            "fedhealth",
+            "server",
+            "run",
+            f"ca={self.certs / 'ca.crt'}",
+            f"cert={self.certs / 'server.crt'}",
+            f"key={self.certs / 'server.key'}",
+            f"enrolled={self.certs}",
+            f"state_dir={self.root / 'coordinator'}",
+            "host=127.0.0.1",
+            f"port={self.port}",
+            "backoff_initial=0.5",
+        ]
 
     def start_coordinator(self, name: str = "coordinator") -> subprocess.Popen[bytes]:
         proc = self.procs.start(name, self.coordinator_args())
-        self.wait(lambda: self.status(self.root / "coordinator").get("ready"), 120,
-                  "coordinator ready (sites enrolled)")
+        self.wait(
+            lambda: self.status(self.root / "coordinator").get("ready"),
+            120,
+            "coordinator ready (sites enrolled)",
+        )
         return proc
 
     # -- sites -------------------------------------------------------------------------------
@@ -47,27 +59,55 @@ class Consortium:
     def site_args(self, name: str, data: Path | None = None) -> list[str]:
         index = self.names.index(name)
         keys = self.certs / "sites" / name
-        return ["fedhealth", "site", "run", f"name={name}", f"coordinator=127.0.0.1:{self.port}",
-                f"ca={self.certs / 'ca.crt'}", f"auth_key={keys / 'auth.key'}",
-                f"data_dir={data or self.cohort / f'site-{index % 3}'}",
-                f"ledger_dir={self.site_dir(name) / 'ledger'}",
-                f"state_dir={self.site_dir(name) / 'state'}", f"appio_port={self.appio[index]}",
-                f"isolation={self.isolation}", "backoff_initial=0.5", "backoff_max=4",
-                "stop_grace=10"]
+        return [
+            "fedhealth",
+            "site",
+            "run",
+            f"name={name}",
+            f"coordinator=127.0.0.1:{self.port}",
+            f"ca={self.certs / 'ca.crt'}",
+            f"auth_key={keys / 'auth.key'}",
+            f"data_dir={data or self.cohort / f'site-{index % 3}'}",
+            f"ledger_dir={self.site_dir(name) / 'ledger'}",
+            f"state_dir={self.site_dir(name) / 'state'}",
+            f"appio_port={self.appio[index]}",
+            f"isolation={self.isolation}",
+            "backoff_initial=0.5",
+            "backoff_max=4",
+            "stop_grace=10",
+        ]
 
     def start_site(self, name: str) -> subprocess.Popen[bytes]:
         return self.procs.start(name, self.site_args(name))
 
     def wait_connected(self, names: list[str], timeout: float = 120) -> None:
-        self.wait(lambda: all(self.status(self.site_dir(n) / "state").get("state") == "connected"
-                              for n in names), timeout, f"sites {names} connected")
+        self.wait(
+            lambda: all(
+                self.status(self.site_dir(n) / "state").get("state") == "connected" for n in names
+            ),
+            timeout,
+            f"sites {names} connected",
+        )
 
     # -- runs --------------------------------------------------------------------------------
     def launch(self, overrides: list[str], timeout: float = 600) -> subprocess.Popen[bytes]:
-        return self.procs.start("launch", [
-            "fedhealth", "server", "launch", "--ca", str(self.certs / "ca.crt"),
-            "--state-dir", str(self.root / "launcher"), "--address", f"127.0.0.1:{self.port}",
-            "--timeout", str(timeout), *overrides])
+        return self.procs.start(
+            "launch",
+            [
+                "fedhealth",
+                "server",
+                "launch",
+                "--ca",
+                str(self.certs / "ca.crt"),
+                "--state-dir",
+                str(self.root / "launcher"),
+                "--address",
+                f"127.0.0.1:{self.port}",
+                "--timeout",
+                str(timeout),
+                *overrides,
+            ],
+        )
 
     def wait_exit(self, proc: subprocess.Popen[bytes], timeout: float) -> int:
         try:

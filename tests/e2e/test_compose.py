@@ -30,10 +30,14 @@ def _compose_cli() -> list[str]:
         return cmd
     installable = os.geteuid() == 0 and shutil.which("apt-get") is not None
     if installable:
-        pytest.fail("docker-compose is not installed, but could be: run scripts/setup.sh "
-                    "(it installs Debian's docker-compose when run as root with apt-get)")
-    pytest.skip("docker-compose is not installed and cannot be installed here (needs root and "
-                "apt-get; scripts/setup.sh tries): the compose file was not validated")
+        pytest.fail(
+            "docker-compose is not installed, but could be: run scripts/setup.sh "
+            "(it installs Debian's docker-compose when run as root with apt-get)"
+        )
+    pytest.skip(
+        "docker-compose is not installed and cannot be installed here (needs root and "
+        "apt-get; scripts/setup.sh tries): the compose file was not validated"
+    )
 
 
 def test_validation_ignores_this_interpreters_python_path(monkeypatch):
@@ -46,32 +50,52 @@ def test_validation_ignores_this_interpreters_python_path(monkeypatch):
 
 def test_docker_compose_config_validates_the_topology():
     cmd = _compose_cli()
-    done = subprocess.run([*cmd, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
 
     project = compose.load(COMPOSE, use_compose=True)
-    assert set(project.services) == {"provision-keys", "synth-data", "coordinator", *HOSPITALS,
-                                     "launch"}
+    assert set(project.services) == {
+        "provision-keys",
+        "synth-data",
+        "coordinator",
+        *HOSPITALS,
+        "launch",
+    }
     assert {s.name for s in project.services.values() if s.one_shot} == ONE_SHOT
     roles = {n: s.role for n, s in project.services.items()}
-    assert roles == {"provision-keys": "provision", "synth-data": "provision",
-                     "coordinator": "coordinator", "launch": "launcher",
-                     **{h: "hospital" for h in HOSPITALS}}
+    assert roles == {
+        "provision-keys": "provision",
+        "synth-data": "provision",
+        "coordinator": "coordinator",
+        "launch": "launcher",
+        **{h: "hospital" for h in HOSPITALS},
+    }
     assert compose.isolation_problems(project) == []
 
     for h in HOSPITALS:
         svc = project.services[h]
         mounts = {m.target: m for m in svc.mounts}
-        assert set(mounts) == {"/fedhealth/data", "/fedhealth/keys", "/fedhealth/ledger",
-                               "/fedhealth/state"}
-        assert {m.source for m in svc.mounts} == {f"{h}-data", f"{h}-keys", f"{h}-ledger",
-                                                  f"{h}-state"}
+        assert set(mounts) == {
+            "/fedhealth/data",
+            "/fedhealth/keys",
+            "/fedhealth/ledger",
+            "/fedhealth/state",
+        }
+        assert {m.source for m in svc.mounts} == {
+            f"{h}-data",
+            f"{h}-keys",
+            f"{h}-ledger",
+            f"{h}-state",
+        }
         assert mounts["/fedhealth/data"].read_only and mounts["/fedhealth/keys"].read_only
         assert svc.argv[:3] == ["fedhealth", "site", "run"]
-        assert svc.depends_on == {"provision-keys": "service_completed_successfully",
-                                  "synth-data": "service_completed_successfully",
-                                  "coordinator": "service_healthy"}
+        assert svc.depends_on == {
+            "provision-keys": "service_completed_successfully",
+            "synth-data": "service_completed_successfully",
+            "coordinator": "service_healthy",
+        }
         assert svc.networks == [f"{h}-net"]
     coordinator = project.services["coordinator"]
     assert coordinator.argv[:3] == ["fedhealth", "server", "run"]
@@ -79,25 +103,34 @@ def test_docker_compose_config_validates_the_topology():
     assert not any(m.source.startswith("hospital-") for m in coordinator.mounts)
     launch = project.services["launch"]
     assert launch.argv[:3] == ["fedhealth", "server", "launch"]
-    assert launch.depends_on == {"coordinator": "service_healthy",
-                                 **{h: "service_healthy" for h in HOSPITALS}}
-    assert {m.source for m in launch.mounts} & {"runs"} and \
-        {m.target for m in launch.mounts if m.source == "runs"} == \
-        {m.target for m in coordinator.mounts if m.source == "runs"}
+    assert launch.depends_on == {
+        "coordinator": "service_healthy",
+        **{h: "service_healthy" for h in HOSPITALS},
+    }
+    assert {m.source for m in launch.mounts} & {"runs"} and {
+        m.target for m in launch.mounts if m.source == "runs"
+    } == {m.target for m in coordinator.mounts if m.source == "runs"}
     # the private keys: generated straight into each hospital's key volume, nowhere else
     keys = project.services["provision-keys"]
     for h in HOSPITALS:
         assert f"fedhealth certs site {h} --dir /provision/keys/{h}" in keys.command[0]
-        assert {m.source for m in keys.mounts if m.target == f"/provision/keys/{h}"} == {f"{h}-keys"}
+        assert {m.source for m in keys.mounts if m.target == f"/provision/keys/{h}"} == {
+            f"{h}-keys"
+        }
     assert "--server-name coordinator localhost 127.0.0.1" in keys.command[0]
     synth = project.services["synth-data"]
     assert {m.target: m.source for m in synth.mounts} == {
-        f"/provision/data/site-{i}": f"{h}-data" for i, h in enumerate(HOSPITALS)}
+        f"/provision/data/site-{i}": f"{h}-data" for i, h in enumerate(HOSPITALS)
+    }
 
     # every port is a variable with a default, and the variables change what docker-compose prints
     names = compose.port_variables(COMPOSE)
-    assert set(names) == {"FEDHEALTH_PORT", "FEDHEALTH_APPIO_PORT_A", "FEDHEALTH_APPIO_PORT_B",
-                          "FEDHEALTH_APPIO_PORT_C"}
+    assert set(names) == {
+        "FEDHEALTH_PORT",
+        "FEDHEALTH_APPIO_PORT_A",
+        "FEDHEALTH_APPIO_PORT_B",
+        "FEDHEALTH_APPIO_PORT_C",
+    }
     moved = compose.load(COMPOSE, {"FEDHEALTH_PORT": "19092"}, use_compose=True)
     assert "coordinator=coordinator:19092" in moved.services["hospital-b"].command
     assert "port=19092" in moved.services["coordinator"].command
@@ -116,7 +149,8 @@ def test_isolation_check_catches_a_shared_volume():
     project.services["hospital-b"] = replace(b, mounts=[*b.mounts, stolen])
     coord = project.services["coordinator"]
     project.services["coordinator"] = replace(
-        coord, mounts=[*coord.mounts, compose.Mount("hospital-c-ledger", "/x", "volume")])
+        coord, mounts=[*coord.mounts, compose.Mount("hospital-c-ledger", "/x", "volume")]
+    )
     problems = compose.isolation_problems(project)
     assert any("hospital-a-data" in p and "hospital-b" in p for p in problems), problems
     assert any("hospital-c-ledger" in p and "coordinator" in p for p in problems), problems
@@ -131,8 +165,9 @@ def test_rewriter_maps_container_paths_and_service_hosts(tmp_path):
     rewrite, _, _ = topo._prepare(synth)
     script = rewrite(synth.command[0])
     assert f"data.root={tmp_path}/fs/synth-data/provision/data " in script
-    assert (tmp_path / "fs/synth-data/provision/data/site-1").resolve() == \
-        (tmp_path / "volumes/hospital-b-data").resolve()
+    assert (tmp_path / "fs/synth-data/provision/data/site-1").resolve() == (
+        tmp_path / "volumes/hospital-b-data"
+    ).resolve()
     site = project.services["hospital-c"]
     rewrite, _, _ = topo._prepare(site)
     argv = topo._argv(site.argv, rewrite)
@@ -157,9 +192,13 @@ def test_compose_topology_runs_as_local_processes(tmp_path):
     names = compose.port_variables(COMPOSE)
     variables = {name: str(port) for name, port in zip(names, free_ports(len(names)))}
     variables.update(
-        FEDHEALTH_BIND_HOST="127.0.0.1", FEDHEALTH_ROUNDS="2", FEDHEALTH_RUN_NAME="compose",
-        FEDHEALTH_TRAIN_PER_SITE="6", FEDHEALTH_TEST_PER_SITE="3",
-        FEDHEALTH_ROUND_TIMEOUT="240")
+        FEDHEALTH_BIND_HOST="127.0.0.1",
+        FEDHEALTH_ROUNDS="2",
+        FEDHEALTH_RUN_NAME="compose",
+        FEDHEALTH_TRAIN_PER_SITE="6",
+        FEDHEALTH_TEST_PER_SITE="3",
+        FEDHEALTH_ROUND_TIMEOUT="240",
+    )
     result = compose.run(COMPOSE, tmp_path, variables, timeout=600)
 
     logs = {name: path.read_text(errors="replace")[-3000:] for name, path in result.logs.items()}

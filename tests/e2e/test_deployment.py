@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 from fedhealth.config import compose
-from fedhealth.runs.checkpoint import CheckpointStore
-from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.runs.rundir import read_jsonl, read_metrics
 from fedhealth.privacy.ledger import PrivacyLedger
-
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.rundir import read_jsonl, read_metrics
+from fedhealth.serverapp.runconfig import write_run_config
 from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
@@ -24,33 +23,63 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
     procs = Procs(tmp_path, env)
     link, *nodes = free_ports(3)
     try:
-        procs.start("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-            "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
-        ])
+        procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+                "--database",
+                str(tmp_path / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         procs.wait_port(link)
         for i, port in enumerate(nodes):
-            procs.start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
-                "--port", str(port),
-                "--node-config", f"data-dir='{Path(cohort) / f'site-{i}'}' site-name='hospital-{i}' "
-                f"ledger-dir='{tmp_path / f'ledger-{i}'}' epsilon-cap=8.0 delta=1e-5",
-            ])
+            procs.start(
+                f"supernode-{i}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"data-dir='{Path(cohort) / f'site-{i}'}' site-name='hospital-{i}' "
+                    f"ledger-dir='{tmp_path / f'ledger-{i}'}' epsilon-cap=8.0 delta=1e-5",
+                ],
+            )
         home = tmp_path / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
             "insecure = true\n"
         )
-        cfg = compose(["sites=2", "rounds=2", "train.local_epochs=1",
-                       f"run_root={tmp_path / 'runs'}", "run_name=deployed",
-                       "federation.round_timeout=240"])
+        cfg = compose(
+            [
+                "sites=2",
+                "rounds=2",
+                "train.local_epochs=1",
+                f"run_root={tmp_path / 'runs'}",
+                "run_name=deployed",
+                "federation.round_timeout=240",
+            ]
+        )
         run_config = write_run_config(cfg, tmp_path / "run-config.toml")
 
-        submitted = flwr(env, ["run", str(PROJECT), "e2e", "--stream", "--run-config",
-                               str(run_config)], cwd=tmp_path, timeout=420)
-        listing = flwr(env, ["ls", "e2e", "--run-id", str(submitted["run-id"])],
-                       cwd=tmp_path, timeout=60)
+        submitted = flwr(
+            env,
+            ["run", str(PROJECT), "e2e", "--stream", "--run-config", str(run_config)],
+            cwd=tmp_path,
+            timeout=420,
+        )
+        listing = flwr(
+            env, ["ls", "e2e", "--run-id", str(submitted["run-id"])], cwd=tmp_path, timeout=60
+        )
         status = listing["runs"][0]["status"]
         assert status == "finished:completed", f"{listing}\n{procs.logs()}"
     finally:
@@ -67,7 +96,8 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
     store.load(2)  # verifies the sha256
     privacy = read_jsonl(run / "privacy.jsonl")
     assert {(row["round"], row["site"]) for row in privacy} == {
-        (r, f"hospital-{i}") for r in (1, 2) for i in (0, 1)}
+        (r, f"hospital-{i}") for r in (1, 2) for i in (0, 1)
+    }
     assert all(0 < row["epsilon"] <= 8.0 for row in privacy)
     for i in (0, 1):
         with PrivacyLedger(tmp_path / f"ledger-{i}" / "ledger.sqlite") as ledger:

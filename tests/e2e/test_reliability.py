@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedhealth.config import compose, site_settings
 from fedhealth.clientapp import handlers as site_handler
-from fedhealth.runs.checkpoint import CheckpointStore
-from fedhealth.protocol.packing import layout, pack, unpack
-from fedhealth.runs.rundir import read_metrics
-from fedhealth.simulation import simulate
+from fedhealth.config import compose, site_settings
 from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.protocol.packing import layout, pack, unpack
+from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.rundir import read_metrics
+from fedhealth.simulation import simulate
 
 from .consortium import Consortium
 
@@ -52,8 +52,16 @@ def test_too_few_sites_ends_cleanly_after_the_deadline(cohort, tmp_path):
             c.start_site(name)
         c.wait_connected(c.names[:2])
         run_dir = tmp_path / "runs" / "few"
-        launch = c.launch([*DP_RUN, "rounds=2", "federation.round_timeout=15",
-                           f"run_root={run_dir.parent}", "run_name=few"], timeout=300)
+        launch = c.launch(
+            [
+                *DP_RUN,
+                "rounds=2",
+                "federation.round_timeout=15",
+                f"run_root={run_dir.parent}",
+                "run_name=few",
+            ],
+            timeout=300,
+        )
         assert c.wait_exit(launch, 300) == 1, c.log("launch")
     finally:
         c.stop()
@@ -63,16 +71,17 @@ def test_too_few_sites_ends_cleanly_after_the_deadline(cohort, tmp_path):
     assert CheckpointStore(run_dir / "checkpoints").rounds() == [0]  # global model unchanged
     assert "run stopped early" in c.log("launch")
     for name in c.names[:2]:  # no site trained or spent anything
-        assert not (c.site_dir(name) / "ledger" / "ledger.sqlite").exists() or \
-            _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite") == []
+        assert (
+            not (c.site_dir(name) / "ledger" / "ledger.sqlite").exists()
+            or _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite") == []
+        )
 
 
 def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path, flower_identity):
     c = Consortium(tmp_path, cohort, sites=4)
     victim = "site-3"
     run_dir = tmp_path / "runs" / "kill-site"
-    overrides = [*DP_RUN, "sites=4", "rounds=3", f"run_root={run_dir.parent}",
-                 "run_name=kill-site"]
+    overrides = [*DP_RUN, "sites=4", "rounds=3", f"run_root={run_dir.parent}", "run_name=kill-site"]
     try:
         c.start_coordinator()
         for name in c.names:
@@ -82,8 +91,9 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
         state = c.site_dir(victim) / "state"
 
         def training_round_2() -> bool:  # the victim got round 2's training instruction
-            return (_completed(run_dir) >= 1
-                    and "train round 2" in str(c.status(state).get("activity")))
+            return _completed(run_dir) >= 1 and "train round 2" in str(
+                c.status(state).get("activity")
+            )
 
         c.wait(training_round_2, 400, f"{victim} training in round 2")
         for child in c.status(state)["children"].values():  # SuperNode + its ClientApps
@@ -114,18 +124,27 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
     sent = pack(model_order)  # what the coordinator sent
     for name in ("site-0", "site-1", "site-2"):
         index = c.names.index(name)
-        node = {"data-dir": str(cohort / f"site-{index % 3}"), "site-name": name,
-                "ledger-dir": str(c.site_dir(name) / "ledger"), "epsilon-cap": 8.0, "delta": 1e-5}
+        node = {
+            "data-dir": str(cohort / f"site-{index % 3}"),
+            "site-name": name,
+            "ledger-dir": str(c.site_dir(name) / "ledger"),
+            "epsilon-cap": 8.0,
+            "delta": 1e-5,
+        }
         msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord(settings)}), 0, "train")
         context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
         spent = _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite")
         site, data, site_cfg, got, seed = site_handler.prepare(msg, context, "train", None, None)
-        arrays, metrics, _ = site_handler.train_update(msg, context, site, data, site_cfg, got, seed)
+        arrays, metrics, _ = site_handler.train_update(
+            msg, context, site, data, site_cfg, got, seed
+        )
         assert _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite") == spent
         updates.append(unpack(arrays, layout(model_order)))
         weights.append(metrics["num-examples"])
     for key in after:
-        expected = sum(w * u[key].astype(np.float64) for w, u in zip(weights, updates)) / sum(weights)
+        expected = sum(w * u[key].astype(np.float64) for w, u in zip(weights, updates)) / sum(
+            weights
+        )
         np.testing.assert_allclose(after[key], expected, atol=1e-4, err_msg=key)
 
 
@@ -134,9 +153,17 @@ def test_coordinator_killed_at_round_3_resumes_at_round_4(cohort, tmp_path):
 
     # The uninterrupted run with the same seed and fresh ledgers, on Flower's simulation engine:
     # same sites (site-0..2 on the same data), same code path for training and aggregation.
-    reference = simulate(compose([*overrides, f"data.root={cohort}", f"run_root={tmp_path / 'runs'}",
-                                  "run_name=reference",
-                                  f"privacy.ledger_root={tmp_path / 'reference-ledgers'}"]))
+    reference = simulate(
+        compose(
+            [
+                *overrides,
+                f"data.root={cohort}",
+                f"run_root={tmp_path / 'runs'}",
+                "run_name=reference",
+                f"privacy.ledger_root={tmp_path / 'reference-ledgers'}",
+            ]
+        )
+    )
     assert reference.manifest["rounds_completed"] == 6
 
     def consortium(name: str) -> Consortium:
@@ -174,6 +201,8 @@ def test_coordinator_killed_at_round_3_resumes_at_round_4(cohort, tmp_path):
         rounds = _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite")
         assert sorted(r for _, r in rounds) == [1, 2, 3, 4, 5, 6], (name, rounds)
         assert len({run for run, _ in rounds}) == 1
-        with PrivacyLedger(c.site_dir(name) / "ledger" / "ledger.sqlite") as mine, \
-                PrivacyLedger(tmp_path / "reference-ledgers" / name / "ledger.sqlite") as theirs:
+        with (
+            PrivacyLedger(c.site_dir(name) / "ledger" / "ledger.sqlite") as mine,
+            PrivacyLedger(tmp_path / "reference-ledgers" / name / "ledger.sqlite") as theirs,
+        ):
             assert mine.entries[-1].epsilon_after == pytest.approx(theirs.entries[-1].epsilon_after)

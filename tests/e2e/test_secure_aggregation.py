@@ -10,21 +10,36 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fedhealth.clientapp.egress import EgressLog
 from fedhealth.config import compose
 from fedhealth.runs.checkpoint import CheckpointStore
-from fedhealth.clientapp.egress import EgressLog
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
-BASE = ["sites=3", "data.train_per_site=6", "data.test_per_site=3", "train.local_epochs=1",
-        "rounds=1", "privacy=off", "strategy.min_sites=2"]
+BASE = [
+    "sites=3",
+    "data.train_per_site=6",
+    "data.test_per_site=3",
+    "train.local_epochs=1",
+    "rounds=1",
+    "privacy=off",
+    "strategy.min_sites=2",
+]
 
 
 def _run(root, tmp_path, name, *extra, mods=None):
-    cfg = compose([*BASE, f"data.root={root}", f"run_root={tmp_path / 'runs'}",
-                   f"run_name={name}", f"privacy.ledger_root={tmp_path / 'ledgers'}", *extra])
+    cfg = compose(
+        [
+            *BASE,
+            f"data.root={root}",
+            f"run_root={tmp_path / 'runs'}",
+            f"run_name={name}",
+            f"privacy.ledger_root={tmp_path / 'ledgers'}",
+            *extra,
+        ]
+    )
     return simulate(cfg, client_mods=mods)
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from fedhealth.config import compose
-from fedhealth.serverapp.runconfig import write_run_config
 from fedhealth.runs.rundir import read_metrics
-from fedhealth.security.certs import CA, create_ca, create_server_cert, create_site_keys
-
+from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.serverapp.runconfig import write_run_config
 from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
 
 pytestmark = pytest.mark.slow
@@ -35,33 +34,71 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{keys / "ca.crt"}"\n')
+        f'root-certificates = "{keys / "ca.crt"}"\n'
+    )
 
     def supernode(name: str, key: str | None, *transport: str, data: int = 0):
-        auth = ["--auth-supernode-private-key", str(keys / "sites" / key / "auth.key")] if key else []
-        return procs.start(name, [
-            "flower-supernode", "--superlink", f"127.0.0.1:{link}", "--port", str(node_ports.pop()),
-            *transport, *auth,
-            "--node-config", f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'",
-        ])
+        auth = (
+            ["--auth-supernode-private-key", str(keys / "sites" / key / "auth.key")] if key else []
+        )
+        return procs.start(
+            name,
+            [
+                "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{link}",
+                "--port",
+                str(node_ports.pop()),
+                *transport,
+                *auth,
+                "--node-config",
+                f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'",
+            ],
+        )
 
     try:
-        procs.start("superlink", [
-            "flower-superlink", "--host", "127.0.0.1", "--port", str(link),
-            "--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.crt"),
-            "--ssl-keyfile", str(keys / "server.key"), "--enable-supernode-auth",
-            "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation",
-        ])
+        procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+                "--ssl-ca-certfile",
+                str(keys / "ca.crt"),
+                "--ssl-certfile",
+                str(keys / "server.crt"),
+                "--ssl-keyfile",
+                str(keys / "server.key"),
+                "--enable-supernode-auth",
+                "--database",
+                str(tmp_path / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         procs.wait_port(link)
         for site in ("hospital-0", "hospital-1"):
-            flwr(env, ["supernode", "register", str(keys / "sites" / site / "auth.pub"), "tls",
-                       "--name", site], cwd=tmp_path, timeout=60)
+            flwr(
+                env,
+                [
+                    "supernode",
+                    "register",
+                    str(keys / "sites" / site / "auth.pub"),
+                    "tls",
+                    "--name",
+                    site,
+                ],
+                cwd=tmp_path,
+                timeout=60,
+            )
         tls = ["--root-certificates", str(keys / "ca.crt")]
         supernode("hospital-0", "hospital-0", *tls, data=0)
         supernode("hospital-1", "hospital-1", *tls, data=1)
         unregistered = supernode("intruder", "intruder", *tls, data=2)
-        foreign_ca = supernode("foreign", "hospital-0", "--root-certificates",
-                               str(foreign / "ca.crt"), data=2)
+        foreign_ca = supernode(
+            "foreign", "hospital-0", "--root-certificates", str(foreign / "ca.crt"), data=2
+        )
         plaintext = supernode("plaintext", None, "--insecure", data=2)  # no TLS, no key
 
         deadline = time.monotonic() + 60
@@ -69,14 +106,34 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
             time.sleep(0.5)
         assert unregistered.returncode not in (None, 0), procs.logs()
 
-        cfg = compose(["sites=3", "rounds=1", "train.local_epochs=1", "privacy=off",
-                       "strategy.min_sites=2", f"run_root={tmp_path / 'runs'}",
-                       "run_name=secure", "federation.round_timeout=240"])
-        submitted = flwr(env, ["run", str(PROJECT), "tls", "--stream", "--run-config",
-                               str(write_run_config(cfg, tmp_path / "run.toml"))],
-                         cwd=tmp_path, timeout=420)
-        listing = flwr(env, ["ls", "tls", "--run-id", str(submitted["run-id"])], cwd=tmp_path,
-                       timeout=60)
+        cfg = compose(
+            [
+                "sites=3",
+                "rounds=1",
+                "train.local_epochs=1",
+                "privacy=off",
+                "strategy.min_sites=2",
+                f"run_root={tmp_path / 'runs'}",
+                "run_name=secure",
+                "federation.round_timeout=240",
+            ]
+        )
+        submitted = flwr(
+            env,
+            [
+                "run",
+                str(PROJECT),
+                "tls",
+                "--stream",
+                "--run-config",
+                str(write_run_config(cfg, tmp_path / "run.toml")),
+            ],
+            cwd=tmp_path,
+            timeout=420,
+        )
+        listing = flwr(
+            env, ["ls", "tls", "--run-id", str(submitted["run-id"])], cwd=tmp_path, timeout=60
+        )
         assert listing["runs"][0]["status"] == "finished:completed", procs.logs()
         assert foreign_ca.poll() is None or foreign_ca.returncode != 0
         assert plaintext.poll() is None or plaintext.returncode != 0
@@ -87,6 +144,6 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
     assert set(lines[1]["train"]["sites"]) == {"hospital-0", "hospital-1"}, "no intruder in a round"
     logs = {name: log.read_text(errors="replace") for name, _, log in procs.running}
     assert "Failed to activate SuperNode" in logs["intruder"]  # the SuperLink said no
-    assert "CERTIFICATE_VERIFY_FAILED" in logs["foreign"]      # our CA did not sign it
-    assert "Connection attempt failed" in logs["plaintext"]    # no TLS, no way in
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["foreign"]  # our CA did not sign it
+    assert "Connection attempt failed" in logs["plaintext"]  # no TLS, no way in
     assert "intruder" not in str(lines) and "foreign" not in str(lines)

@@ -10,21 +10,32 @@ import torch
 
 from fedhealth.cli import main
 from fedhealth.config import compose
+from fedhealth.models import build_model
 from fedhealth.runs.checkpoint import CheckpointStore
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.simulation import simulate
-from fedhealth.models import build_model
 from fedhealth.training.baselines import evaluate_on_sites, load_sites, pooled_dice
 
 pytestmark = pytest.mark.slow
 
-E2E = ["sites=3", "data.train_per_site=6", "data.test_per_site=3", "train.local_epochs=2",
-       "rounds=3", "privacy=off", "train.batch_size=4", "train.lr=0.003", "train.lr_decay=1.0"]
+E2E = [
+    "sites=3",
+    "data.train_per_site=6",
+    "data.test_per_site=3",
+    "train.local_epochs=2",
+    "rounds=3",
+    "privacy=off",
+    "train.batch_size=4",
+    "train.lr=0.003",
+    "train.lr_decay=1.0",
+]
 
 
 def _pooled_dice_of(store: CheckpointStore, server_round: int, cfg) -> float:
     model = build_model(cfg.model)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in store.load(server_round).items()})
+    model.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in store.load(server_round).items()}
+    )
     return pooled_dice(evaluate_on_sites(model, load_sites(cfg), cfg))
 
 
@@ -40,8 +51,11 @@ def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, c
     lines = read_metrics(run)
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
     for line in lines[1:]:
-        assert set(line["train"]["sites"]) == set(line["evaluate"]["sites"]) == {
-            "site-0", "site-1", "site-2"}
+        assert (
+            set(line["train"]["sites"])
+            == set(line["evaluate"]["sites"])
+            == {"site-0", "site-1", "site-2"}
+        )
         assert all(row["num-examples"] == 6 for row in line["train"]["sites"].values())
         assert 0.0 <= line["evaluate"]["weighted"]["dice"] <= 1.0
 
@@ -59,8 +73,9 @@ def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, c
 def test_same_config_and_seed_give_the_same_model(cohort, tmp_path):
     digests = []
     for name in ("a", "b"):
-        cfg = compose([*E2E, "rounds=2", f"data.root={cohort}", f"run_root={tmp_path}",
-                       f"run_name={name}"])
+        cfg = compose(
+            [*E2E, "rounds=2", f"data.root={cohort}", f"run_root={tmp_path}", f"run_name={name}"]
+        )
         digests.append(simulate(cfg).checkpoints.recorded())
     assert digests[0] == digests[1]
     # Pinned: the first round of this config on CPU (torch 2.13, MONAI 1.6.1).
@@ -77,8 +92,16 @@ def test_a_site_with_a_corrupt_scan_fails_alone_and_the_run_goes_on(cohort, tmp_
     listing = json.loads((root / "site-1" / "dataset.json").read_text())
     victim = root / "site-1" / listing["training"][0]["image"]
     victim.write_bytes(victim.read_bytes()[:200])
-    cfg = compose([*E2E, "rounds=2", f"data.root={root}", f"run_root={tmp_path}",
-                   "run_name=corrupt", "strategy.min_sites=2"])
+    cfg = compose(
+        [
+            *E2E,
+            "rounds=2",
+            f"data.root={root}",
+            f"run_root={tmp_path}",
+            "run_name=corrupt",
+            "strategy.min_sites=2",
+        ]
+    )
     run = simulate(cfg)
     for line in read_metrics(run.path)[1:]:
         assert set(line["train"]["sites"]) == {"site-0", "site-2"}

@@ -5,8 +5,16 @@ from fedhealth.cli import main
 
 def test_data_synth_writes_sites(tmp_path, capsys):
     root = tmp_path / "cohort"
-    code = main(["data", "synth", "sites=2", f"data.root={root}", "data.train_per_site=2",
-                 "data.test_per_site=1"])
+    code = main(
+        [
+            "data",
+            "synth",
+            "sites=2",
+            f"data.root={root}",
+            "data.train_per_site=2",
+            "data.test_per_site=1",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(root / "site-0" / "dataset.json"), str(root / "site-1" / "dataset.json")]
@@ -20,8 +28,9 @@ def test_bad_override_is_a_clear_error_and_exit_2(capsys):
 
 
 def test_baseline_local_prints_per_site_dice(cohort, capsys):
-    code = main(["baseline", "local", "sites=2", f"data.root={cohort}", "rounds=1",
-                 "train.local_epochs=1"])
+    code = main(
+        ["baseline", "local", "sites=2", f"data.root={cohort}", "rounds=1", "train.local_epochs=1"]
+    )
     assert code == 0
     table = json.loads(capsys.readouterr().out)
     assert set(table) == {"local:site-0", "local:site-1"}

@@ -7,8 +7,16 @@ from fedhealth.privacy.ledger import PrivacyLedger
 
 
 def _request(run="run-1", rnd=1, total=3, fixed=0.0, accountant="rdp"):
-    return RoundRequest(run=run, server_round=rnd, rounds_total=total, sample_rate=0.25,
-                        steps=8, max_grad_norm=1.0, accountant=accountant, fixed_noise=fixed)
+    return RoundRequest(
+        run=run,
+        server_round=rnd,
+        rounds_total=total,
+        sample_rate=0.25,
+        steps=8,
+        max_grad_norm=1.0,
+        accountant=accountant,
+        fixed_noise=fixed,
+    )
 
 
 @pytest.fixture
@@ -20,8 +28,10 @@ def ledger(tmp_path):
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_plan_fits_all_planned_rounds_inside_the_cap(ledger, tmp_path, accountant):
     budget = SiteBudget(8.0, 1e-5, tmp_path / "ledger.sqlite")
-    entries = [charge_round(ledger, budget, _request(rnd=r, accountant=accountant), "fp", "site-a")
-               for r in (1, 2, 3)]
+    entries = [
+        charge_round(ledger, budget, _request(rnd=r, accountant=accountant), "fp", "site-a")
+        for r in (1, 2, 3)
+    ]
     assert len({e.noise_multiplier for e in entries}) == 1, "one plan per run"
     assert entries[-1].epsilon_after <= 8.0
     assert entries[-1].epsilon_after > 7.5, "the plan uses the budget, not a fraction of it"
@@ -46,7 +56,8 @@ def test_a_second_run_plans_with_what_is_left(ledger, tmp_path):
     assert second.noise_multiplier > unspent.noise_multiplier
     assert second.epsilon_after > first.epsilon_after
     assert second.epsilon_after == pytest.approx(
-        epsilon([(1.5, 0.25, 8), (second.noise_multiplier, 0.25, 8)], 1e-5))
+        epsilon([(1.5, 0.25, 8), (second.noise_multiplier, 0.25, 8)], 1e-5)
+    )
 
 
 def test_exhausted_budget_refuses_a_new_run(ledger, tmp_path):

@@ -48,11 +48,14 @@ def _tamper(path, sql, *args):
     db.close()
 
 
-@pytest.mark.parametrize("sql, error", [
-    ("UPDATE entries SET steps = 1 WHERE seq = 1", "entry 1 .*hash chain"),
-    ("DELETE FROM entries WHERE seq = 2", "entry 2 .*hash chain"),
-    ("UPDATE entries SET noise_multiplier = 9.0 WHERE seq = 3", "entry 3 .*hash chain"),
-])
+@pytest.mark.parametrize(
+    "sql, error",
+    [
+        ("UPDATE entries SET steps = 1 WHERE seq = 1", "entry 1 .*hash chain"),
+        ("DELETE FROM entries WHERE seq = 2", "entry 2 .*hash chain"),
+        ("UPDATE entries SET noise_multiplier = 9.0 WHERE seq = 3", "entry 3 .*hash chain"),
+    ],
+)
 def test_edited_or_deleted_entry_breaks_the_chain(tmp_path, sql, error):
     path = tmp_path / "ledger.sqlite"
     with PrivacyLedger(path) as ledger:
@@ -71,8 +74,12 @@ def test_rewritten_epsilon_with_rehashed_chain_is_caught_by_recomputation(tmp_pa
         entry = _record(ledger)
     forged = replace(entry, epsilon_after=0.01)
     forged = replace(forged, hash=forged.digest())
-    _tamper(path, "UPDATE entries SET epsilon_after = ?, hash = ? WHERE seq = 1",
-            forged.epsilon_after, forged.hash)
+    _tamper(
+        path,
+        "UPDATE entries SET epsilon_after = ?, hash = ? WHERE seq = 1",
+        forged.epsilon_after,
+        forged.hash,
+    )
     with pytest.raises(LedgerError, match="recomputed"):
         PrivacyLedger(path)
     assert asdict(entry)["epsilon_after"] > 1.0

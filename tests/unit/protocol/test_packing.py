@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord
 
 from fedhealth.config import compose
 from fedhealth.errors import ConfigError
-from fedhealth.protocol.packing import PACKED_KEY, is_packed, layout, pack, unpack
 from fedhealth.models import build_model
+from fedhealth.protocol.packing import PACKED_KEY, is_packed, layout, pack, unpack
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,13 @@ def test_a_per_tensor_record_is_not_taken_for_a_packed_one(state):
         unpack(ArrayRecord(state), layout(state), "global model")
 
 
-@pytest.mark.parametrize("vector, why", [
-    (np.zeros(10, np.float32), "shape \\(10,\\)"),
-    (np.zeros((2, 3), np.float32), "shape \\(2, 3\\)"),
-])
+@pytest.mark.parametrize(
+    "vector, why",
+    [
+        (np.zeros(10, np.float32), "shape \\(10,\\)"),
+        (np.zeros((2, 3), np.float32), "shape \\(2, 3\\)"),
+    ],
+)
 def test_a_packed_array_that_does_not_fit_the_model_is_refused(state, vector, why):
     with pytest.raises(ConfigError, match=f"round 3 global model: packed array of {why}"):
         unpack(ArrayRecord({PACKED_KEY: Array(vector)}), layout(state), "round 3 global model")
@@ -63,17 +66,23 @@ def test_fedavg_of_packed_updates_is_fedavg_of_the_tensors(state):
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     rng = np.random.default_rng(0)
-    updates = [{k: torch.from_numpy(rng.normal(size=tuple(v.shape)).astype(np.float32))
-                for k, v in state.items()} for _ in range(3)]
+    updates = [
+        {
+            k: torch.from_numpy(rng.normal(size=tuple(v.shape)).astype(np.float32))
+            for k, v in state.items()
+        }
+        for _ in range(3)
+    ]
     counts = [5, 11, 2]
 
     def contents(records):
-        return [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})})
-                for r, n in zip(records, counts)]
+        return [
+            RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})})
+            for r, n in zip(records, counts)
+        ]
 
     packed = aggregate_arrayrecords(contents([pack(u) for u in updates]), "num-examples")
-    per_tensor = aggregate_arrayrecords(contents([ArrayRecord(u) for u in updates]),
-                                        "num-examples")
+    per_tensor = aggregate_arrayrecords(contents([ArrayRecord(u) for u in updates]), "num-examples")
     vector = packed[PACKED_KEY].numpy().astype(np.float32)
     tensors = unpack(ArrayRecord({PACKED_KEY: Array(vector)}), layout(state))
     for key in state:

@@ -59,9 +59,20 @@ def test_rounds_left_is_how_many_more_rounds_fit(ledger_root):
 
 def test_run_dir_report_marks_refusals(tmp_path):
     rows = [
-        {"round": 1, "site": "a", "status": "trained", "epsilon": 0.0, "epsilon_cap": 8.0,
-         "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.25, "dp_steps": 8,
-         "max_grad_norm": 1.0, "accountant": "rdp", "history": [[1.1, 0.25, 8]]},
+        {
+            "round": 1,
+            "site": "a",
+            "status": "trained",
+            "epsilon": 0.0,
+            "epsilon_cap": 8.0,
+            "delta": 1e-5,
+            "noise_multiplier": 1.1,
+            "sample_rate": 0.25,
+            "dp_steps": 8,
+            "max_grad_norm": 1.0,
+            "accountant": "rdp",
+            "history": [[1.1, 0.25, 8]],
+        },
         {"round": 2, "site": "a", "status": "refused"},
     ]
     from fedhealth.privacy.accounting import epsilon
@@ -79,8 +90,22 @@ def test_cli_report_and_a_forged_figure_fails_the_check(ledger_root, capsys):
     out = capsys.readouterr().out
     assert "hospital-a" in out and "all agree within 1%" in out
     (ledger_root / "forged").mkdir()
-    (ledger_root / "forged" / "privacy.jsonl").write_text(json.dumps(
-        {"round": 1, "site": "x", "status": "trained", "epsilon": 0.5, "epsilon_cap": 8.0,
-         "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.25, "dp_steps": 8,
-         "accountant": "rdp", "history": [[1.1, 0.25, 8]]}) + "\n")
+    (ledger_root / "forged" / "privacy.jsonl").write_text(
+        json.dumps(
+            {
+                "round": 1,
+                "site": "x",
+                "status": "trained",
+                "epsilon": 0.5,
+                "epsilon_cap": 8.0,
+                "delta": 1e-5,
+                "noise_multiplier": 1.1,
+                "sample_rate": 0.25,
+                "dp_steps": 8,
+                "accountant": "rdp",
+                "history": [[1.1, 0.25, 8]],
+            }
+        )
+        + "\n"
+    )
     assert main(["report", "privacy", str(ledger_root / "forged")]) == 1

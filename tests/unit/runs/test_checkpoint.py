@@ -5,9 +5,9 @@ import pytest
 
 from fedhealth.config import compose
 from fedhealth.errors import CheckpointError
+from fedhealth.io import sha256_file
 from fedhealth.runs.checkpoint import CheckpointStore
 from fedhealth.runs.rundir import RunDir, read_metrics
-from fedhealth.io import sha256_file
 
 
 def test_checkpoint_round_trip_and_tamper_detection(tmp_path):
@@ -38,9 +38,14 @@ def test_run_dir_records_config_metrics_and_manifest(tmp_path):
     run = RunDir.create(cfg)
     run.end_round(0, {"w": np.zeros(2, np.float32)})
     entry = run.log(1)
-    entry.train = {"site-0": {"loss": 1.0, "num-examples": 2}, "site-1": {"loss": 0.0, "num-examples": 6}}
-    entry.evaluate = {"site-0": {"dice": 0.2, "loss": 1.0, "num-examples": 1},
-                      "site-1": {"dice": 0.8, "loss": 0.5, "num-examples": 3}}
+    entry.train = {
+        "site-0": {"loss": 1.0, "num-examples": 2},
+        "site-1": {"loss": 0.0, "num-examples": 6},
+    }
+    entry.evaluate = {
+        "site-0": {"dice": 0.2, "loss": 1.0, "num-examples": 1},
+        "site-1": {"dice": 0.8, "loss": 0.5, "num-examples": 3},
+    }
     run.end_round(1, {"w": np.ones(2, np.float32)})
     run.finish()
     lines = read_metrics(run.path)
@@ -50,5 +55,6 @@ def test_run_dir_records_config_metrics_and_manifest(tmp_path):
     manifest = json.loads((run.path / "manifest.json").read_text())
     assert manifest["rounds_completed"] == 1 and manifest["finished"]
     assert manifest["checkpoints"]["round-0001.safetensors"] == sha256_file(
-        run.path / "checkpoints" / "round-0001.safetensors")
+        run.path / "checkpoints" / "round-0001.safetensors"
+    )
     assert "flwr" in manifest["versions"] and (run.path / "config.yaml").is_file()

@@ -7,9 +7,9 @@ import pytest
 
 from fedhealth.config import compose
 from fedhealth.errors import CheckpointError, ConfigError
-from fedhealth.serverapp.app import run_federation
-from fedhealth.runs.rundir import RunDir, read_jsonl, read_metrics
 from fedhealth.io import append_line
+from fedhealth.runs.rundir import RunDir, read_jsonl, read_metrics
+from fedhealth.serverapp.app import run_federation
 
 
 def _cfg(tmp_path, *extra):

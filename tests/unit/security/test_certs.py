@@ -30,7 +30,9 @@ def test_server_cert_is_signed_by_the_ca_with_the_right_names(ca_dir):
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 

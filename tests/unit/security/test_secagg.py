@@ -12,26 +12,30 @@ from fedhealth.security.secagg import (
     neighbour_graph,
 )
 
-PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_levels=1 << 20,
-                      max_examples=1000)
+PARAMS = SecAggParams(
+    threshold=3, clipping_range=4.0, quantization_levels=1 << 20, max_examples=1000
+)
 
 
-def _round(updates, counts, degree=None, drop_before_input=(), drop_before_unmask=(),
-           params=PARAMS):
+def _round(
+    updates, counts, degree=None, drop_before_input=(), drop_before_unmask=(), params=PARAMS
+):
     ids = list(range(1, len(updates) + 1))
     graph = neighbour_graph(ids, degree)
     sites = {i: SecAggSite(i, params, graph[i]) for i in ids}
     server = SecAggServer(params, graph)
     server.publics = {i: s.advertise() for i, s in sites.items()}
-    server.shared = {i: s.share_keys({j: server.publics[j] for j in [i, *graph[i]]})
-                     for i, s in sites.items()}
+    server.shared = {
+        i: s.share_keys({j: server.publics[j] for j in [i, *graph[i]]}) for i, s in sites.items()
+    }
     inbox = server.route()
     for i, s in sites.items():
         if i not in drop_before_input:
             server.masked[i] = s.masked_input(updates[i - 1], counts[i - 1], inbox[i])
     survivors, dropped = server.survivors_and_dropped()
-    reveals = {i: sites[i].unmask(survivors, dropped) for i in survivors
-               if i not in drop_before_unmask}
+    reveals = {
+        i: sites[i].unmask(survivors, dropped) for i in survivors if i not in drop_before_unmask
+    }
     return server.aggregate(reveals), server
 
 

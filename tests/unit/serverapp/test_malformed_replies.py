@@ -71,8 +71,9 @@ def npy(a: np.ndarray) -> bytes:
 def header_only(descr: str, shape: tuple, size: int) -> bytes:
     """A .npy header for ``descr``/``shape``, padded with zero bytes to ``size`` bytes in all."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
-                                               "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue().ljust(size, b"\0")
 
 
@@ -132,13 +133,18 @@ class Gen:
     # -- good replies
     def good_train(self) -> tuple[dict[str, np.ndarray], int, float]:
         dtypes = self.site_dtypes or {k: v.dtype for k, v in self.global_.items()}
-        arrays = {k: (v + self.rng.normal(0, 0.05, v.shape)).astype(dtypes[k])
-                  for k, v in self.global_.items()}
+        arrays = {
+            k: (v + self.rng.normal(0, 0.05, v.shape)).astype(dtypes[k])
+            for k, v in self.global_.items()
+        }
         return arrays, int(self.rng.integers(1, 60)), float(self.rng.uniform(0.1, 2.0))
 
     def good_eval(self) -> dict[str, float | int]:
-        return {"dice": float(self.rng.uniform(0, 1)), "loss": float(self.rng.uniform(0, 2)),
-                "num-examples": int(self.rng.integers(1, 60))}
+        return {
+            "dice": float(self.rng.uniform(0, 1)),
+            "loss": float(self.rng.uniform(0, 2)),
+            "num-examples": int(self.rng.integers(1, 60)),
+        }
 
     def key(self) -> str:
         return str(self.rng.choice(sorted(self.global_)))
@@ -152,19 +158,34 @@ class Gen:
         if self.phase == "train":
             if self._pool_for is not self.global_:
                 self._pool_for = self.global_
-                self._pool = [{k: Array(v) for k, v in self.good_train()[0].items()}
-                              for _ in range(8)]
-            return Parts(dict(self.pick(self._pool)),
-                         {"loss": float(self.rng.uniform(0.1, 2.0)),
-                          "num-examples": int(self.rng.integers(1, 60)), "steps": 3}, {})
+                self._pool = [
+                    {k: Array(v) for k, v in self.good_train()[0].items()} for _ in range(8)
+                ]
+            return Parts(
+                dict(self.pick(self._pool)),
+                {
+                    "loss": float(self.rng.uniform(0.1, 2.0)),
+                    "num-examples": int(self.rng.integers(1, 60)),
+                    "steps": 3,
+                },
+                {},
+            )
         return Parts(None, self.good_eval(), {})
 
     def bad(self, node: int, kind: str) -> tuple[Bad, Parts | Error]:
         self.counter += 1
         if kind == "error":
-            code = self.pick([-1, 0, 1, 999, 1001, 1002, 1003, 1004, 1005, 2**31 - 1, -2**31])
-            reason = self.pick(["", "x" * 100_000, "site site-0: forged name", "a\nb\r\n\x00",
-                                "site ../../etc: no", "\u202e evil"])
+            code = self.pick([-1, 0, 1, 999, 1001, 1002, 1003, 1004, 1005, 2**31 - 1, -(2**31)])
+            reason = self.pick(
+                [
+                    "",
+                    "x" * 100_000,
+                    "site site-0: forged name",
+                    "a\nb\r\n\x00",
+                    "site ../../etc: no",
+                    "\u202e evil",
+                ]
+            )
             return Bad(kind, node, None, (), error=True), Error(code=code, reason=reason)
         parts = self.base()
         hints = DEFECTS[self.phase][kind](self, parts)
@@ -172,10 +193,25 @@ class Gen:
         if scheme == "absent":  # no name; no site record at all unless the defect is in it
             parts.site, claimed = parts.site or None, None
         else:
-            claimed = {"unique": f"bad-{self.counter}",
-                       "impersonate": self.pick(list(GOOD.values())),
-                       "bogus": self.pick(["", "x" * 65, "../../etc/passwd", "site 0", "site-0\n",
-                                           "名前", 7, 2.5, True, b"site-0", ["site-0"]])}[scheme]
+            claimed = {
+                "unique": f"bad-{self.counter}",
+                "impersonate": self.pick(list(GOOD.values())),
+                "bogus": self.pick(
+                    [
+                        "",
+                        "x" * 65,
+                        "../../etc/passwd",
+                        "site 0",
+                        "site-0\n",
+                        "名前",
+                        7,
+                        2.5,
+                        True,
+                        b"site-0",
+                        ["site-0"],
+                    ]
+                ),
+            }[scheme]
             parts.site = {**(parts.site or {}), "name": claimed}
         return Bad(kind, node, claimed, hints), parts
 
@@ -214,8 +250,16 @@ def _reshaped(a: np.ndarray) -> np.ndarray:
 def _t_wrong_shape(g, p):
     k = g.key()
     ref = g.global_[k]
-    p.arrays[k] = Array(g.pick([_reshaped(ref), ref[..., :-1] if ref.shape[-1] > 1 else ref[:0],
-                                np.zeros((*ref.shape, 2), ref.dtype), np.zeros((), ref.dtype)]))
+    p.arrays[k] = Array(
+        g.pick(
+            [
+                _reshaped(ref),
+                ref[..., :-1] if ref.shape[-1] > 1 else ref[:0],
+                np.zeros((*ref.shape, 2), ref.dtype),
+                np.zeros((), ref.dtype),
+            ]
+        )
+    )
     return (k, "bytes")
 
 
@@ -234,8 +278,21 @@ def _t_broadcast_lie(g, p):  # a (1,)-array that numpy would broadcast over the 
 
 def _t_wrong_dtype(g, p):
     k = g.key()
-    dtype = g.pick([d for d in (np.float64, np.float16, np.int32, np.int64, np.bool_,
-                                np.complex64, np.float32) if d != g.global_[k].dtype])
+    dtype = g.pick(
+        [
+            d
+            for d in (
+                np.float64,
+                np.float16,
+                np.int32,
+                np.int64,
+                np.bool_,
+                np.complex64,
+                np.float32,
+            )
+            if d != g.global_[k].dtype
+        ]
+    )
     p.arrays[k] = Array(g.global_[k].astype(dtype))
     return (k, "bytes")
 
@@ -282,8 +339,7 @@ def _t_header_bomb(g, p):  # a header claiming 4 TiB of float32 over the usual f
 
 def _t_object_dtype(g, p):
     k = g.key()
-    p.arrays[k] = lying(g.global_[k], header_only("|O", g.global_[k].shape,
-                                                  len(npy(g.global_[k]))))
+    p.arrays[k] = lying(g.global_[k], header_only("|O", g.global_[k].shape, len(npy(g.global_[k]))))
     return (k,)
 
 
@@ -343,8 +399,22 @@ def _t_too_many_metrics(g, p):
     return ("MetricRecord",)
 
 
-COUNTS = [0, -1, -10**6, MAX_EXAMPLES + 1, 10**12, 2**63 - 1, 2**64 - 1, 2.5, 5.0,
-          float("nan"), float("inf"), -0.0, [5], [1, 2]]
+COUNTS = [
+    0,
+    -1,
+    -(10**6),
+    MAX_EXAMPLES + 1,
+    10**12,
+    2**63 - 1,
+    2**64 - 1,
+    2.5,
+    5.0,
+    float("nan"),
+    float("inf"),
+    -0.0,
+    [5],
+    [1, 2],
+]
 
 
 def _bad_count(g, p):
@@ -367,6 +437,7 @@ def _non_finite_metric(key):
     def defect(g, p):
         p.metrics[key] = g.pick([float("nan"), float("inf"), float("-inf")])
         return (key,)
+
     return defect
 
 
@@ -374,6 +445,7 @@ def _list_metric(key):
     def defect(g, p):
         p.metrics[key] = g.pick([[0.1, 0.2], [1], []])
         return (key,)
+
     return defect
 
 
@@ -381,6 +453,7 @@ def _missing_metric(key):
     def defect(g, p):
         del p.metrics[key]
         return (key,)
+
     return defect
 
 
@@ -442,35 +515,63 @@ def _e_forged(g, p):
 
 DEFECTS: dict[str, dict[str, Callable]] = {
     "train": {
-        "rename_key": _t_rename_key, "drop_key": _t_drop_key, "extra_key": _t_extra_key,
-        "many_arrays": _t_many_arrays, "wrong_shape": _t_wrong_shape, "shape_lie": _t_shape_lie,
-        "broadcast_lie": _t_broadcast_lie, "wrong_dtype": _t_wrong_dtype,
-        "dtype_lie": _t_dtype_lie, "non_finite": _t_non_finite, "garbage": _t_garbage,
-        "truncated": _t_truncated, "trailing_bytes": _t_trailing_bytes,
-        "header_bomb": _t_header_bomb, "object_dtype": _t_object_dtype,
-        "wrong_stype": _t_wrong_stype, "npz": _t_npz, "bigger_array": _t_bigger_array,
-        "no_arrays": _t_no_arrays, "two_array_records": _t_two_array_records,
-        "renamed_array_record": _t_renamed_array_record, "empty": _t_empty,
-        "metrics_as_config": _t_metrics_as_config, "two_metric_records": _t_two_metric_records,
-        "too_many_metrics": _t_too_many_metrics, "bad_count": _bad_count,
-        "missing_count": _missing_count, "tampered_count": _tampered_count,
-        "non_finite_loss": _non_finite_metric("loss"), "list_loss": _list_metric("loss"),
-        "missing_loss": _missing_metric("loss"), "non_finite_steps": _non_finite_metric("steps"),
-        "list_steps": _list_metric("steps"), "tampered_metric": _tampered_metric,
-        "bad_accounting": _t_bad_accounting, "forged_sum": _t_forged_sum,
+        "rename_key": _t_rename_key,
+        "drop_key": _t_drop_key,
+        "extra_key": _t_extra_key,
+        "many_arrays": _t_many_arrays,
+        "wrong_shape": _t_wrong_shape,
+        "shape_lie": _t_shape_lie,
+        "broadcast_lie": _t_broadcast_lie,
+        "wrong_dtype": _t_wrong_dtype,
+        "dtype_lie": _t_dtype_lie,
+        "non_finite": _t_non_finite,
+        "garbage": _t_garbage,
+        "truncated": _t_truncated,
+        "trailing_bytes": _t_trailing_bytes,
+        "header_bomb": _t_header_bomb,
+        "object_dtype": _t_object_dtype,
+        "wrong_stype": _t_wrong_stype,
+        "npz": _t_npz,
+        "bigger_array": _t_bigger_array,
+        "no_arrays": _t_no_arrays,
+        "two_array_records": _t_two_array_records,
+        "renamed_array_record": _t_renamed_array_record,
+        "empty": _t_empty,
+        "metrics_as_config": _t_metrics_as_config,
+        "two_metric_records": _t_two_metric_records,
+        "too_many_metrics": _t_too_many_metrics,
+        "bad_count": _bad_count,
+        "missing_count": _missing_count,
+        "tampered_count": _tampered_count,
+        "non_finite_loss": _non_finite_metric("loss"),
+        "list_loss": _list_metric("loss"),
+        "missing_loss": _missing_metric("loss"),
+        "non_finite_steps": _non_finite_metric("steps"),
+        "list_steps": _list_metric("steps"),
+        "tampered_metric": _tampered_metric,
+        "bad_accounting": _t_bad_accounting,
+        "forged_sum": _t_forged_sum,
         "forged_metrics_only": _t_forged_metrics_only,
         "forged_metrics_only_nan": _t_forged_metrics_only_nan,
         "forged_sites_str": _t_forged_sites_str,
     },
     "evaluate": {
-        "bad_count": _bad_count, "missing_count": _missing_count,
-        "tampered_count": _tampered_count, "non_finite_dice": _non_finite_metric("dice"),
-        "non_finite_loss": _non_finite_metric("loss"), "dice_out_of_range": _e_dice_out_of_range,
-        "missing_dice": _missing_metric("dice"), "missing_loss": _missing_metric("loss"),
-        "list_dice": _list_metric("dice"), "list_loss": _list_metric("loss"),
-        "tampered_metric": _tampered_metric, "empty": _t_empty,
-        "metrics_as_config": _t_metrics_as_config, "two_metric_records": _t_two_metric_records,
-        "too_many_metrics": _t_too_many_metrics, "carries_arrays": _e_carries_arrays,
+        "bad_count": _bad_count,
+        "missing_count": _missing_count,
+        "tampered_count": _tampered_count,
+        "non_finite_dice": _non_finite_metric("dice"),
+        "non_finite_loss": _non_finite_metric("loss"),
+        "dice_out_of_range": _e_dice_out_of_range,
+        "missing_dice": _missing_metric("dice"),
+        "missing_loss": _missing_metric("loss"),
+        "list_dice": _list_metric("dice"),
+        "list_loss": _list_metric("loss"),
+        "tampered_metric": _tampered_metric,
+        "empty": _t_empty,
+        "metrics_as_config": _t_metrics_as_config,
+        "two_metric_records": _t_two_metric_records,
+        "too_many_metrics": _t_too_many_metrics,
+        "carries_arrays": _e_carries_arrays,
         "forged": _e_forged,
     },
 }
@@ -481,8 +582,9 @@ for _phase in DEFECTS:
 # --------------------------------------------------------------------------- the round driver
 
 
-def build_round(gen: Gen, instructions: dict[int, Message], n_bad: int, start: int
-                ) -> tuple[list[Message], list[Bad], dict[int, Any]]:
+def build_round(
+    gen: Gen, instructions: dict[int, Message], n_bad: int, start: int
+) -> tuple[list[Message], list[Bad], dict[int, Any]]:
     """Good replies from GOOD's nodes, ``n_bad`` malformed ones, shuffled, as received."""
     kinds = sorted(DEFECTS[gen.phase])
     replies, bads, goods = [], [], {}
@@ -490,14 +592,18 @@ def build_round(gen: Gen, instructions: dict[int, Message], n_bad: int, start: i
         if gen.phase == "train":
             arrays, count, loss = gen.good_train()
             goods[node] = (arrays, count, loss)
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                  "metrics": MetricRecord({"loss": loss, "num-examples": count,
-                                                           "steps": 3}),
-                                  "site": ConfigRecord({"name": name})})
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    "metrics": MetricRecord({"loss": loss, "num-examples": count, "steps": 3}),
+                    "site": ConfigRecord({"name": name}),
+                }
+            )
         else:
             goods[node] = gen.good_eval()
-            content = RecordDict({"metrics": MetricRecord(goods[node]),
-                                  "site": ConfigRecord({"name": name})})
+            content = RecordDict(
+                {"metrics": MetricRecord(goods[node]), "site": ConfigRecord({"name": name})}
+            )
         replies.append(wire(Message(content, reply_to=instructions[node])))
     for i in range(n_bad):
         node = BAD_NODE + start + i
@@ -547,6 +653,7 @@ def check_rejections(bads: list[Bad], table: dict[str, str], text: str, entry, p
 def strict_json(line: dict) -> dict:
     def refuse(token):
         raise AssertionError(f"non-finite {token} in the round log")
+
     return json.loads(json.dumps(line), parse_constant=refuse)
 
 
@@ -567,11 +674,20 @@ def logs(caplog, monkeypatch):
 
 
 def make(tmp_path, name: str, strategy: str = "fedavg", secure: bool = False, fold: bool = True):
-    cfg = compose([*TINY, f"run_root={tmp_path}", f"run_name={name}", "sites=4",
-                   f"federation.fold_evaluate={str(fold).lower()}",
-                   "strategy.min_sites=2", f"strategy.name={strategy}",
-                   f"strategy.max_examples_per_site={MAX_EXAMPLES}", "federation.round_timeout=5",
-                   f"federation.secure_aggregation={str(secure).lower()}"])
+    cfg = compose(
+        [
+            *TINY,
+            f"run_root={tmp_path}",
+            f"run_name={name}",
+            "sites=4",
+            f"federation.fold_evaluate={str(fold).lower()}",
+            "strategy.min_sites=2",
+            f"strategy.name={strategy}",
+            f"strategy.max_examples_per_site={MAX_EXAMPLES}",
+            "federation.round_timeout=5",
+            f"federation.secure_aggregation={str(secure).lower()}",
+        ]
+    )
     run_dir = RunDir.create(cfg)
     return build_strategy(cfg, run_dir), run_dir
 
@@ -587,11 +703,18 @@ def _weighted(goods: dict[int, tuple], key: str) -> np.ndarray:
 BAD_PER_ROUND = 400
 
 
-@pytest.mark.parametrize("strategy_name, rounds, per_round, packed",
-                         [("fedavg", 3, BAD_PER_ROUND, False), ("fedprox", 2, 200, False),
-                          ("fedadam", 2, 200, False), ("fedavg", 2, 200, True)])
-def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initial_model, logs,
-                                                strategy_name, rounds, per_round, packed):
+@pytest.mark.parametrize(
+    "strategy_name, rounds, per_round, packed",
+    [
+        ("fedavg", 3, BAD_PER_ROUND, False),
+        ("fedprox", 2, 200, False),
+        ("fedadam", 2, 200, False),
+        ("fedavg", 2, 200, True),
+    ],
+)
+def test_train_rounds_survive_malformed_replies(
+    tmp_path, flower_identity, initial_model, logs, strategy_name, rounds, per_round, packed
+):
     """FedAvg: 1200 malformed replies over 3 rounds; FedProx and FedAdam: 400 over 2; FedAvg
     with the model packed into one array (``federation.pack_arrays``, the default): 400 over 2."""
     if packed:
@@ -605,8 +728,10 @@ def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initi
     seen: Counter[str] = Counter()
     for rnd in range(1, rounds + 1):
         gen.global_ = {k: v.numpy() for k, v in arrays.items()}
-        sent = {m.metadata.dst_node_id: m
-                for m in strategy.configure_train(rnd, arrays, ConfigRecord(), grid)}
+        sent = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        }
         twin.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(GOOD))
         assert set(sent) == set(grid.nodes)
         replies, bads, goods = build_round(gen, sent, per_round, (rnd - 1) * per_round)
@@ -621,8 +746,9 @@ def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initi
             assert got[key].numpy().dtype == initial_model[key].dtype  # what sites train in
             np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-6)
             if strategy_name != "fedadam":  # FedAvg and FedProx: the example-weighted mean
-                np.testing.assert_allclose(got[key].numpy(), _weighted(goods, key), rtol=0,
-                                           atol=1e-6)
+                np.testing.assert_allclose(
+                    got[key].numpy(), _weighted(goods, key), rtol=0, atol=1e-6
+                )
         total = sum(c for _, c, _ in goods.values())
         weighted_loss = sum(c * loss for _, c, loss in goods.values()) / total
         assert metrics["loss"] == pytest.approx(weighted_loss)
@@ -639,16 +765,19 @@ def test_train_rounds_survive_malformed_replies(tmp_path, flower_identity, initi
 EVAL_ROUNDS = 3
 
 
-def test_evaluate_rounds_survive_1200_malformed_replies(tmp_path, flower_identity,
-                                                        initial_model, logs):
+def test_evaluate_rounds_survive_1200_malformed_replies(
+    tmp_path, flower_identity, initial_model, logs
+):
     strategy, run_dir = make(tmp_path, "fuzz-eval", fold=False)  # an evaluate phase each round
     grid = FakeGrid([*GOOD, *range(BAD_NODE, BAD_NODE + EVAL_ROUNDS * BAD_PER_ROUND)])
     gen = Gen(SEED + 1, "evaluate")
     arrays = ArrayRecord({k: Array(v) for k, v in initial_model.items()})
     seen: Counter[str] = Counter()
     for rnd in range(1, EVAL_ROUNDS + 1):
-        sent = {m.metadata.dst_node_id: m
-                for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)}
+        sent = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
+        }
         replies, bads, goods = build_round(gen, sent, BAD_PER_ROUND, (rnd - 1) * BAD_PER_ROUND)
         seen.update(b.kind for b in bads)
         logs.clear()
@@ -658,8 +787,9 @@ def test_evaluate_rounds_survive_1200_malformed_replies(tmp_path, flower_identit
         counts = np.array([g["num-examples"] for g in goods.values()], np.float64)
         for key in ("dice", "loss"):
             values = np.array([g[key] for g in goods.values()])
-            np.testing.assert_allclose(got[key], (counts * values).sum() / counts.sum(),
-                                       rtol=0, atol=1e-6)
+            np.testing.assert_allclose(
+                got[key], (counts * values).sum() / counts.sum(), rtol=0, atol=1e-6
+            )
         entry = run_dir.log(rnd)
         assert sorted(k.split("#")[0] for k in entry.evaluate) == sorted(GOOD.values())
         check_rejections(bads, entry.rejected_evaluate, logs.text, entry, "evaluate")
@@ -669,40 +799,48 @@ def test_evaluate_rounds_survive_1200_malformed_replies(tmp_path, flower_identit
     assert sum(seen.values()) >= 1000 and set(seen) == set(DEFECTS["evaluate"])
 
 
-def test_too_few_good_replies_among_bad_ones_stop_the_run_cleanly(tmp_path, flower_identity,
-                                                                  initial_model, logs):
+def test_too_few_good_replies_among_bad_ones_stop_the_run_cleanly(
+    tmp_path, flower_identity, initial_model, logs
+):
     strategy, run_dir = make(tmp_path, "stop")
     grid = FakeGrid([*GOOD, *range(BAD_NODE, BAD_NODE + 200)])
     gen = Gen(SEED + 2, "train")
     arrays = ArrayRecord({k: Array(v) for k, v in initial_model.items()})
     gen.global_ = dict(initial_model)
-    sent = {m.metadata.dst_node_id: m
-            for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)}
+    sent = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)
+    }
     replies, bads, _ = build_round(gen, sent, 200, 0)
     lonely = next(iter(GOOD))
-    replies = [r for r in replies if r.metadata.src_node_id not in GOOD or
-               r.metadata.src_node_id == lonely]
+    replies = [
+        r for r in replies if r.metadata.src_node_id not in GOOD or r.metadata.src_node_id == lonely
+    ]
     with pytest.raises(RunStopped, match="1 valid update"):
         strategy.aggregate_train(1, replies)
     entry = run_dir.log(1)
     check_rejections(bads, entry.rejected, logs.text, entry, "train")
     # the stop is recorded; the next round (a resumed run, say) still works
-    sent = {m.metadata.dst_node_id: m
-            for m in strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid(GOOD))}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid(GOOD))
+    }
     replies, _, goods = build_round(gen, sent, 0, 0)
     got, _ = strategy.aggregate_train(2, replies)
     for key in initial_model:
         np.testing.assert_allclose(got[key].numpy(), _weighted(goods, key), rtol=0, atol=1e-6)
 
 
-def test_unusual_but_valid_replies_are_aggregated_like_the_others(tmp_path, flower_identity,
-                                                                   initial_model):
+def test_unusual_but_valid_replies_are_aggregated_like_the_others(
+    tmp_path, flower_identity, initial_model
+):
     """A MetricRecord under another name, extra metrics, a Fortran-ordered array or extra site
     fields are no reason to drop a reply, nor (Flower's consistency check) to stop the round."""
     strategy, run_dir = make(tmp_path, "odd")
     arrays = ArrayRecord({k: Array(v) for k, v in initial_model.items()})
-    sent = {m.metadata.dst_node_id: m
-            for m in strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(GOOD))}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(GOOD))
+    }
     gen = Gen(SEED + 3, "train")
     gen.global_ = dict(initial_model)
     goods, replies = {}, []
@@ -715,11 +853,19 @@ def test_unusual_but_valid_replies_are_aggregated_like_the_others(tmp_path, flow
             metrics["epsilon"] = 0.5  # a site with DP on among sites without
         if i == 1:
             big = max(arr, key=lambda k: arr[k].ndim)
-            record[big] = Array(dtype="float32", shape=arr[big].shape, stype=NUMPY,
-                                data=npy(np.asfortranarray(arr[big])))
-        content = RecordDict({"arrays": ArrayRecord(record),
-                              ("results" if i == 2 else "metrics"): MetricRecord(metrics),
-                              "site": ConfigRecord({"name": name, "note": "hello"})})
+            record[big] = Array(
+                dtype="float32",
+                shape=arr[big].shape,
+                stype=NUMPY,
+                data=npy(np.asfortranarray(arr[big])),
+            )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(record),
+                ("results" if i == 2 else "metrics"): MetricRecord(metrics),
+                "site": ConfigRecord({"name": name, "note": "hello"}),
+            }
+        )
         replies.append(wire(Message(content, reply_to=sent[node])))
     got, metrics = strategy.aggregate_train(1, replies)
     for key in initial_model:
@@ -729,32 +875,51 @@ def test_unusual_but_valid_replies_are_aggregated_like_the_others(tmp_path, flow
     assert run_dir.log(1).train["site-0"]["epsilon"] == 0.5
 
 
-def test_secure_metrics_only_replies_cannot_break_the_round_log(tmp_path, flower_identity,
-                                                                initial_model, logs):
+def test_secure_metrics_only_replies_cannot_break_the_round_log(
+    tmp_path, flower_identity, initial_model, logs
+):
     """With secure aggregation on, SecureGrid passes each site's own metrics and site record on
     (its update is in the sum): malformed ones are left out of the log, not written into it."""
     strategy, run_dir = make(tmp_path, "secure", secure=True)
     arrays = ArrayRecord({k: Array(v) for k, v in initial_model.items()})
-    sent = {m.metadata.dst_node_id: m
-            for m in strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(GOOD))}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(GOOD))
+    }
     nodes = list(GOOD)
-    total_sum = Message(RecordDict({
-        "arrays": arrays,
-        "metrics": MetricRecord({"num-examples": 40, "loss": 0.3}),
-        "site": ConfigRecord({"name": "secure-sum", "secagg-sum": True, "secagg-sites": 4}),
-    }), reply_to=sent[nodes[0]])
+    total_sum = Message(
+        RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": 40, "loss": 0.3}),
+                "site": ConfigRecord({"name": "secure-sum", "secagg-sum": True, "secagg-sites": 4}),
+            }
+        ),
+        reply_to=sent[nodes[0]],
+    )
     odd = [
         ({"loss": float("nan"), "num-examples": 10}, {}),
         ({"loss": [0.1, 0.2], "num-examples": 10}, {}),
         ({"loss": 0.2, "num-examples": 10, "epsilon": 1.0}, {"history-noise": 5}),
-        ({"loss": 0.2, "num-examples": 10, "epsilon": 1.0}, {"history-noise": [b"x"],
-                                                              "history-rate": [0.1],
-                                                              "history-steps": [1]}),
+        (
+            {"loss": 0.2, "num-examples": 10, "epsilon": 1.0},
+            {"history-noise": [b"x"], "history-rate": [0.1], "history-steps": [1]},
+        ),
     ]
-    per_site = [Message(RecordDict({
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": GOOD[node], **about, "secagg-metrics-only": True}),
-    }), reply_to=sent[node]) for node, (metrics, about) in zip(nodes, odd)]
+    per_site = [
+        Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord(metrics),
+                    "site": ConfigRecord(
+                        {"name": GOOD[node], **about, "secagg-metrics-only": True}
+                    ),
+                }
+            ),
+            reply_to=sent[node],
+        )
+        for node, (metrics, about) in zip(nodes, odd)
+    ]
     got, _ = strategy.aggregate_train(1, [wire(m) for m in [total_sum, *per_site]])
     for key in initial_model:
         np.testing.assert_array_equal(got[key].numpy(), initial_model[key])

@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedhealth.clientapp.secagg_stages import STATE_KEY, handle_stage
 from fedhealth.protocol.keys import STAGES
 from fedhealth.protocol.packing import flatten
-from fedhealth.serverapp.secure_grid import SecureGrid
 from fedhealth.security.secagg import SecAggSite
+from fedhealth.serverapp.secure_grid import SecureGrid
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 
@@ -24,8 +24,10 @@ class FakeGrid:
     def __init__(self, updates, counts, evil=None, bad_stage=None, garbage=None):
         self.updates, self.counts = updates, counts
         self.evil, self.bad_stage, self.garbage = evil, bad_stage, garbage
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
-                                    run_config={}) for n in updates}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in updates
+        }
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -40,49 +42,85 @@ class FakeGrid:
                 agent = SecAggSite.from_state(dict(context.state[STATE_KEY].items()))
                 rec = dict(msg.content["secagg"].items())
                 received = {int(i): bytes(b) for i, b in zip(rec["from"], rec["blobs"]) if int(i)}
-                masked = agent.masked_input(flatten(self.updates[node]), self.counts[node],
-                                            received, rng=np.random.default_rng(node))
+                masked = agent.masked_input(
+                    flatten(self.updates[node]),
+                    self.counts[node],
+                    received,
+                    rng=np.random.default_rng(node),
+                )
                 context.state[STATE_KEY] = ConfigRecord(agent.to_state())
-                replies.append(Message(RecordDict({
-                    "masked": ArrayRecord({"masked": Array(masked)}),
-                    "metrics": MetricRecord({"loss": 0.5, "num-examples": self.counts[node]}),
-                    "site": ConfigRecord({"name": f"site-{node}"})}), reply_to=msg))
+                replies.append(
+                    Message(
+                        RecordDict(
+                            {
+                                "masked": ArrayRecord({"masked": Array(masked)}),
+                                "metrics": MetricRecord(
+                                    {"loss": 0.5, "num-examples": self.counts[node]}
+                                ),
+                                "site": ConfigRecord({"name": f"site-{node}"}),
+                            }
+                        ),
+                        reply_to=msg,
+                    )
+                )
             else:
                 replies.append(handle_stage(msg, self.contexts[node], stage))
         return replies
 
 
 def _arrays(rng):
-    return ArrayRecord({k: Array(rng.normal(0, 0.3, s).astype(np.float32)) for k, s in SHAPES.items()})
+    return ArrayRecord(
+        {k: Array(rng.normal(0, 0.3, s).astype(np.float32)) for k, s in SHAPES.items()}
+    )
 
 
 GARBAGE = {
-    "secagg_advertise": [lambda: RecordDict({"secagg": ConfigRecord({"c": b"x" * 4096, "s": b"y"})}),
-                         lambda: RecordDict({"secagg": ConfigRecord({"nothing": 1})}),
-                         lambda: RecordDict()],
-    "secagg_share": [lambda: RecordDict({"secagg": ConfigRecord({"to": [1, 2], "blobs": [b"z"]})}),
-                     lambda: RecordDict({"secagg": ConfigRecord({"to": ["nan"], "blobs": [b"z"]})}),
-                     lambda: RecordDict({"metrics": MetricRecord({"x": 1})})],
-    "secagg_mask": [lambda: RecordDict({"masked": ArrayRecord({"masked": Array(np.zeros(3, np.uint32))}),
-                                        "metrics": MetricRecord({"loss": 0.1, "num-examples": 5}),
-                                        "site": ConfigRecord({"name": "x"})}),
-                    lambda: RecordDict({"masked": ArrayRecord({"masked": Array(np.zeros(18, np.float32))}),
-                                        "metrics": MetricRecord({"loss": 0.1, "num-examples": 5}),
-                                        "site": ConfigRecord({"name": "x"})}),
-                    lambda: RecordDict({"masked": ArrayRecord({"masked": Array(np.zeros(18, np.uint32))}),
-                                        "metrics": MetricRecord({"loss": float("nan"),
-                                                                 "num-examples": 10 ** 9}),
-                                        "site": ConfigRecord({"name": "x"})}),
-                    lambda: RecordDict({"metrics": MetricRecord({"loss": 0.1})})],
-    "secagg_unmask": [lambda: RecordDict({"secagg": ConfigRecord({"owners": [1], "shares": []})}),
-                      lambda: RecordDict({"secagg": ConfigRecord({"owners": [2],
-                                                                  "shares": [b"\x00" * 99]})})],
+    "secagg_advertise": [
+        lambda: RecordDict({"secagg": ConfigRecord({"c": b"x" * 4096, "s": b"y"})}),
+        lambda: RecordDict({"secagg": ConfigRecord({"nothing": 1})}),
+        lambda: RecordDict(),
+    ],
+    "secagg_share": [
+        lambda: RecordDict({"secagg": ConfigRecord({"to": [1, 2], "blobs": [b"z"]})}),
+        lambda: RecordDict({"secagg": ConfigRecord({"to": ["nan"], "blobs": [b"z"]})}),
+        lambda: RecordDict({"metrics": MetricRecord({"x": 1})}),
+    ],
+    "secagg_mask": [
+        lambda: RecordDict(
+            {
+                "masked": ArrayRecord({"masked": Array(np.zeros(3, np.uint32))}),
+                "metrics": MetricRecord({"loss": 0.1, "num-examples": 5}),
+                "site": ConfigRecord({"name": "x"}),
+            }
+        ),
+        lambda: RecordDict(
+            {
+                "masked": ArrayRecord({"masked": Array(np.zeros(18, np.float32))}),
+                "metrics": MetricRecord({"loss": 0.1, "num-examples": 5}),
+                "site": ConfigRecord({"name": "x"}),
+            }
+        ),
+        lambda: RecordDict(
+            {
+                "masked": ArrayRecord({"masked": Array(np.zeros(18, np.uint32))}),
+                "metrics": MetricRecord({"loss": float("nan"), "num-examples": 10**9}),
+                "site": ConfigRecord({"name": "x"}),
+            }
+        ),
+        lambda: RecordDict({"metrics": MetricRecord({"loss": 0.1})}),
+    ],
+    "secagg_unmask": [
+        lambda: RecordDict({"secagg": ConfigRecord({"owners": [1], "shares": []})}),
+        lambda: RecordDict({"secagg": ConfigRecord({"owners": [2], "shares": [b"\x00" * 99]})}),
+    ],
 }
 CASES = [(stage, i) for stage in STAGES for i in range(len(GARBAGE[stage]))]
 
 
 @pytest.mark.parametrize(("stage", "index"), CASES)
-def test_a_malformed_stage_reply_never_crashes_the_coordinator(stage, index, flower_identity, caplog):
+def test_a_malformed_stage_reply_never_crashes_the_coordinator(
+    stage, index, flower_identity, caplog
+):
     rng = np.random.default_rng(index)
     nodes = [11, 12, 13, 14]
     updates = {n: _arrays(rng) for n in nodes}
@@ -90,8 +128,10 @@ def test_a_malformed_stage_reply_never_crashes_the_coordinator(stage, index, flo
     grid = FakeGrid(updates, counts, evil=14, bad_stage=stage, garbage=GARBAGE[stage][index])
     secure = SecureGrid(grid, threshold_fraction=0.51, clipping_range=4.0, max_examples=100)
     template = updates[11]
-    instructions = [Message(RecordDict({"arrays": template, "config": ConfigRecord({})}), n, "train")
-                    for n in nodes]
+    instructions = [
+        Message(RecordDict({"arrays": template, "config": ConfigRecord({})}), n, "train")
+        for n in nodes
+    ]
     replies = list(secure.send_and_receive(instructions, timeout=10))
     sums = [r for r in replies if r.has_content() and "arrays" in r.content]
     if (stage, index) != ("secagg_unmask", 1):  # a well-formed forged share may go unused

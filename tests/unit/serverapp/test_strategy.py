@@ -18,11 +18,13 @@ def _arrays(rng, scale=1.0):
 
 def _reply(node, name, arrays, count):
     ins = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"loss": 0.5, "num-examples": count}),
-        "site": ConfigRecord({"name": name}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"loss": 0.5, "num-examples": count}),
+            "site": ConfigRecord({"name": name}),
+        }
+    )
     return Message(content=content, reply_to=ins)
 
 
@@ -30,7 +32,9 @@ def _reply(node, name, arrays, count):
 def strategy(tmp_path, flower_identity):
     cfg = compose([f"run_root={tmp_path}", "sites=4", "strategy.min_sites=2"])
     strat = build_strategy(cfg, RunDir.create(cfg))
-    strat._reference = ArrayRecord({k: Array(v) for k, v in _arrays(np.random.default_rng(0)).items()})
+    strat._reference = ArrayRecord(
+        {k: Array(v) for k, v in _arrays(np.random.default_rng(0)).items()}
+    )
     return strat
 
 
@@ -43,8 +47,10 @@ def test_fedavg_round_equals_numpy_weighted_average(strategy):
     rng = np.random.default_rng(1)
     updates = [_arrays(rng) for _ in range(3)]
     counts = [5, 17, 40]
-    got = _aggregate(strategy, [_reply(i + 1, f"site-{i}", u, c)
-                                for i, (u, c) in enumerate(zip(updates, counts))])
+    got = _aggregate(
+        strategy,
+        [_reply(i + 1, f"site-{i}", u, c) for i, (u, c) in enumerate(zip(updates, counts))],
+    )
     w = np.array(counts, dtype=np.float64) / sum(counts)
     for key in SHAPES:
         expected = sum(wi * u[key].astype(np.float64) for wi, u in zip(w, updates))
@@ -74,8 +80,11 @@ def test_poisoned_update_is_dropped_and_the_round_goes_on(strategy, poison, reas
     rng = np.random.default_rng(3)
     good = [_arrays(rng), _arrays(rng)]
     bad = poison(_arrays(rng))
-    replies = [_reply(1, "site-a", good[0], 4), _reply(2, "site-b", good[1], 4),
-               _reply(3, "site-evil", bad, 4)]
+    replies = [
+        _reply(1, "site-a", good[0], 4),
+        _reply(2, "site-b", good[1], 4),
+        _reply(3, "site-evil", bad, 4),
+    ]
     got = _aggregate(strategy, replies)
     for key in SHAPES:
         np.testing.assert_allclose(got[key], (good[0][key] + good[1][key]) / 2, rtol=1e-6)
@@ -86,8 +95,11 @@ def test_poisoned_update_is_dropped_and_the_round_goes_on(strategy, poison, reas
 @pytest.mark.parametrize("count", [0, -3, 10**9, 2.5])
 def test_example_count_is_bounded(strategy, count):
     rng = np.random.default_rng(4)
-    replies = [_reply(1, "site-a", _arrays(rng), 4), _reply(2, "site-b", _arrays(rng), 4),
-               _reply(3, "site-liar", _arrays(rng), count)]
+    replies = [
+        _reply(1, "site-a", _arrays(rng), 4),
+        _reply(2, "site-b", _arrays(rng), 4),
+        _reply(3, "site-liar", _arrays(rng), count),
+    ]
     _aggregate(strategy, replies)
     assert "num-examples" in strategy.run_dir.log(1).rejected["site-liar"]
 
@@ -96,8 +108,10 @@ def test_too_few_valid_updates_stop_the_run_cleanly(strategy):
     rng = np.random.default_rng(5)
     ins = Message(RecordDict(), dst_node_id=9, message_type="train")
     failed = Message(Error(code=1001, reason="site data invalid"), reply_to=ins)
-    refused = Message(Error(code=1004, reason="budget"), reply_to=Message(
-        RecordDict(), dst_node_id=8, message_type="train"))
+    refused = Message(
+        Error(code=1004, reason="budget"),
+        reply_to=Message(RecordDict(), dst_node_id=8, message_type="train"),
+    )
     with pytest.raises(RunStopped, match="1 valid update"):
         _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed, refused])
     assert strategy.run_dir.log(1).failed == {"train": 1, "evaluate": 0}
@@ -130,21 +144,28 @@ def test_folded_evaluation_rides_with_the_next_train_message(tmp_path, flower_id
     first = list(strategy.configure_train(1, model, ConfigRecord(), _Grid()))
     assert first and all("evaluate-round" not in m.content["config"] for m in first)
     assert list(strategy.configure_evaluate(1, model, ConfigRecord(), _Grid())) == []
-    assert run_dir.end_round(1, {k: v.numpy() for k, v in model.items()},
-                             defer_evaluate=strategy.folds(1)) == []  # waits for round 2
+    assert (
+        run_dir.end_round(
+            1, {k: v.numpy() for k, v in model.items()}, defer_evaluate=strategy.folds(1)
+        )
+        == []
+    )  # waits for round 2
     second = list(strategy.configure_train(2, model, ConfigRecord(), _Grid()))
     assert {m.content["config"]["evaluate-round"] for m in second} == {1}
     good = {"dice": 0.8, "loss": 0.3, "num-examples": 2}
-    replies = [_folded(1, "site-a", _arrays(rng), 4, good),
-               _folded(2, "site-b", _arrays(rng), 6, {**good, "dice": 0.4, "num-examples": 6}),
-               _folded(3, "site-c", _arrays(rng), 5, {**good, "dice": 1.5}),  # out of range
-               _reply(4, "site-d", _arrays(rng), 5)]  # trained, evaluated nothing
+    replies = [
+        _folded(1, "site-a", _arrays(rng), 4, good),
+        _folded(2, "site-b", _arrays(rng), 6, {**good, "dice": 0.4, "num-examples": 6}),
+        _folded(3, "site-c", _arrays(rng), 5, {**good, "dice": 1.5}),  # out of range
+        _reply(4, "site-d", _arrays(rng), 5),
+    ]  # trained, evaluated nothing
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is not None and not any(k.startswith("eval-") for k in metrics)
     assert set(run_dir.log(2).train) == {"site-a", "site-b", "site-c", "site-d"}
     assert set(run_dir.log(2).train["site-a"]) == {"loss", "num-examples"}
-    written = run_dir.end_round(2, {k: v.numpy() for k, v in arrays.items()},
-                                defer_evaluate=strategy.folds(2))
+    written = run_dir.end_round(
+        2, {k: v.numpy() for k, v in arrays.items()}, defer_evaluate=strategy.folds(2)
+    )
     assert [line["round"] for line in written] == [1]
     evaluation = written[0]["evaluate"]
     assert set(evaluation["sites"]) == {"site-a", "site-b"}
@@ -156,8 +177,9 @@ def test_folded_evaluation_rides_with_the_next_train_message(tmp_path, flower_id
     assert list(strategy.configure_evaluate(3, arrays, ConfigRecord(), _Grid()))
     third = list(strategy.configure_train(3, arrays, ConfigRecord(), _Grid()))
     assert {m.content["config"]["evaluate-round"] for m in third} == {2}
-    written = run_dir.end_round(3, {k: v.numpy() for k, v in arrays.items()},
-                                defer_evaluate=strategy.folds(3))
+    written = run_dir.end_round(
+        3, {k: v.numpy() for k, v in arrays.items()}, defer_evaluate=strategy.folds(3)
+    )
     assert [line["round"] for line in written] == [2, 3]
 
 
@@ -172,7 +194,8 @@ def test_a_pending_line_survives_a_restart(tmp_path, flower_identity):
     # the coordinator dies; the run directory is reopened
     again = RunDir.create(cfg)
     assert again.resumed_from == 1 and again.pending["train"]["sites"] == {
-        "site-a": {"loss": 0.5, "num-examples": 3}}
+        "site-a": {"loss": 0.5, "num-examples": 3}
+    }
     again.log(1).evaluate["site-a"] = {"dice": 0.7, "loss": 0.2, "num-examples": 1}
     again.end_round(2, weights, defer_evaluate=True)
     lines = read_metrics(again.path)
@@ -180,8 +203,10 @@ def test_a_pending_line_survives_a_restart(tmp_path, flower_identity):
     assert lines[1]["train"]["sites"]["site-a"]["loss"] == 0.5
     assert lines[1]["evaluate"]["sites"]["site-a"]["dice"] == 0.7
     # died again right after writing line 2 but before the manifest said so: written once
-    from fedhealth.io import append_line
     import json
+
+    from fedhealth.io import append_line
+
     append_line(again.metrics, json.dumps({"round": 2, "evaluate": {}}))
     third = RunDir.create(cfg)
     assert third.resumed_from == 2 and [ln["round"] for ln in read_metrics(third.path)] == [0, 1]
@@ -198,6 +223,7 @@ class _ReturningGrid:
 
     def get_node_ids(self):
         import time
+
         if self.lost_at is not None and time.monotonic() - self.lost_at < self.back_after:
             return [1, 2, 3]
         return [1, 2, 3, 4]
@@ -205,27 +231,44 @@ class _ReturningGrid:
 
 @pytest.mark.parametrize("back_after, wait, expect", [(0.8, 5.0, 4), (60.0, 0.6, 3)])
 def test_after_a_round_that_lost_a_site_the_next_waits_for_it_to_return(
-        tmp_path, flower_identity, back_after, wait, expect):
+    tmp_path, flower_identity, back_after, wait, expect
+):
     import time
-    cfg = compose([f"run_root={tmp_path}", "sites=4", "strategy.min_sites=2", "rounds=3",
-                   f"federation.rejoin_wait={wait}"])
+
+    cfg = compose(
+        [
+            f"run_root={tmp_path}",
+            "sites=4",
+            "strategy.min_sites=2",
+            "rounds=3",
+            f"federation.rejoin_wait={wait}",
+        ]
+    )
     strategy = build_strategy(cfg, RunDir.create(cfg))
     rng = np.random.default_rng(3)
     model = ArrayRecord({k: Array(v) for k, v in _arrays(rng).items()})
     grid = _ReturningGrid(back_after)
     assert len(list(strategy.configure_train(1, model, ConfigRecord(), grid))) == 4
-    lost = Message(Error(code=1001, reason="node went away"),
-                   reply_to=Message(RecordDict(), dst_node_id=4, message_type="train"))
-    strategy.aggregate_train(1, [*(_reply(i, f"site-{i}", _arrays(rng), 4) for i in (1, 2, 3)),
-                                 lost])
+    lost = Message(
+        Error(code=1001, reason="node went away"),
+        reply_to=Message(RecordDict(), dst_node_id=4, message_type="train"),
+    )
+    strategy.aggregate_train(
+        1, [*(_reply(i, f"site-{i}", _arrays(rng), 4) for i in (1, 2, 3)), lost]
+    )
     grid.lost_at = time.monotonic()
     t0 = time.monotonic()
     sent = list(strategy.configure_train(2, model, ConfigRecord(), grid))
     assert len(sent) == expect
     assert time.monotonic() - t0 < wait + 1.5  # never longer than rejoin_wait
     t0 = time.monotonic()  # the round after a complete one does not wait
-    strategy.aggregate_train(2, [_reply(m.metadata.dst_node_id, f"site-{m.metadata.dst_node_id}",
-                                        _arrays(rng), 4) for m in sent])
+    strategy.aggregate_train(
+        2,
+        [
+            _reply(m.metadata.dst_node_id, f"site-{m.metadata.dst_node_id}", _arrays(rng), 4)
+            for m in sent
+        ],
+    )
     list(strategy.configure_train(3, model, ConfigRecord(), grid))
     assert time.monotonic() - t0 < 0.5
 
@@ -234,12 +277,20 @@ def test_fedadam_resumes_with_its_moments(tmp_path, flower_identity):
     """A coordinator restarted after round 2 restores FedAdam's moments from the strategy
     checkpoint (safetensors, sha256-verified): round 3 then gives the model an uninterrupted run
     gives, which a FedAdam restarted without its moments does not."""
-    from fedhealth.serverapp.app import restore_strategy_state, strategy_state
     from fedhealth.runs.checkpoint import CheckpointStore
+    from fedhealth.serverapp.app import restore_strategy_state, strategy_state
 
     def make(name):
-        cfg = compose([f"run_root={tmp_path / 'runs'}", f"run_name={name}", "sites=4",
-                       "strategy=fedadam", "strategy.min_sites=2", "rounds=3"])
+        cfg = compose(
+            [
+                f"run_root={tmp_path / 'runs'}",
+                f"run_name={name}",
+                "sites=4",
+                "strategy=fedadam",
+                "strategy.min_sites=2",
+                "rounds=3",
+            ]
+        )
         return build_strategy(cfg, RunDir.create(cfg))
 
     rng = np.random.default_rng(11)

@@ -19,9 +19,14 @@ def test_failing_child_is_restarted_with_backoff(tmp_path):
     status = tmp_path / "status.json"
     sup = Supervisor(status, backoff_initial=0.2, backoff_max=0.8, healthy_after=60)
     starts = tmp_path / "starts"
-    child = sup.add(Child("flaky", [sys.executable, "-c",
-                                    f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"],
-                          dict(os.environ), tmp_path))
+    child = sup.add(
+        Child(
+            "flaky",
+            [sys.executable, "-c", f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"],
+            dict(os.environ),
+            tmp_path,
+        )
+    )
     t0 = time.monotonic()
     assert sup.run(until=lambda: child.restarts >= 4) == 0
     elapsed = time.monotonic() - t0
@@ -34,17 +39,19 @@ def test_failing_child_is_restarted_with_backoff(tmp_path):
 
 def test_sigterm_stops_children_and_exits_zero(tmp_path):
     script = tmp_path / "daemon.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
         from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging
-        setup_json_logging(Path({str(tmp_path / 'daemon.jsonl')!r}))
-        sup = Supervisor(Path({str(tmp_path / 'status.json')!r}), stop_grace=5)
+        setup_json_logging(Path({str(tmp_path / "daemon.jsonl")!r}))
+        sup = Supervisor(Path({str(tmp_path / "status.json")!r}), stop_grace=5)
         sup.add(Child("worker", [sys.executable, "-u", "-c",
                                  "import time; print('WARNING :   working', flush=True); time.sleep(120)"],
                       dict(os.environ), Path({str(tmp_path)!r})))
         sys.exit(sup.run())
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)])
     status = tmp_path / "status.json"
     deadline = time.monotonic() + 30
@@ -67,15 +74,17 @@ def test_sigterm_stops_children_and_exits_zero(tmp_path):
 
 def test_child_dies_with_a_killed_supervisor(tmp_path):
     script = tmp_path / "daemon.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
         from fedhealth.service.supervisor import Child, Supervisor
-        sup = Supervisor(Path({str(tmp_path / 'status.json')!r}))
+        sup = Supervisor(Path({str(tmp_path / "status.json")!r}))
         sup.add(Child("worker", [sys.executable, "-c", "import time; time.sleep(120)"],
                       dict(os.environ), Path({str(tmp_path)!r})))
         sys.exit(sup.run())
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)])
     status: Path = tmp_path / "status.json"
     deadline = time.monotonic() + 30

@@ -24,17 +24,24 @@ def keys(tmp_path):
 
 
 def _settings(tmp_path, keys, cohort, port=1, **extra):
-    values = {"name": "hospital-a", "coordinator": f"127.0.0.1:{port}", "ca": keys / "ca.crt",
-              "auth_key": keys / "sites" / "hospital-a" / "auth.key",
-              "data_dir": cohort / "site-0", "ledger_dir": tmp_path / "ledger",
-              "state_dir": tmp_path / "state", **extra}
+    values = {
+        "name": "hospital-a",
+        "coordinator": f"127.0.0.1:{port}",
+        "ca": keys / "ca.crt",
+        "auth_key": keys / "sites" / "hospital-a" / "auth.key",
+        "data_dir": cohort / "site-0",
+        "ledger_dir": tmp_path / "ledger",
+        "state_dir": tmp_path / "state",
+        **extra,
+    }
     return site.load(None, [f"{k}={v}" for k, v in values.items()])
 
 
 def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
     (tmp_path / "site.yaml").write_text(
         "name: hospital-a\ncoordinator: link.example.org:9092\nca: keys/ca.crt\n"
-        "auth_key: keys/auth.key\ndata_dir: data\nledger_dir: ledger\n")
+        "auth_key: keys/auth.key\ndata_dir: data\nledger_dir: ledger\n"
+    )
     s = site.load(tmp_path / "site.yaml", ["epsilon_cap=3.5"])
     assert s.ca == str(tmp_path / "keys" / "ca.crt") and s.epsilon_cap == 3.5
     argv = site.supernode_argv(s)
@@ -87,8 +94,13 @@ def test_check_passes_on_a_ready_site(tmp_path, keys, cohort):
         items = site.check(_settings(tmp_path, keys, cohort, server.getsockname()[1]))
     finally:
         server.close()
-    assert [(i.name, i.ok) for i in items] == [("data", True), ("ca", True), ("auth_key", True),
-                                               ("ledger", True), ("coordinator", True)], items
+    assert [(i.name, i.ok) for i in items] == [
+        ("data", True),
+        ("ca", True),
+        ("auth_key", True),
+        ("ledger", True),
+        ("coordinator", True),
+    ], items
     assert "6 training scans" in items[0].detail and "certificate verified" in items[-1].detail
 
 
@@ -99,14 +111,23 @@ def test_check_names_every_failure(tmp_path, keys, cohort):
     del foreign
     broken = tmp_path / "broken"
     (broken / "imagesTr").mkdir(parents=True)
-    (broken / "dataset.json").write_text(json.dumps(
-        {"training": [{"image": "imagesTr/p.nii.gz", "label": "imagesTr/p.nii.gz"}], "test": []}))
+    (broken / "dataset.json").write_text(
+        json.dumps(
+            {"training": [{"image": "imagesTr/p.nii.gz", "label": "imagesTr/p.nii.gz"}], "test": []}
+        )
+    )
     (tmp_path / "ledger").mkdir()
     (tmp_path / "ledger" / "ledger.sqlite").write_bytes(b"not a database at all" * 100)
     server = _tls_server(keys)
     try:
-        s = _settings(tmp_path, keys, cohort, server.getsockname()[1], data_dir=broken,
-                      ca=tmp_path / "foreign" / "ca.crt")
+        s = _settings(
+            tmp_path,
+            keys,
+            cohort,
+            server.getsockname()[1],
+            data_dir=broken,
+            ca=tmp_path / "foreign" / "ca.crt",
+        )
         items = {i.name: i for i in site.check(s)}
     finally:
         server.close()
@@ -128,8 +149,9 @@ def test_status_reports_a_dead_daemon_and_the_ledger(tmp_path, keys, cohort):
     s = _settings(tmp_path, keys, cohort)
     assert site.status(s)["daemon"] == "never started"
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "status.json").write_text(json.dumps(
-        {"pid": 2 ** 22 + 12345, "state": "connected", "since": "then"}))
+    (tmp_path / "state" / "status.json").write_text(
+        json.dumps({"pid": 2**22 + 12345, "state": "connected", "since": "then"})
+    )
     report = site.status(s)
     assert report["daemon"]["state"] == "not running (last state 'connected')"
     assert report["privacy"] == {"epsilon_spent": 0.0, "epsilon_cap": 8.0, "rounds_trained": 0}
@@ -141,8 +163,11 @@ def test_status_lines_from_the_supernode_update_the_status(tmp_path):
     assert sup.status["state"] == "connected" and sup.status["node_id"] == "1234"
     site.watch_line(sup, "executor", "INFO fedhealth.site: site a round 3: train started")
     assert sup.status["activity"].startswith("train round 3 since")
-    site.watch_line(sup, "supernode", "INFO fedhealth.site: site a round 3: trained, loss 0.5000, "
-                                      "epsilon 2.500 of 8.0")
+    site.watch_line(
+        sup,
+        "supernode",
+        "INFO fedhealth.site: site a round 3: trained, loss 0.5000, epsilon 2.500 of 8.0",
+    )
     assert sup.status["last_trained"]["round"] == 3 and sup.status["last_trained"]["epsilon"] == 2.5
     site.watch_line(sup, "supernode", "ERROR : Failed to activate SuperNode")
     assert sup.status["state"] == "refused"

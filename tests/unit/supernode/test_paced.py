@@ -54,26 +54,38 @@ def test_the_installed_flower_supernode_loop_is_the_one_the_patch_fits(monkeypat
 
 
 def test_a_loop_the_patch_does_not_fit_is_left_alone(tmp_path):
-    no_sleep = _module_from(tmp_path, "loop_without_sleep", """
+    no_sleep = _module_from(
+        tmp_path,
+        "loop_without_sleep",
+        """
         import time
         def loop():
             time.sleep(1)
-    """)
+    """,
+    )
     with pytest.raises(supernode.PatchMismatch, match=r"no longer contains \['time.sleep\(3\)'\]"):
         supernode.check_module(no_sleep)
-    other_use = _module_from(tmp_path, "loop_with_strftime", """
+    other_use = _module_from(
+        tmp_path,
+        "loop_with_strftime",
+        """
         import time
         def loop():
             time.sleep(3)
             return time.strftime("%H")
-    """)
+    """,
+    )
     with pytest.raises(supernode.PatchMismatch, match=r"time.\['strftime'\]"):
         supernode.check_module(other_use)
-    renamed = _module_from(tmp_path, "loop_with_renamed_time", """
+    renamed = _module_from(
+        tmp_path,
+        "loop_with_renamed_time",
+        """
         import time as clock
         def loop():
             clock.sleep(3)
-    """)
+    """,
+    )
     with pytest.raises(supernode.PatchMismatch, match="is not the time module"):
         supernode.check_module(renamed)
 
@@ -85,16 +97,47 @@ def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
     link, appio = free_ports(2)
     env = flower_env(tmp_path / "flwr-home")
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("superlink", "supernode")}
-    procs = [subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                               "--port", str(link), "--disable-runtime-dependency-installation"],
-                              cwd=tmp_path, env=env, stdout=logs["superlink"],
-                              stderr=subprocess.STDOUT, start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+                "--disable-runtime-dependency-installation",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=logs["superlink"],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fedhealth.supernode.paced", "--pull-interval", "0.2",
-             "--", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(appio)],
-            cwd=tmp_path, env=env, stdout=logs["supernode"], stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedhealth.supernode.paced",
+                    "--pull-interval",
+                    "0.2",
+                    "--",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(appio),
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=logs["supernode"],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         log = tmp_path / "supernode.log"
         deadline = time.monotonic() + 90
         while "SuperNode ID" not in log.read_text() and time.monotonic() < deadline:

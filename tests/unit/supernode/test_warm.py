@@ -22,16 +22,30 @@ from fedhealth.supernode.warm import WarmExecutor, main
 
 
 def _spec(task_id: int, task_type: TaskType = TaskType.CLIENT_APP) -> ExecutionSpec:
-    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:1", token="t",
-                         insecure=True, root_certificates_path=None,
-                         runtime_dependency_install=False, parent_pid=os.getpid(),
-                         suppress_output=False, task_id=task_id)
+    return ExecutionSpec(
+        task_type=task_type,
+        runtime_api_address="127.0.0.1:1",
+        token="t",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=os.getpid(),
+        suppress_output=False,
+        task_id=task_id,
+    )
 
 
 def _report(out: Path, spec: ExecutionSpec) -> None:
-    out.write_text(json.dumps({"pid": os.getpid(), "task": spec.task_id,
-                               "torch": "torch" in sys.modules,
-                               "app": sorted(m for m in sys.modules if m.startswith("fedhealth"))}))
+    out.write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "task": spec.task_id,
+                "torch": "torch" in sys.modules,
+                "app": sorted(m for m in sys.modules if m.startswith("fedhealth")),
+            }
+        )
+    )
 
 
 def _crash(spec: ExecutionSpec) -> None:
@@ -120,9 +134,19 @@ def test_executor_exits_cleanly_when_its_parent_dies(tmp_path):
     parent = subprocess.Popen(["sleep", "60"])
     log = tmp_path / "warm.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedhealth.supernode.warm",
-                                 "--appio-api-address", f"127.0.0.1:{port}",
-                                 "--parent-pid", str(parent.pid)], stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedhealth.supernode.warm",
+                "--appio-api-address",
+                f"127.0.0.1:{port}",
+                "--parent-pid",
+                str(parent.pid),
+            ],
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 60
         while "template process ready" not in log.read_text() and time.monotonic() < deadline:
@@ -144,13 +168,15 @@ def _late_objects(delay: float):
     ``delay`` seconds after the first pull (the SuperNode still downloading it); the times of
     each object's pull attempts."""
     from flwr.app import Array, ArrayRecord, Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import (get_all_nested_objects,
-                                                             get_object_tree)
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
     weights = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    message = Message(RecordDict({"arrays": ArrayRecord({"w": Array(weights)})}),
-                      dst_node_id=1, message_type="train")
+    message = Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(weights)})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     contents = {k: v.deflate() for k, v in get_all_nested_objects(message).items()}
     attempts: dict[str, list[float]] = {}
     first = []

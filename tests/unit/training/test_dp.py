@@ -18,8 +18,12 @@ CLIP = 0.05  # small enough that every per-patient gradient here is clipped
 
 
 def _config(name):
-    return ModelConfig(name=name, norm="group" if name == "segresnet" else "instance",
-                       channels=[4, 8] if name == "unet" else [4], strides=[2] if name == "unet" else [])
+    return ModelConfig(
+        name=name,
+        norm="group" if name == "segresnet" else "instance",
+        channels=[4, 8] if name == "unet" else [4],
+        strides=[2] if name == "unet" else [],
+    )
 
 
 def _batch(cohort, n):
@@ -28,13 +32,23 @@ def _batch(cohort, n):
 
 
 def _private(model, batch, mode):
-    loader = torch.utils.data.DataLoader([{"image": batch["image"][i], "label": batch["label"][i]}
-                                         for i in range(batch["image"].shape[0])],
-                                        batch_size=batch["image"].shape[0])
+    loader = torch.utils.data.DataLoader(
+        [
+            {"image": batch["image"][i], "label": batch["label"][i]}
+            for i in range(batch["image"].shape[0])
+        ],
+        batch_size=batch["image"].shape[0],
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     return PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=CLIP, poisson_sampling=False, grad_sample_mode=mode)
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=CLIP,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(DP_READY))
@@ -48,7 +62,7 @@ def test_per_sample_gradients_match_a_brute_force_loop(cohort, name):
     brute = []
     for i in range(3):
         reference_model.zero_grad()
-        criterion(reference_model(batch["image"][i:i + 1]), batch["label"][i:i + 1]).backward()
+        criterion(reference_model(batch["image"][i : i + 1]), batch["label"][i : i + 1]).backward()
         brute.append([p.grad.clone() for p in reference_model.parameters()])
     private, optimizer, _ = _private(model, batch, DP_READY[name])
     criterion(private(batch["image"]), batch["label"]).backward()
@@ -120,6 +134,7 @@ def test_secure_rng_without_its_package_is_a_clear_error(cohort):
     pytest.importorskip("opacus")
     try:
         import torchcsprng  # noqa: F401
+
         pytest.skip("torchcsprng installed: secure mode works")
     except ImportError:
         pass
@@ -128,5 +143,10 @@ def test_secure_rng_without_its_package_is_a_clear_error(cohort):
     data = read_datalist(cohort / "site-0" / "dataset.json")
     loader = make_loader(data.train, 32, 1.0, 2, train=True, seed=0)
     with pytest.raises(ConfigError, match="secure_rng.*torchcsprng"):
-        train(build_model(_config("unet")), loader, 1, 1e-3,
-              dp=DPSettings(1.0, 1.0, secure_rng=True, grad_sample_mode="functorch"))
+        train(
+            build_model(_config("unet")),
+            loader,
+            1,
+            1e-3,
+            dp=DPSettings(1.0, 1.0, secure_rng=True, grad_sample_mode="functorch"),
+        )
