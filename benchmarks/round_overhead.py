@@ -1,7 +1,9 @@
-"""What does a federated round cost besides training? Stock Flower SuperNodes vs SuperNodes with
-the warm executor (:mod:`fedhealth.supernode.warm`), side by side in one run: a real SuperLink
-with TLS and SuperNode auth, four enrolled SuperNodes on loopback, ``flwr run``, same app and
-config (tiny U-Net, a few patients per site, privacy off).
+"""Measure what a federated round costs besides training.
+
+Stock Flower SuperNodes vs SuperNodes with the warm executor (:mod:`fedhealth.supernode.warm`),
+side by side in one run: a real SuperLink with TLS and SuperNode auth, four enrolled SuperNodes
+on loopback, ``flwr run``, same app and config (tiny U-Net, a few patients per site, privacy
+off).
 
     python benchmarks/round_overhead.py [--rounds 5] [--secagg]
 
@@ -50,6 +52,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
+from fedhealth.errors import FederationError, RunIncomplete
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.supernode.warm import WarmExecutor
 from fedhealth.testing.loopback import (
@@ -81,6 +84,29 @@ EXITED = re.compile(r"^(\S+ \S+) \w+ fedhealth\.warm: task (\d+): pid \d+ exited
 
 @dataclass(frozen=True)
 class Run:
+    """One deployment measured: which SuperNodes, which message phases, which overrides.
+
+    Parameters
+    ----------
+    name : str
+        The run's name (its run directory and row label).
+    mode : str
+        ``"stock"`` (Flower's own SuperNode) or ``"ours"`` (warm executor, paced polling).
+    phase_names : tuple of str
+        The message phases of one round.
+    secure : bool, optional
+        Secure aggregation on (default False).
+    overrides : tuple of str, optional
+        Hydra overrides of the run config (default none).
+    baseline : str, optional
+        The run this one is compared with (default ``"stock"``).
+    folded : bool, optional
+        The last round has one more phase, its evaluate (default False).
+    paced : bool, optional
+        Ours only: SuperNode pull interval ``PULL_INTERVAL`` and ClientApp pull backoff 0.05 s
+        (default True; False: Flower's own polling).
+    """
+
     name: str
     mode: str  # "stock" or "ours"
     phase_names: tuple[str, ...]  # message phases per round
@@ -133,8 +159,10 @@ def _probe(out: Path, spec: ExecutionSpec) -> None:
 
 
 def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, float]:
-    """Seconds from 'task acquired' to 'handler ready', slowest of ``concurrent`` launches,
-    median over ``repeats``: a fresh interpreter (stock) vs a fork of the warm template.
+    """Time a ClientApp start: 'task acquired' to 'handler ready', in seconds.
+
+    The slowest of ``concurrent`` launches, median over ``repeats``: a fresh interpreter (stock)
+    vs a fork of the warm template.
     """
     stock, warm = [], []
     for _ in range(repeats):
@@ -178,7 +206,7 @@ def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, f
 
 
 def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str, str]) -> dict:
-    """A fresh SuperLink and SITES SuperNodes in ``run.mode``, one ``flwr run``; per-round rows."""
+    """Deploy a fresh SuperLink and SITES SuperNodes in ``run.mode``, run once; per-round rows."""
     name, mode = run.name, run.mode
     logs = work / name
     logs.mkdir()
@@ -262,8 +290,8 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
         )
         try:
             run_to_completion(env, PROJECT, "bench", cfg, work)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{procs.logs()}") from exc
+        except (FederationError, RunIncomplete) as exc:
+            raise type(exc)(f"{exc}\n{procs.logs()}") from exc
     finally:
         procs.stop()
     rows = round_costs(work / "runs" / name)
@@ -308,11 +336,13 @@ def _task_log(path: Path) -> list[dict]:
 
 
 def breakdown(result: dict) -> list[str]:
-    """Per message phase, from the warm executors' task logs: how far apart the sites picked the
-    message up (mostly the SuperNode's 3 s sleep after an empty pull), how long the ClientApp task
-    ran (fork to exit: Runtime API transfers, FAB install, the handler's compute), and the idle
-    time from the last site's exit to the next phase's first pickup (the SuperNode's 0.5 s reply
-    poll and upload, the ServerApp grid's 3 s reply poll, aggregation, the next pull sleep).
+    """Break each message phase down, from the warm executors' task logs.
+
+    Per phase: how far apart the sites picked the message up (mostly the SuperNode's 3 s sleep
+    after an empty pull), how long the ClientApp task ran (fork to exit: Runtime API transfers,
+    FAB install, the handler's compute), and the idle time from the last site's exit to the next
+    phase's first pickup (the SuperNode's 0.5 s reply poll and upload, the ServerApp grid's 3 s
+    reply poll, aggregation, the next pull sleep).
     """
     sites, phases = result["tasks"], result["phases"]
     names = list(dict.fromkeys(phases))
@@ -323,7 +353,11 @@ def breakdown(result: dict) -> list[str]:
         ends = [s[k]["end"] for s in sites]
         idle = min(s[k + 1]["start"] for s in sites) - max(ends) if k + 1 < count else None
         rows[phases[k]].append(
-            (max(starts) - min(starts), statistics.mean(e - b for b, e in zip(starts, ends)), idle)
+            (
+                max(starts) - min(starts),
+                statistics.mean(e - b for b, e in zip(starts, ends, strict=True)),
+                idle,
+            )
         )
     out = [
         f"  {result['name']}: {len(phases)} message phases in all; mean per phase, s:",

@@ -1,5 +1,7 @@
-"""What does secure aggregation cost? Plain FedAvg vs SecAgg+ on a real SuperLink with TLS and
-four enrolled SuperNodes on loopback, a ~30M-parameter 3D U-Net, side by side in one run.
+"""Measure what secure aggregation costs.
+
+Plain FedAvg vs SecAgg+ on a real SuperLink with TLS and four enrolled SuperNodes on loopback, a
+~30M-parameter 3D U-Net, side by side in one run.
 
     python benchmarks/secagg.py [--rounds N]
 
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedhealth.config import compose
 from fedhealth.data.synth import write_cohort
@@ -37,7 +40,7 @@ SITES = 4
 MODEL = ["model.channels=[40,80,160,320,640]", "model.strides=[2,2,2,2]", "model.num_res_units=2"]
 
 
-def run(work: Path, secure: bool, rounds: int, env: dict) -> dict:
+def run(work: Path, rounds: int, env: dict[str, str], *, secure: bool) -> dict[str, Any]:
     name = "secagg" if secure else "plain"
     cfg = compose(
         [
@@ -100,7 +103,7 @@ def main() -> int:
                 )
             for secure in (False, True):
                 before = {s: _egress_bytes(work, s) for s in range(SITES)}
-                results[secure] = run(work, secure, args.rounds, env)
+                results[secure] = run(work, args.rounds, env, secure=secure)
                 after = {s: _egress_bytes(work, s) for s in range(SITES)}
                 results[secure]["bytes"] = {
                     s: (after[s] - before[s]) / args.rounds for s in range(SITES)
@@ -125,7 +128,8 @@ def main() -> int:
     sent = {s: sum(results[s]["bytes"].values()) / SITES for s in results}
     print(
         f"  bytes sent per site per round: plain {sent[False] / 1e6:.1f} MB, SecAgg+ "
-        f"{sent[True] / 1e6:.1f} MB, ratio {sent[True] / sent[False]:.2f}x (target <= 2x; anchor 1.73x)"
+        f"{sent[True] / 1e6:.1f} MB, ratio {sent[True] / sent[False]:.2f}x "
+        "(target <= 2x; anchor 1.73x)"
     )
     print(
         f"  non-training round time: plain {other[False]:.1f}s, SecAgg+ {other[True]:.1f}s, "

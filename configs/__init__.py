@@ -1,1 +1,1 @@
-"""The Hydra configs, shipped in the wheel as ``fedhealth.configs`` (``configs/`` in the source tree)."""
+"""The Hydra configs, shipped in the wheel as ``fedhealth.configs``."""

@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedhealth.errors import FedHealthError
+from fedhealth.protocol.keys import NUM_EXAMPLES
 
 EXIT_USER_ERROR = 2
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(*, verbose: bool) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -34,6 +35,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``fedhealth simulate``: the federation on the simulation engine, then its reports."""
     from fedhealth.config import compose
     from fedhealth.runs.rundir import read_metrics
     from fedhealth.simulation import simulate
@@ -45,12 +47,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     run_dir = simulate(cfg)
-    last = read_metrics(run_dir.path)[-1]
+    evaluated = [
+        line for line in read_metrics(run_dir.path) if line.get("evaluate", {}).get("sites")
+    ]
     print(f"\nrun directory: {run_dir.path.resolve()}")
-    print(f"final global model (round {last['round']}), Dice on each site's test set:")
-    for site, row in sorted(last["evaluate"]["sites"].items()):
-        print(f"  {site:<12} {row['dice']:.4f}  ({row['num-examples']} patients)")
-    print(f"  {'weighted':<12} {last['evaluate']['weighted']['dice']:.4f}")
+    if evaluated:
+        last = evaluated[-1]
+        print(f"final global model (round {last['round']}), Dice on each site's test set:")
+        for site, row in sorted(last["evaluate"]["sites"].items()):
+            print(f"  {site:<12} {row['dice']:.4f}  ({row[NUM_EXAMPLES]} patients)")
+        print(f"  {'weighted':<12} {last['evaluate']['weighted']['dice']:.4f}")
+    else:
+        print("no round's global model was evaluated")
     if "stopped" in run_dir.manifest:
         print(f"run stopped early: {run_dir.manifest['stopped']['reason']}")
     if cfg.privacy.enabled:
@@ -62,6 +70,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report_privacy(args: argparse.Namespace) -> int:
+    """Run ``fedhealth report privacy``: the budget report of a run directory or a ledger."""
     from fedhealth.reports import privacy as privacy_report
 
     report = privacy_report.load(args.path)
@@ -83,6 +92,7 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    """Run ``fedhealth data synth``: write the synthetic multi-site cohort."""
     from fedhealth.config import compose
     from fedhealth.data.synth import write_cohort
 
@@ -102,6 +112,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
+    """Run ``fedhealth baseline centralized|local``: the comparison points for federation."""
     from fedhealth.config import compose
     from fedhealth.simulation import ensure_cohort
     from fedhealth.training import baselines
@@ -124,6 +135,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    """Run ``fedhealth certs init|site|check``: the consortium CA, coordinator TLS, site keys."""
     from fedhealth.security import certs
 
     directory: Path = args.dir
@@ -148,13 +160,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from fedhealth.supernode import daemon as site
+    """Run ``fedhealth site run|check|status``: the hospital's daemon."""
+    from fedhealth.supernode import daemon
+    from fedhealth.supernode.preflight import check
+    from fedhealth.supernode.settings import load
+    from fedhealth.supernode.sitestatus import status
 
-    settings = site.load(args.config, args.settings, args.insecure)
+    settings = load(args.config, args.settings, insecure=args.insecure)
     if args.site_cmd == "run":
-        return site.run(settings)
+        return daemon.run(settings)
     if args.site_cmd == "check":
-        items = site.check(settings)
+        items = check(settings)
         for item in items:
             print(f"{'PASS' if item.ok else 'FAIL'}  {item.name:<12} {item.detail}")
         failed = [i.name for i in items if not i.ok]
@@ -163,21 +179,28 @@ def cmd_site(args: argparse.Namespace) -> int:
             + (f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "ready")
         )
         return 1 if failed else 0
-    report = site.status(settings)
+    report = status(settings)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    daemon = report["daemon"]
-    if isinstance(daemon, dict):
+    state = report["daemon"]
+    if isinstance(state, dict):
         print(
-            f"site {settings.name}: {daemon.get('state')} since {daemon.get('since')} "
-            f"(pid {daemon.get('pid')}, coordinator {daemon.get('coordinator')})"
+            f"site {settings.name}: {state.get('state')} since {state.get('since')} "
+            f"(pid {state.get('pid')}, coordinator {state.get('coordinator')})"
         )
-        for key in ("activity", "last_trained", "last_evaluated", "reason"):
-            if daemon.get(key):
-                print(f"  {key.replace('_', ' ')}: {daemon[key]}")
+        for key in (
+            "activity",
+            "last_trained",
+            "last_evaluated",
+            "last_failed",
+            "budget",
+            "reason",
+        ):
+            if state.get(key):
+                print(f"  {key.replace('_', ' ')}: {state[key]}")
     else:
-        print(f"site {settings.name}: daemon {daemon}")
+        print(f"site {settings.name}: daemon {state}")
     p = report["privacy"]
     print(
         f"  privacy: epsilon {p['epsilon_spent']:.4f} of {p['epsilon_cap']:g} spent in "
@@ -187,16 +210,20 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedhealth.superlink import coordinator
+    """Run ``fedhealth server run|launch``: the coordinator service and its run launcher."""
+    from fedhealth.superlink.launcher import launch
+    from fedhealth.superlink.service import run
+    from fedhealth.superlink.settings import load
 
     if args.server_cmd == "run":
-        return coordinator.run(coordinator.load(args.config, args.settings, args.insecure))
+        return run(load(args.config, args.settings, insecure=args.insecure))
     given = [f"{k}={v}" for k, v in (("ca", args.ca), ("state_dir", args.state_dir)) if v]
-    settings = coordinator.load(args.config, given, args.insecure, role="launch")
-    return coordinator.launch(settings, args.settings, args.address, args.timeout)
+    settings = load(args.config, given, insecure=args.insecure, role="launch")
+    return launch(settings, args.settings, args.address, args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``fedhealth`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="fedhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -294,8 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedhealth`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after ``fedhealth``; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: the subcommand's own, or 2 after a catalogued error, which is printed
+        with its code and help text and without a traceback.
+    """
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(verbose=args.verbose)
     try:
         return int(args.func(args))
     except FedHealthError as exc:

@@ -1,4 +1,6 @@
-"""Typed configuration: Hydra composes the YAML in ``configs/``, these dataclasses validate it.
+"""Typed configuration: Hydra composes the YAML in ``configs/``, dataclasses validate it.
+
+The dataclasses live in :mod:`fedhealth.config_schema` and are importable from here.
 
 What crosses the network is never this object: :func:`flatten` turns it into plain scalars
 (``{"model.name": "unet", ...}``), the only form a Flower run config or ConfigRecord carries.
@@ -6,133 +8,51 @@ What crosses the network is never this object: :func:`flatten` turns it into pla
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedhealth.config_schema import (
+    Config,
+    DataConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    StrategyConfig,
+    TrainConfig,
+)
 from fedhealth.errors import ConfigError
 
-
-@dataclass
-class ModelConfig:
-    """A MONAI segmentation network; see :mod:`fedhealth.models`."""
-
-    name: str = "unet"
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32])
-    strides: list[int] = field(default_factory=lambda: [2, 2])
-    num_res_units: int = 1
-    norm: str = "instance"
-    num_groups: int = 4
-    in_channels: int = 1
-    out_channels: int = 2
-
-
-@dataclass
-class DataConfig:
-    """Synthetic multi-site MRI cohort; see :mod:`fedhealth.data.synth`."""
-
-    root: str = "data/synthetic"
-    train_per_site: int = 64
-    test_per_site: int = 8
-    roi: int = 32
-    target_spacing: float = 1.0
-    heterogeneity: float = 1.0
-    cache: bool = True
-
-
-@dataclass
-class TrainConfig:
-    """Local training at a site; round ``r`` trains with ``lr * lr_decay ** (r - 1)``."""
-
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-2
-    lr_decay: float = 0.9
-    weight_decay: float = 0.0
-    num_threads: int = 1
-
-
-@dataclass
-class StrategyConfig:
-    """Server strategy from ``flwr.serverapp.strategy``."""
-
-    name: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_sites: int = 2
-    proximal_mu: float = 0.0
-    eta: float = 1e-2
-    eta_l: float = 1e-2
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-3
-    max_examples_per_site: int = 100000
-
-
-@dataclass
-class FederationConfig:
-    """How rounds are run: deadlines, the simulation backend, secure aggregation (SecAgg+:
-    Shamir threshold as a fraction of the round's sites, neighbours per site with 0 = all,
-    update clipping range and the public bound on a site's example count).
-    """
-
-    round_timeout: float = 600.0
-    reply_poll_interval: float = 0.1  # seconds between reply pulls (Flower's own: 3 s)
-    fold_evaluate: bool = True  # evaluate round r's model with round r+1's train message
-    pack_arrays: bool = True  # the model travels as one float32 vector, not one array per tensor
-    rejoin_wait: float = 30.0  # fewer sites than the last round sent to: wait this for them
-    cpus_per_site: float = 1.0
-    ray_num_cpus: int = 0
-    secure_aggregation: bool = True
-    secagg_threshold: float = 0.51
-    secagg_degree: int = 0
-    secagg_clipping_range: float = 8.0
-    secagg_max_examples: int = 1024
-
-
-@dataclass
-class PrivacyConfig:
-    """DP-SGD at every site (Opacus) and the site's budget.
-
-    ``enabled``, ``max_grad_norm``, ``accountant``, ``secure_rng`` and ``noise_multiplier`` are
-    the consortium's training settings, sent to sites each round. ``epsilon``, ``delta`` and
-    ``ledger_root`` are the site's own: in deployment each site sets them in its node config
-    (``epsilon-cap``, ``delta``, ``ledger-dir``) and the coordinator never sees them as inputs.
-    """
-
-    enabled: bool = True
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 0.5
-    accountant: str = "rdp"
-    secure_rng: bool = False
-    noise_multiplier: float = 0.0
-    ledger_root: str = "ledgers"
-
-
-@dataclass
-class Config:
-    """The whole run configuration (``configs/config.yaml``)."""
-
-    seed: int = 0
-    sites: int = 3
-    rounds: int = 10
-    run_root: str = "runs"
-    run_name: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+__all__ = [
+    "SECTIONS",
+    "SITE_KEYS",
+    "Config",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "compose",
+    "config_dir",
+    "flatten",
+    "from_site_settings",
+    "site_settings",
+    "to_yaml",
+    "unflatten",
+    "validate",
+]
 
 
 def config_dir() -> Path:
-    """The Hydra config directory: ``$FEDHEALTH_CONFIG_DIR``, else the installed ``fedhealth.configs``.
+    """Find the Hydra config directory: ``$FEDHEALTH_CONFIG_DIR``, else ``fedhealth.configs``.
+
+    ``fedhealth.configs`` is the repository's ``configs/`` folder, installed inside the wheel.
 
     Returns
     -------
@@ -142,22 +62,42 @@ def config_dir() -> Path:
     Raises
     ------
     ConfigError
-        If that directory has no ``config.yaml``.
+        If that directory has no ``config.yaml``, or ``fedhealth.configs`` has no file
+        location.
     """
     env = os.environ.get("FEDHEALTH_CONFIG_DIR")
     if env:
         path = Path(env)
     else:
-        import fedhealth.configs
-
-        path = Path(fedhealth.configs.__file__).resolve().parent
+        # imported by name: the package is mapped from configs/, which mypy cannot see
+        configs = importlib.import_module("fedhealth.configs")
+        if configs.__file__ is None:
+            raise ConfigError("fedhealth.configs has no file location (set FEDHEALTH_CONFIG_DIR)")
+        path = Path(configs.__file__).resolve().parent
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in config directory {path} (set FEDHEALTH_CONFIG_DIR)")
     return path
 
 
 def compose(overrides: list[str] | None = None) -> Config:
-    """Compose ``configs/config.yaml`` with Hydra-style overrides and validate it."""
+    """Compose ``configs/config.yaml`` with Hydra overrides and validate it.
+
+    Parameters
+    ----------
+    overrides : list of str or None, default None
+        Hydra overrides such as ``"rounds=5"`` or ``"strategy=fedprox"``.
+
+    Returns
+    -------
+    Config
+        The validated configuration, interpolations resolved.
+
+    Raises
+    ------
+    ConfigError
+        If the config directory is missing, an override is malformed, or :func:`validate`
+        refuses the result.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -167,11 +107,28 @@ def compose(overrides: list[str] | None = None) -> Config:
             raw = hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as exc:
         raise ConfigError(f"bad override in {overrides}: {exc}") from exc
-    return validate(OmegaConf.to_container(raw, resolve=True))
+    # a composed DictConfig converts to a dict; OmegaConf's return type covers lists too
+    return validate(cast(dict[str, Any], OmegaConf.to_container(raw, resolve=True)))
 
 
 def validate(raw: dict[str, Any]) -> Config:
-    """Merge ``raw`` onto the schema; unknown keys and wrong types are errors naming the field."""
+    """Merge ``raw`` onto the schema; unknown keys and wrong types are errors naming the field.
+
+    Parameters
+    ----------
+    raw : dict of str to Any
+        A (partial, nested) configuration; missing fields take their defaults.
+
+    Returns
+    -------
+    Config
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        Naming the unknown or ill-typed field, or every field out of range.
+    """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -213,11 +170,36 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def to_yaml(cfg: Config) -> str:
+    """Render a configuration as YAML.
+
+    Parameters
+    ----------
+    cfg : Config
+        The configuration.
+
+    Returns
+    -------
+    str
+        OmegaConf's YAML of every field.
+    """
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def flatten(cfg: Config | dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Plain scalars only, dotted keys; lists become comma-separated strings."""
+    """Flatten a configuration to plain scalars with dotted keys.
+
+    Parameters
+    ----------
+    cfg : Config or dict of str to Any
+        The configuration, or one of its (nested) sections as a dict.
+    prefix : str, default ""
+        Prepended to every key.
+
+    Returns
+    -------
+    dict of str to bool, int, float or str
+        ``{"model.name": "unet", ...}``; lists and tuples become comma-separated strings.
+    """
     tree = asdict(cfg) if not isinstance(cfg, dict) else cfg
     out: dict[str, bool | int | float | str] = {}
     for key, value in tree.items():
@@ -231,7 +213,7 @@ def flatten(cfg: Config | dict[str, Any], prefix: str = "") -> dict[str, bool | 
     return out
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {  # the top-level sections and their schemas
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -242,7 +224,25 @@ SECTIONS: dict[str, type] = {
 
 
 def unflatten(flat: dict[str, Any]) -> Config:
-    """Inverse of :func:`flatten`, validated against the schema (unknown keys are errors)."""
+    """Rebuild a configuration from :func:`flatten`'s form, validated against the schema.
+
+    Parameters
+    ----------
+    flat : dict of str to Any
+        Dotted keys; a comma-separated string for a list field becomes a list of int.
+
+    Returns
+    -------
+    Config
+        The validated configuration; missing fields take their defaults.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`validate` (unknown keys, wrong types, values out of range).
+    ValueError
+        If a list field's string holds a non-integer item.
+    """
     list_fields = {
         f"{section}.{f.name}"
         for section, schema in SECTIONS.items()
@@ -279,10 +279,38 @@ SITE_KEYS = (
 
 
 def site_settings(cfg: Config) -> dict[str, bool | int | float | str]:
-    """The flattened subset of ``cfg`` a site needs (no paths, no class names)."""
+    """Select the flattened subset of ``cfg`` a site needs (no paths, no class names).
+
+    Parameters
+    ----------
+    cfg : Config
+        The run configuration.
+
+    Returns
+    -------
+    dict of str to bool, int, float or str
+        The :func:`flatten` entries whose key is in, or starts with an entry of,
+        :data:`SITE_KEYS`.
+    """
     return {k: v for k, v in flatten(cfg).items() if k.startswith(SITE_KEYS) or k in SITE_KEYS}
 
 
 def from_site_settings(flat: dict[str, Any]) -> Config:
-    """Rebuild a :class:`Config` from :func:`site_settings` keys; other keys are ignored."""
+    """Rebuild a :class:`Config` from :func:`site_settings` keys; other keys are ignored.
+
+    Parameters
+    ----------
+    flat : dict of str to Any
+        Settings as a site receives them.
+
+    Returns
+    -------
+    Config
+        The configuration, fields outside :data:`SITE_KEYS` at their defaults.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`unflatten`.
+    """
     return unflatten({k: v for k, v in flat.items() if k.startswith(SITE_KEYS) or k in SITE_KEYS})

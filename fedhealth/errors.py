@@ -49,6 +49,7 @@ class ErrorCode(IntEnum):
     SECAGG_FAILED = 502
     # the site's long-running side
     PATCH_MISMATCH = 601
+    SITE_EVENT_INVALID = 602
     # test harnesses
     COMPOSE_FAILED = 701
     # site error replies (sent over the network)
@@ -85,6 +86,9 @@ ERROR_HELP: dict[ErrorCode, str] = {
     "the threshold, or a malformed protocol reply); the global model stays as it was.",
     ErrorCode.PATCH_MISMATCH: "The installed Flower differs from the release fedhealth's "
     "SuperNode patches were written for; the SuperNode runs stock (slower, same results).",
+    ErrorCode.SITE_EVENT_INVALID: "A ClientApp printed a site event whose fields are missing or "
+    "of the wrong type; the site daemon ignores it. Check that the daemon and the run's app are "
+    "the same fedhealth version.",
     ErrorCode.COMPOSE_FAILED: "The compose file is invalid or one of its services failed; the "
     "message names the service and ends with its log.",
     ErrorCode.SITE_DATA: "site data invalid or unreadable (see the site's log)",
@@ -98,7 +102,7 @@ ERROR_HELP: dict[ErrorCode, str] = {
 
 
 def component(code: ErrorCode) -> str:
-    """The component a code belongs to, by its range.
+    """Return the component a code belongs to, by its range.
 
     Parameters
     ----------
@@ -124,11 +128,11 @@ class FedHealthError(Exception):
 
     @property
     def help(self) -> str:
-        """The catalogue's help text for this error's code."""
+        """Return the catalogue's help text for this error's code."""
         return ERROR_HELP[self.code]
 
     def describe(self) -> str:
-        """``E<code> <component>: <message>`` and the help text, as the CLI prints it."""
+        """Return ``E<code> <component>: <message>`` and the help text, as the CLI prints it."""
         return f"E{int(self.code):04d} {component(self.code)}: {self}\n  help: {self.help}"
 
 
@@ -204,6 +208,12 @@ class PatchMismatch(FedHealthError):
     code = ErrorCode.PATCH_MISMATCH
 
 
+class EventError(FedHealthError):
+    """A line carries a known site event whose fields are missing or of the wrong type."""
+
+    code = ErrorCode.SITE_EVENT_INVALID
+
+
 class ComposeError(FedHealthError):
     """The compose file is invalid, or a service failed while running it locally."""
 
@@ -226,7 +236,7 @@ BUDGET_REFUSAL = int(ErrorCode.SITE_REFUSED_BUDGET)
 
 
 def site_error_code(exc: BaseException) -> int:
-    """The error-reply code a site sends for ``exc``.
+    """Return the error-reply code a site sends for ``exc``.
 
     Parameters
     ----------

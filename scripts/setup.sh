@@ -10,8 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, got {sys.version}"'
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# constraints.txt pins every package to the version the checks ran with.
+.venv/bin/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 # docker-compose (Debian's 1.29 is enough): tests/e2e/test_compose.py validates docker/docker-compose.yml
 # with `docker-compose config`, which needs no Docker engine. Installed only as root with apt-get;
 # never fails the set-up.

@@ -1,0 +1,1 @@
+"""The site's ClientApp: handlers, secure-aggregation stages, site events, egress log."""

@@ -1,18 +1,19 @@
 """The site's ClientApp: train and evaluate handlers plus the secure-aggregation stages.
 
 ``clients/client_app.py`` exposes :func:`make_client_app` to ``flwr run``; ``fedhealth simulate``
-binds the data root and the sites' budgets directly.
+binds the data root and the sites' budgets directly. The ClientApp's log carries its site
+events to the site daemon (:mod:`fedhealth.clientapp.sitelog`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedhealth.clientapp.sitelog import install_site_logging
 from fedhealth.protocol.keys import STAGES
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
@@ -25,16 +26,30 @@ def make_client_app(
     privacy: PrivacyConfig | None = None,
     mods: list[Mod] | None = None,
 ) -> ClientApp:
-    """``data_root`` and ``privacy`` (the sites' own budget) only in simulation; ``mods`` are
-    Flower client mods (tests use one to capture every byte a site sends).
+    """Build the site's ClientApp and give its process the site log.
+
+    The site log (:func:`fedhealth.clientapp.sitelog.install_site_logging`) prints the plan,
+    spend, refusals and data errors to stderr, each site event at the end of its line: in a
+    deployment that is how the site daemon learns what the ClientApp does.
+
+    Parameters
+    ----------
+    data_root : str, optional
+        Simulation only: the synthetic cohort's root (default None: the node config names the
+        site's data directory).
+    privacy : PrivacyConfig, optional
+        Simulation only: the sites' own budgets (default None: from the node config).
+    mods : list of Mod, optional
+        Flower client mods (default None: none; tests use one to capture every byte a site
+        sends, deployments :class:`fedhealth.clientapp.egress.EgressLog`).
+
+    Returns
+    -------
+    ClientApp
+        Train and evaluate handlers plus one ``train.<stage>`` handler per secure-aggregation
+        stage.
     """
-    site_log = logging.getLogger("fedhealth")
-    if not site_log.handlers:  # the site's log: plan, spend, refusals, data errors
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        site_log.addHandler(handler)
-        site_log.setLevel(logging.INFO)
-        site_log.propagate = False
+    install_site_logging(events=data_root is None)  # simulation: no site daemon reads events
     app = ClientApp(mods=mods or [])
 
     @app.train()

@@ -12,25 +12,41 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedhealth.io import append_line
 from fedhealth.protocol import keys as K
 
 
 def payload_bytes(msg: Message) -> bytes:
-    """Every value a message carries, as bytes, in a stable order."""
+    """Return every value a message carries, as bytes, in a stable order.
+
+    Parameters
+    ----------
+    msg : Message
+        A reply the site is about to send.
+
+    Returns
+    -------
+    bytes
+        The error's reason for an error reply; otherwise each record's name, key and value
+        (array bytes, or the value's text), records sorted by name, joined by NUL bytes.
+    """
     if msg.has_error():
-        return msg.error.reason.encode()
+        return (msg.error.reason or "").encode()
     return _record_bytes(msg.content)
 
 
 def _record_bytes(content: RecordDict) -> bytes:
     parts: list[bytes] = []
-    for name, record in sorted(content.array_records.items()):
-        for key, array in sorted(record.items()):
+    for name, arrays in sorted(content.array_records.items()):
+        for key, array in sorted(arrays.items()):
             parts += [name.encode(), key.encode(), array.data]
-    for name, record in sorted({**content.config_records, **content.metric_records}.items()):
+    records: dict[str, ConfigRecord | MetricRecord] = {
+        **content.config_records,
+        **content.metric_records,
+    }
+    for name, record in sorted(records.items()):
         for key, value in sorted(record.items()):
             values = value if isinstance(value, list) else [value]
             parts += [name.encode(), key.encode()]
@@ -39,16 +55,43 @@ def _record_bytes(content: RecordDict) -> bytes:
 
 
 class EgressLog:
-    """Client mod: ``ClientApp(mods=[EgressLog(path)])``; with no path, the SuperNode's node
-    config key ``egress-log`` names the file (and no key means no log).
+    """Record every reply the site sends: a Flower client mod.
+
+    Use as ``ClientApp(mods=[EgressLog(path)])``. Each reply becomes one JSON line: message
+    type, round, byte count of :func:`payload_bytes`, its sha256, and whether it is an error.
+
+    Parameters
+    ----------
+    path : Path or str, optional
+        The JSON-lines file (default None: the SuperNode's node config key ``egress-log``
+        names it, and without that key nothing is logged).
+    raw : bool, optional
+        Keyword-only. Also append the payload bytes themselves to ``<path>.bin`` (default
+        False; tests use it to prove that no image byte ever leaves a site).
     """
 
-    def __init__(self, path: Path | str | None = None, raw: bool = False) -> None:
+    def __init__(self, path: Path | str | None = None, *, raw: bool = False) -> None:
         self.path, self.raw = (Path(path) if path else None), raw
 
     def __call__(
         self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
     ) -> Message:
+        """Pass ``msg`` on, then record the reply on its way out.
+
+        Parameters
+        ----------
+        msg : Message
+            The instruction.
+        context : Context
+            Flower's context (its node config may name the log file).
+        call_next : callable
+            The rest of the ClientApp: ``call_next(msg, context)`` returns the reply.
+
+        Returns
+        -------
+        Message
+            The reply, unchanged.
+        """
         reply = call_next(msg, context)
         node = context.node_config
         path = self.path or (
@@ -57,6 +100,7 @@ class EgressLog:
         if path is None:
             return reply
         data = payload_bytes(reply)
+        config = msg.content.config_records.get(K.CONFIG)
         path.parent.mkdir(parents=True, exist_ok=True)
         append_line(
             path,
@@ -64,10 +108,7 @@ class EgressLog:
                 {
                     "type": msg.metadata.message_type,
                     "bytes": len(data),
-                    "round": msg.content[K.CONFIG][K.SERVER_ROUND]
-                    if K.CONFIG in msg.content.config_records
-                    and K.SERVER_ROUND in msg.content[K.CONFIG]
-                    else None,
+                    "round": None if config is None else config.get(K.SERVER_ROUND),
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "error": reply.has_error(),
                 }

@@ -2,16 +2,31 @@
 
 Each stage arrives as a ``train.<stage>`` message; the protocol secrets live in the SuperNode's
 ``context.state`` between stages and never leave the site. Only the mask stage trains (and loads
-torch, MONAI and Opacus); the other three start fast in a fresh ClientApp process.
+torch, MONAI and Opacus); the other three start fast in a fresh ClientApp process. The protocol
+is SecAgg+ (Bell et al. 2020, https://eprint.iacr.org/2020/704), as
+:mod:`fedhealth.security.secagg` implements it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 
+from fedhealth.clientapp.sitelog import emit_failure
+from fedhealth.errors import ConfigError
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import flatten
 from fedhealth.protocol.replies import error_reply
@@ -20,7 +35,11 @@ from fedhealth.security.secagg import SecAggParams, SecAggSite
 if TYPE_CHECKING:
     from fedhealth.config import PrivacyConfig
 
+log = logging.getLogger("fedhealth.site")
+
 STATE_KEY = "secagg"  # the site's protocol state in ``context.state`` (never sent)
+
+Record = dict[str, ConfigRecordValues]
 
 
 def handle_stage(
@@ -30,33 +49,52 @@ def handle_stage(
     data_root: str | None = None,
     privacy: PrivacyConfig | None = None,
 ) -> Message:
-    """The site's side of one stage; protocol secrets stay in ``context.state``."""
+    """Run the site's side of one stage; protocol secrets stay in ``context.state``.
+
+    Parameters
+    ----------
+    msg : Message
+        The stage's message; its ``secagg`` record holds the stage's inputs.
+    context : Context
+        Flower's context: the SuperNode's node config and the site's protocol state.
+    stage : str
+        One of :data:`fedhealth.protocol.keys.STAGES` (advertise, share, mask, unmask).
+    data_root : str, optional
+        Simulation only: the synthetic cohort's root (default None).
+    privacy : PrivacyConfig, optional
+        Simulation only: the sites' budgets (default None).
+
+    Returns
+    -------
+    Message
+        The stage's reply, or a catalogued error reply (no secret, file or stack frame).
+    """
     name = "unknown"
     try:
-        rec = dict(msg.content[K.SECAGG].items())
+        rec = _record(msg.content.config_records.get(K.SECAGG), K.SECAGG)
         if stage == K.STAGE_ADVERTISE:
             params = SecAggParams(
-                int(rec[K.SECAGG_THRESHOLD]),
-                float(rec[K.SECAGG_CLIP]),
-                int(rec[K.SECAGG_LEVELS]),
-                int(rec[K.SECAGG_MAX_EXAMPLES]),
+                _int(rec, K.SECAGG_THRESHOLD),
+                _float(rec, K.SECAGG_CLIP),
+                _int(rec, K.SECAGG_LEVELS),
+                _int(rec, K.SECAGG_MAX_EXAMPLES),
             )
-            agent = SecAggSite(
-                int(rec[K.SECAGG_SITE_ID]), params, [int(n) for n in rec[K.SECAGG_NEIGHBOURS]]
-            )
+            agent = SecAggSite(_int(rec, K.SECAGG_SITE_ID), params, _ints(rec, K.SECAGG_NEIGHBOURS))
             c_pub, s_pub = agent.advertise()
             reply = RecordDict(
                 {K.SECAGG: ConfigRecord({K.SECAGG_PUBLIC_C: c_pub, K.SECAGG_PUBLIC_S: s_pub})}
             )
         else:
-            agent = SecAggSite.from_state(dict(context.state[STATE_KEY].items()))
+            agent = SecAggSite.from_state(
+                _record(context.state.config_records.get(STATE_KEY), "site state")
+            )
             if stage == K.STAGE_SHARE:
-                publics = {
-                    int(i): (bytes(c), bytes(s))
-                    for i, c, s in zip(
-                        rec[K.SECAGG_IDS], rec[K.SECAGG_PUBLIC_C], rec[K.SECAGG_PUBLIC_S]
-                    )
-                }
+                ids, c_keys, s_keys = (
+                    _ints(rec, K.SECAGG_IDS),
+                    _blobs(rec, K.SECAGG_PUBLIC_C),
+                    _blobs(rec, K.SECAGG_PUBLIC_S),
+                )
+                publics = {i: (c, s) for i, c, s in zip(ids, c_keys, s_keys, strict=True)}
                 blobs = agent.share_keys(publics)
                 reply = RecordDict(
                     {
@@ -66,13 +104,13 @@ def handle_stage(
                     }
                 )
             elif stage == K.STAGE_MASK:
-                from fedhealth.clientapp import handlers  # torch/MONAI: mask stage only
+                from fedhealth.clientapp.instruction import Site  # torch-free, but Opacus
 
-                name = handlers.Site.from_context(context, data_root, privacy).name
+                name = Site.from_context(context, data_root, privacy).name
                 reply = _mask(msg, context, agent, rec, data_root, privacy)
             else:
-                dropped = [int(d) for d in rec[K.SECAGG_DROPPED] if int(d)]
-                shares = agent.unmask([int(s) for s in rec[K.SECAGG_SURVIVORS]], dropped)
+                dropped = [d for d in _ints(rec, K.SECAGG_DROPPED) if d]
+                shares = agent.unmask(_ints(rec, K.SECAGG_SURVIVORS), dropped)
                 reply = RecordDict(
                     {
                         K.SECAGG: ConfigRecord(
@@ -86,6 +124,7 @@ def handle_stage(
         context.state[STATE_KEY] = ConfigRecord(agent.to_state())
         return Message(reply, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
+        emit_failure(log, exc, site=name, server_round=_server_round(msg), phase=stage)
         return error_reply(msg, exc, stage, name)
 
 
@@ -93,26 +132,73 @@ def _mask(
     msg: Message,
     context: Context,
     agent: SecAggSite,
-    rec: dict[str, Any],
+    rec: Record,
     data_root: str | None,
     privacy: PrivacyConfig | None,
 ) -> RecordDict:
-    from fedhealth.clientapp import handlers
+    """Train, then mask the update for the secure sum (the only stage that trains)."""
+    from fedhealth.clientapp import handlers  # torch, MONAI, Opacus: mask stage only
 
-    site, data, cfg, settings, seed = handlers.prepare(msg, context, "train", data_root, privacy)
+    site, data, cfg, instruction, seed = handlers.prepare(msg, context, "train", data_root, privacy)
     arrays, metrics, accounting = handlers.train_update(
-        msg, context, site, data, cfg, settings, seed
+        msg, context, site, data, cfg, instruction, seed
     )
-    metrics.update(handlers.folded_evaluation(msg, site, data, cfg, settings))
-    received = {int(i): bytes(b) for i, b in zip(rec[K.SECAGG_FROM], rec[K.SECAGG_BLOBS]) if int(i)}
+    metrics.update(handlers.folded_evaluation(msg, site, data, cfg, instruction))
+    senders, blobs = _ints(rec, K.SECAGG_FROM), _blobs(rec, K.SECAGG_BLOBS)
+    received = {i: b for i, b in zip(senders, blobs, strict=True) if i}
     masked = agent.masked_input(
         flatten(arrays), int(metrics[K.NUM_EXAMPLES]), received, rng=np.random.default_rng(seed)
     )
-    about = {K.SITE_NAME: site.name, **accounting}
+    about: Record = {K.SITE_NAME: site.name, **accounting}
     return RecordDict(
         {
             K.MASKED: ArrayRecord({K.MASKED: Array(masked)}),
-            K.METRICS: MetricRecord(metrics),
+            K.METRICS: MetricRecord(dict[str, MetricRecordValues](metrics)),
             K.SITE: ConfigRecord(about),
         }
     )
+
+
+def _server_round(msg: Message) -> int | None:
+    """Return the server round a stage's message names in its ``config`` record, if any."""
+    config = msg.content.config_records.get(K.CONFIG)
+    value = None if config is None else config.get(K.SERVER_ROUND)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _record(record: ConfigRecord | None, what: str) -> Record:
+    if record is None:
+        raise ConfigError(f"secure aggregation: no '{what}' record")
+    return dict(record.items())
+
+
+def _int(rec: Record, key: str) -> int:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"secure aggregation: field '{key}'={value!r}: not an integer")
+    return value
+
+
+def _float(rec: Record, key: str) -> float:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"secure aggregation: field '{key}'={value!r}: not a number")
+    return float(value)
+
+
+def _ints(rec: Record, key: str) -> list[int]:
+    value = rec.get(key)
+    items = value if isinstance(value, list) else []
+    ints = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+    if not isinstance(value, list) or len(ints) != len(value):
+        raise ConfigError(f"secure aggregation: field '{key}': not a list of integers")
+    return ints
+
+
+def _blobs(rec: Record, key: str) -> list[bytes]:
+    value = rec.get(key)
+    items = value if isinstance(value, list) else []
+    blobs = [v for v in items if isinstance(v, bytes)]
+    if not isinstance(value, list) or len(blobs) != len(value):
+        raise ConfigError(f"secure aggregation: field '{key}': not a list of byte strings")
+    return blobs

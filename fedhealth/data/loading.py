@@ -3,6 +3,9 @@
 The loader checks every file before training (readable NIfTI, finite voxels, image and label
 on the same grid, binary label) so a bad scan fails with an error that names the file, instead
 of a tensor-shape error deep inside a batch.
+
+The datalist format is the Medical Segmentation Decathlon's (Antonelli et al. 2022,
+https://doi.org/10.1038/s41467-022-30695-9), read by MONAI's ``load_decathlon_datalist``.
 """
 
 from __future__ import annotations
@@ -11,54 +14,96 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, cast
 
 import nibabel as nib
 import numpy as np
-from monai.data import CacheDataset, DataLoader, Dataset, load_decathlon_datalist
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    NormalizeIntensityd,
-    RandFlipd,
-    ResizeWithPadOrCropd,
-    Spacingd,
-)
+import torch
+from monai.data.dataloader import DataLoader
+from monai.data.dataset import CacheDataset, Dataset
+from monai.data.decathlon_datalist import load_decathlon_datalist
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import ResizeWithPadOrCropd
+from monai.transforms.intensity.dictionary import NormalizeIntensityd
+from monai.transforms.io.dictionary import LoadImaged
+from monai.transforms.spatial.dictionary import RandFlipd, Spacingd
+from monai.transforms.utility.dictionary import EnsureChannelFirstd, EnsureTyped
+from nibabel.spatialimages import SpatialImage
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from fedhealth.errors import DataError
 
 SPLITS = {"train": "training", "test": "test"}
+"""Our split name -> the Decathlon datalist key that holds it."""
+
+Sample = dict[str, torch.Tensor]
+"""One transformed volume: ``"image"`` and ``"label"``, each of shape (1, roi, roi, roi)."""
+
+FileSignature = tuple[tuple[str, int, int], ...]
+"""(path, size in bytes, mtime in ns) per file; size and mtime are -1 for a missing file."""
+
+
+class DatalistItem(TypedDict):
+    """One volume of a site's datalist, its paths absolute.
+
+    Attributes
+    ----------
+    image : str
+        Path of the image NIfTI file.
+    label : str
+        Path of the binary label NIfTI file, on the image's voxel grid.
+    patient : str
+        The privacy unit the volume belongs to; ``"<list key>-<index>"`` when the datalist
+        names none.
+    """
+
+    image: str
+    label: str
+    patient: str
 
 
 @dataclass
 class SiteData:
-    """A site's datalists, resolved to absolute paths and checked."""
+    """A site's datalists, resolved to absolute paths and checked.
+
+    Parameters
+    ----------
+    dataset_json : Path
+        The site's ``dataset.json``.
+    train : list of DatalistItem
+        The ``training`` list: never empty.
+    test : list of DatalistItem
+        The ``test`` list; may be empty.
+    """
 
     dataset_json: Path
-    train: list[dict[str, str]]
-    test: list[dict[str, str]]
+    train: list[DatalistItem]
+    test: list[DatalistItem]
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over the bytes of every file the datalist names (stays on site)."""
+        """Hex sha256 over the bytes of every file the datalist names (stays on site).
+
+        Files are hashed in datalist order (training, then test), image before label;
+        computed once per object.
+        """
         digest = hashlib.sha256()
         for item in self.train + self.test:
-            for key in ("image", "label"):
-                digest.update(Path(item[key]).read_bytes())
+            for path in (item["image"], item["label"]):
+                digest.update(Path(path).read_bytes())
         return digest.hexdigest()
 
 
-_VERIFIED: dict[str, tuple[tuple, SiteData]] = {}
-_VOLUMES: dict[tuple, CacheDataset] = {}
+_VERIFIED: dict[str, tuple[FileSignature, SiteData]] = {}
+_VOLUMES: dict[tuple[FileSignature, int, float, bool], CacheDataset] = {}
 
 
-def _signature(paths: list[str]) -> tuple:
-    """(path, size, mtime) of every file: a changed or replaced file invalidates caches."""
+def _signature(paths: list[str]) -> FileSignature:
+    """Return (path, size, mtime) of every file: a changed or replaced file invalidates caches."""
     out = []
     for p in paths:
         try:
@@ -70,8 +115,26 @@ def _signature(paths: list[str]) -> tuple:
 
 
 def load_site(dataset_json: Path | str) -> SiteData:
-    """:func:`read_datalist` with its file checks done once per process while no file changes
-    (in simulation one ClientApp process answers many rounds for several sites).
+    """Read a site through :func:`read_datalist`, checking its files once per process.
+
+    The checked :class:`SiteData` is kept for as long as neither ``dataset.json`` nor any file
+    it names changes (size or mtime): in simulation one ClientApp process answers many rounds
+    for several sites.
+
+    Parameters
+    ----------
+    dataset_json : Path or str
+        The site's ``dataset.json``.
+
+    Returns
+    -------
+    SiteData
+        The site's datalists, every file checked by :func:`check_pair`.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_datalist`.
     """
     path = Path(dataset_json)
     cached = _VERIFIED.get(str(path))
@@ -82,14 +145,38 @@ def load_site(dataset_json: Path | str) -> SiteData:
     return site
 
 
-def _site_signature(path: Path, site: SiteData) -> tuple:
+def _site_signature(path: Path, site: SiteData) -> FileSignature:
     return _signature(
-        [str(path), *(i[k] for i in site.train + site.test for k in ("image", "label"))]
+        [str(path), *(p for i in site.train + site.test for p in (i["image"], i["label"]))]
     )
 
 
-def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteData:
-    """Read and check a site's ``dataset.json``; errors name the datalist or the file."""
+def read_datalist(dataset_json: Path | str, *, check_files: bool = True) -> SiteData:
+    """Read and check a site's ``dataset.json``; errors name the datalist or the file.
+
+    Relative paths in the datalist are resolved against the directory of ``dataset.json``.
+
+    Parameters
+    ----------
+    dataset_json : Path or str
+        The site's Decathlon-style datalist, with a ``training`` and optionally a ``test``
+        list of ``{"image", "label"[, "patient"]}`` entries.
+    check_files : bool, default True
+        Open every image and label with :func:`check_pair`.
+
+    Returns
+    -------
+    SiteData
+        Both lists with absolute paths; an entry without ``patient`` gets
+        ``"<list key>-<index>"``.
+
+    Raises
+    ------
+    DataError
+        If the file is missing or not JSON, a list is malformed, an entry lacks ``image`` or
+        ``label``, the training list is empty, or (with ``check_files``) a file fails
+        :func:`check_pair`.
+    """
     path = Path(dataset_json)
     if not path.is_file():
         raise DataError(f"{path}: dataset.json not found")
@@ -97,7 +184,7 @@ def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteDat
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    lists = {}
+    lists: dict[str, list[DatalistItem]] = {}
     for split, key in SPLITS.items():
         try:
             items = (
@@ -122,16 +209,17 @@ def read_datalist(dataset_json: Path | str, check_files: bool = True) -> SiteDat
         raise DataError(f"{path}: the 'training' list is empty")
     site = SiteData(path, lists["train"], lists["test"])
     if check_files:
-        for item in site.train + site.test:
-            check_pair(Path(item["image"]), Path(item["label"]))
+        for volume in site.train + site.test:
+            check_pair(Path(volume["image"]), Path(volume["label"]))
     return site
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
+def _load_nifti(path: Path) -> SpatialImage:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        img = nib.load(str(path))
+        # nibabel's loader is typed as any image; a non-spatial one fails get_fdata below
+        img = cast(SpatialImage, nib.load(str(path)))
         img.get_fdata(dtype=np.float32)  # forces a full read: truncated gzip fails here
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
@@ -139,7 +227,24 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
 
 
 def check_pair(image_path: Path, label_path: Path) -> None:
-    """Image and label must be readable, finite, on the same grid; the label binary."""
+    """Check that an image and its label are readable, finite and on the same grid.
+
+    Each file is read in full; the affines must agree within 1e-3 and every label voxel must
+    be 0 or 1.
+
+    Parameters
+    ----------
+    image_path : Path
+        The image NIfTI file.
+    label_path : Path
+        Its label NIfTI file.
+
+    Raises
+    ------
+    DataError
+        Naming the file that is missing or unreadable, whose shape or affine differs, whose
+        voxels are not finite (image) or not binary (label).
+    """
     image, label = _load_nifti(image_path), _load_nifti(label_path)
     if image.shape != label.shape:
         raise DataError(f"{label_path}: label shape {label.shape} != image shape {image.shape}")
@@ -152,8 +257,27 @@ def check_pair(image_path: Path, label_path: Path) -> None:
         raise DataError(f"{label_path}: label values {values.tolist()[:5]} are not binary 0/1")
 
 
-def transforms(roi: int, target_spacing: float, train: bool) -> Compose:
-    """MONAI preprocessing: resample to a common spacing, z-score, pad/crop to ``roi``^3."""
+def transforms(roi: int, target_spacing: float, *, train: bool) -> Compose:
+    """Build the MONAI preprocessing for ``{"image", "label"}`` path dicts.
+
+    Load, channel first, resample to isotropic ``target_spacing`` (bilinear image, nearest
+    label), z-score the image, pad or crop to ``roi``^3; in training, then flip each spatial
+    axis with probability 0.5. Output tensors carry no MONAI metadata.
+
+    Parameters
+    ----------
+    roi : int
+        Edge of the output cube, in voxels.
+    target_spacing : float
+        Voxel edge to resample to, in mm.
+    train : bool
+        Add the random flips (keyword-only).
+
+    Returns
+    -------
+    Compose
+        Maps a path dict to a :data:`Sample` of (1, roi, roi, roi) tensors.
+    """
     keys = ["image", "label"]
     steps = [
         LoadImaged(keys=keys, image_only=True),
@@ -168,15 +292,24 @@ def transforms(roi: int, target_spacing: float, train: bool) -> Compose:
     return Compose(steps)
 
 
-class PatientDataset(TorchDataset):
+class PatientDataset(TorchDataset[Sample]):
     """One record per patient, the privacy unit: item ``i`` is one of patient ``i``'s volumes.
 
     Each draw picks one of the patient's volumes at random, so however many scans a patient
     has, they enter a batch at most once and DP-SGD's per-record clipping bounds that
     patient's whole contribution. ``len`` is the number of patients.
+
+    Parameters
+    ----------
+    volumes : Dataset of Sample
+        One item per volume, in the order of ``patients``.
+    patients : list of str
+        The patient of each volume; patients are numbered in order of first appearance.
+    seed : int
+        Seeds the generator that picks among a patient's volumes.
     """
 
-    def __init__(self, volumes: TorchDataset, patients: list[str], seed: int) -> None:
+    def __init__(self, volumes: TorchDataset[Sample], patients: list[str], seed: int) -> None:
         self.volumes = volumes
         groups: dict[str, list[int]] = {}
         for index, patient in enumerate(patients):
@@ -187,26 +320,55 @@ class PatientDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         group = self.groups[index]
         choice = group[0] if len(group) == 1 else group[int(self.rng.integers(len(group)))]
         return self.volumes[choice]
 
 
 def make_loader(
-    items: list[dict[str, str]],
+    items: Sequence[DatalistItem],
     roi: int,
     target_spacing: float,
     batch_size: int,
+    *,
     train: bool,
     seed: int,
     cache: bool = True,
-) -> TorchDataLoader:
-    """A seeded DataLoader over ``items``; in training one record per patient and random flips."""
-    import torch
+) -> TorchDataLoader[Sample]:
+    """Build a seeded DataLoader over ``items``; in training, one record per patient.
 
-    xform = transforms(roi, target_spacing, train)
+    With ``cache``, the deterministic part of :func:`transforms` is computed once per process
+    for each set of files (by path, size and mtime), ``roi``, ``target_spacing`` and ``train``
+    (a MONAI ``CacheDataset``; at most 64 are kept, then all are dropped).
+
+    Parameters
+    ----------
+    items : sequence of DatalistItem
+        Volumes to load, e.g. :attr:`SiteData.train`.
+    roi : int
+        Edge of the cubic patch, in voxels.
+    target_spacing : float
+        Voxel edge to resample to, in mm.
+    batch_size : int
+        Records per batch.
+    train : bool
+        Keyword-only. True: random flips, one record per patient (:class:`PatientDataset`),
+        shuffled. False: every volume once, in order.
+    seed : int
+        Keyword-only. Seeds the flips, the choice among a patient's volumes and the shuffle.
+    cache : bool, default True
+        Keyword-only. Cache the deterministic transforms' output in memory.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        A MONAI DataLoader (no worker processes) whose batches hold ``"image"`` (float32) and
+        ``"label"`` (0/1 values), each of shape (B, 1, roi, roi, roi).
+    """
+    xform = transforms(roi, target_spacing, train=train)
     volumes = [{"image": it["image"], "label": it["label"]} for it in items]
+    dataset: TorchDataset[Sample]
     if cache:
         key = (
             _signature([v[k] for v in volumes for k in ("image", "label")]),
@@ -218,8 +380,9 @@ def make_loader(
             if len(_VOLUMES) >= 64:
                 _VOLUMES.clear()
             _VOLUMES[key] = CacheDataset(volumes, xform, progress=False, num_workers=0)
-        dataset = _VOLUMES[key]
-        xform = dataset.transform
+        cached = _VOLUMES[key]
+        xform = cached.transform
+        dataset = cached
     else:
         dataset = Dataset(volumes, xform)
     if train:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.data import create_test_image_3d
-from monai.transforms import RandBiasField, RandRicianNoise
+from monai.data.synthetic import create_test_image_3d
+from monai.transforms.intensity.array import RandBiasField, RandRicianNoise
+from numpy.typing import NDArray
 
 LABELS = {"0": "background", "1": "lesion"}
+"""The datalist's label names: voxel value -> meaning."""
 
 
 @dataclass(frozen=True)
@@ -28,14 +30,27 @@ class ScannerProfile:
 
     Parameters
     ----------
-    spacing : float, voxel edge in mm (the field of view is kept, so coarser spacing = fewer voxels).
-    gamma : float, contrast curve applied to the [0, 1] phantom.
-    bias_coeff : float, amplitude of the smooth multiplicative bias field (MONAI ``RandBiasField``).
-    noise_std : float, Rician noise standard deviation relative to tissue intensity.
-    scale, offset : float, the scanner's arbitrary intensity units.
-    lesion_count : int, maximum lesions per patient.
-    lesion_rad_min, lesion_rad_max : int, lesion radius range in mm.
-    lesion_contrast : float, lesion brightness above tissue (lower is harder).
+    spacing : float
+        Voxel edge in mm (the field of view is kept, so coarser spacing means fewer voxels).
+    gamma : float
+        Contrast curve applied to the [0, 1] phantom (``image ** gamma``).
+    bias_coeff : float
+        Coefficient of the smooth multiplicative bias field (MONAI ``RandBiasField``, degree 3,
+        coefficients drawn from ``[bias_coeff, bias_coeff]``).
+    noise_std : float
+        Rician noise standard deviation, in units of the [0, 1] phantom intensity.
+    scale : float
+        The scanner's arbitrary intensity scale (multiplies the noisy phantom).
+    offset : float
+        The scanner's arbitrary intensity offset (added after ``scale``).
+    lesion_count : int
+        Maximum lesions per patient (at least 1 is drawn).
+    lesion_rad_min : int
+        Smallest lesion radius, in mm.
+    lesion_rad_max : int
+        Largest lesion radius, in mm.
+    lesion_contrast : float
+        Lesion brightness above tissue, in phantom intensity (lower is harder).
     """
 
     spacing: float
@@ -51,7 +66,25 @@ class ScannerProfile:
 
 
 def site_profile(site: int, seed: int, heterogeneity: float = 1.0) -> ScannerProfile:
-    """Draw site ``site``'s profile; ``heterogeneity`` 0 gives every site the same scanner."""
+    """Draw site ``site``'s scanner profile.
+
+    Each field is its centre value plus ``heterogeneity`` times a uniform draw in
+    [-spread, spread], from ``numpy.random.default_rng([seed, site, 7919])``.
+
+    Parameters
+    ----------
+    site : int
+        Index of the site.
+    seed : int
+        The cohort's seed.
+    heterogeneity : float, default 1.0
+        How much sites differ, clipped to [0, 2]; 0 gives every site the same scanner.
+
+    Returns
+    -------
+    ScannerProfile
+        The site's profile (spacing in mm, lesion radii in mm).
+    """
     rng = np.random.default_rng([seed, site, 7919])
     h = float(np.clip(heterogeneity, 0.0, 2.0))
 
@@ -75,8 +108,26 @@ def site_profile(site: int, seed: int, heterogeneity: float = 1.0) -> ScannerPro
 
 def phantom(
     profile: ScannerProfile, fov: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """One patient's (image, label) on the site's voxel grid, image in scanner units."""
+) -> tuple[NDArray[np.float32], NDArray[np.uint8]]:
+    """Draw one patient's image and lesion label on the site's voxel grid.
+
+    Parameters
+    ----------
+    profile : ScannerProfile
+        The site's scanner.
+    fov : int
+        Field of view, in mm: the grid has ``n = max(16, round(fov / profile.spacing))``
+        voxels per edge.
+    rng : numpy.random.Generator
+        Source of every random draw (lesions, head shape, texture, bias field, noise).
+
+    Returns
+    -------
+    image : numpy.ndarray of float32, shape (n, n, n)
+        In the scanner's intensity units.
+    label : numpy.ndarray of uint8, shape (n, n, n)
+        1 on lesion voxels inside the head, 0 elsewhere.
+    """
     n = max(16, int(round(fov / profile.spacing)))
     to_vox = 1.0 / profile.spacing
     rs = np.random.RandomState(rng.integers(0, 2**31 - 1))
@@ -108,15 +159,43 @@ def phantom(
     return image.astype(np.float32), lesion.astype(np.uint8)
 
 
-def _save(array: np.ndarray, spacing: float, path: Path) -> None:
+def _save(array: NDArray[np.float32] | NDArray[np.uint8], spacing: float, path: Path) -> None:
     affine = np.diag([spacing, spacing, spacing, 1.0])
-    nib.save(nib.Nifti1Image(array, affine), str(path))
+    nib.save(nib.Nifti1Image(array, affine), str(path))  # type: ignore[no-untyped-call]
 
 
 def write_site(
     out: Path, site: int, seed: int, n_train: int, n_test: int, fov: int, heterogeneity: float
 ) -> Path:
-    """Write one site: ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``."""
+    """Write one site: ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, ``labelsTs/``, ``dataset.json``.
+
+    Case ``c`` is drawn from ``numpy.random.default_rng([seed, site, c])``; the first
+    ``n_train`` cases are the training list, the rest the test list, one patient each.
+
+    Parameters
+    ----------
+    out : Path
+        The site's directory (created if missing; existing files of the same names are
+        overwritten).
+    site : int
+        Index of the site.
+    seed : int
+        The cohort's seed.
+    n_train : int
+        Training volumes.
+    n_test : int
+        Test volumes.
+    fov : int
+        Field of view, in mm (see :func:`phantom`).
+    heterogeneity : float
+        See :func:`site_profile`.
+
+    Returns
+    -------
+    Path
+        The site's ``dataset.json`` (relative paths, a ``patient`` per entry, the scanner
+        profile and the seed).
+    """
     profile = site_profile(site, seed, heterogeneity)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -137,7 +216,9 @@ def write_site(
         )
     dataset = {
         "name": f"fedhealth-synthetic-site{site:03d}",
-        "description": "Synthetic MRI lesion phantoms (fedhealth.data.synth); one volume per patient.",
+        "description": (
+            "Synthetic MRI lesion phantoms (fedhealth.data.synth); one volume per patient."
+        ),
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
         "labels": LABELS,
@@ -153,6 +234,20 @@ def write_site(
 
 
 def site_dir(root: Path | str, site: int) -> Path:
+    """Return the directory of site ``site`` under a cohort ``root``: ``root/site-<site>``.
+
+    Parameters
+    ----------
+    root : Path or str
+        The cohort's root directory.
+    site : int
+        Index of the site.
+
+    Returns
+    -------
+    Path
+        ``root/site-<site>``.
+    """
     return Path(root) / f"site-{site}"
 
 
@@ -165,7 +260,30 @@ def write_cohort(
     fov: int = 32,
     heterogeneity: float = 1.0,
 ) -> list[Path]:
-    """Write ``sites`` sites under ``root/site-<i>/``; returns their ``dataset.json`` paths."""
+    """Write ``sites`` sites under ``root/site-<i>/`` with :func:`write_site`.
+
+    Parameters
+    ----------
+    root : Path or str
+        The cohort's root directory.
+    sites : int
+        Number of sites.
+    seed : int
+        The cohort's seed.
+    n_train : int
+        Training volumes per site.
+    n_test : int
+        Test volumes per site.
+    fov : int, default 32
+        Field of view, in mm.
+    heterogeneity : float, default 1.0
+        See :func:`site_profile`.
+
+    Returns
+    -------
+    list of Path
+        The sites' ``dataset.json`` paths, in site order.
+    """
     return [
         write_site(site_dir(root, s), s, seed, n_train, n_test, fov, heterogeneity)
         for s in range(sites)

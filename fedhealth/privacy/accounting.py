@@ -2,7 +2,10 @@
 
 A history is the list of ``(noise_multiplier, sample_rate, steps)`` DP-SGD phases a site has
 run, exactly Opacus's ``accountant.history``. Nothing here implements an accountant: RDP
-(Mironov 2017; Balle et al. 2020 conversion) and PRV (Gopi et al. 2021) are Opacus's.
+(Mironov 2017, https://arxiv.org/abs/1702.07476; the subsampled Gaussian of Mironov, Talwar and
+Zhang 2019, https://arxiv.org/abs/1908.10530; the epsilon conversion of Balle et al. 2020,
+https://arxiv.org/abs/1905.09982, Theorem 21) and PRV (Gopi, Lee and Wutschitz 2021,
+https://arxiv.org/abs/2106.02848) are Opacus's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,25 @@ SIGMA_MIN, SIGMA_MAX = 0.3, 64.0
 
 
 def accountant(name: str, history: Sequence[Phase] = ()) -> IAccountant:
+    """Make an Opacus accountant holding ``history``.
+
+    Parameters
+    ----------
+    name : str
+        ``"rdp"`` (Opacus ``RDPAccountant``) or ``"prv"`` (``PRVAccountant``).
+    history : sequence of (float, float, int), optional
+        ``(noise_multiplier, sample_rate, steps)`` phases (default: none).
+
+    Returns
+    -------
+    IAccountant
+        The accountant, its ``history`` set to ``history``.
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not one of :data:`ACCOUNTANTS`.
+    """
     if name not in ACCOUNTANTS:
         raise ConfigError(f"privacy.accountant={name!r}: choose one of {sorted(ACCOUNTANTS)}")
     acc = ACCOUNTANTS[name]()
@@ -30,7 +52,27 @@ def accountant(name: str, history: Sequence[Phase] = ()) -> IAccountant:
 
 
 def epsilon(history: Sequence[Phase], delta: float, name: str = "rdp") -> float:
-    """Epsilon spent by ``history`` at ``delta`` (0 for an empty history)."""
+    """Compute the epsilon ``history`` spends at ``delta``.
+
+    Parameters
+    ----------
+    history : sequence of (float, float, int)
+        ``(noise_multiplier, sample_rate, steps)`` phases, in order.
+    delta : float
+        The target delta, in (0, 1).
+    name : str, optional
+        The accountant, ``"rdp"`` (default) or ``"prv"``.
+
+    Returns
+    -------
+    float
+        Epsilon (0.0 for an empty history).
+
+    Raises
+    ------
+    ConfigError
+        Unknown accountant.
+    """
     if not history:
         return 0.0
     return float(accountant(name, history).get_epsilon(delta=delta))
@@ -45,10 +87,33 @@ def plan_noise(
     name: str = "rdp",
     tolerance: float = 0.005,
 ) -> float | None:
-    """Smallest noise multiplier whose ``steps`` more steps keep epsilon within ``cap``.
+    """Find the smallest noise multiplier whose ``steps`` more steps keep epsilon within ``cap``.
 
-    Bisection over Opacus's accountant with the site's past history included; ``None`` when
-    even :data:`SIGMA_MAX` would exceed the cap (the budget is spent).
+    Bisection over Opacus's accountant, the site's past history included, in
+    [:data:`SIGMA_MIN`, :data:`SIGMA_MAX`].
+
+    Parameters
+    ----------
+    history : sequence of (float, float, int)
+        The phases already spent.
+    sample_rate : float
+        Poisson sampling rate of the planned phase, in (0, 1].
+    steps : int
+        Steps of the planned phase (all the run's remaining rounds).
+    cap : float
+        The epsilon cap.
+    delta : float
+        The target delta, in (0, 1).
+    name : str, optional
+        The accountant, ``"rdp"`` (default) or ``"prv"``.
+    tolerance : float, optional
+        Relative width of the final bisection interval (default 0.005).
+
+    Returns
+    -------
+    float or None
+        The noise multiplier (an upper end of the interval: it fits); :data:`SIGMA_MIN` when
+        even that fits; None when even :data:`SIGMA_MAX` exceeds the cap (the budget is spent).
     """
 
     def fits(sigma: float) -> bool:

@@ -22,7 +22,17 @@ log = logging.getLogger("fedhealth.privacy")
 
 @dataclass(frozen=True)
 class SiteBudget:
-    """A site's own cap and where its ledger lives (never set by the coordinator)."""
+    """A site's own cap and where its ledger lives (never set by the coordinator).
+
+    Parameters
+    ----------
+    epsilon_cap : float
+        The most epsilon the site will ever spend, over all runs.
+    delta : float
+        The site's delta, in (0, 1).
+    ledger_path : Path
+        The site's ``ledger.sqlite``.
+    """
 
     epsilon_cap: float
     delta: float
@@ -31,7 +41,27 @@ class SiteBudget:
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """What the coordinator asks of the site this round, in DP terms."""
+    """What the coordinator asks of the site this round, in DP terms.
+
+    Parameters
+    ----------
+    run : str
+        The run's key.
+    server_round : int
+        The server round (1-based).
+    rounds_total : int
+        Rounds in the run.
+    sample_rate : float
+        Poisson sampling rate of a record, in (0, 1] (1 / batches per epoch).
+    steps : int
+        DP-SGD steps this round.
+    max_grad_norm : float
+        Per-record L2 clipping bound.
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+    fixed_noise : float, optional
+        A noise multiplier the run fixes (default 0.0: the site plans its own).
+    """
 
     run: str
     server_round: int
@@ -51,11 +81,40 @@ def charge_round(
     site: str,
     model_sha256: str = "",
 ) -> Entry:
-    """Plan (once per run), check the cap, and record the round; raises BudgetExhausted.
+    """Plan (once per run), check the cap, and record the round before any training.
 
     A round asked again with the same global model (a coordinator that resumed a run after a
     crash) is a replay: the site trains with the same seed, so the same noise, and releases the
     same update again, which costs nothing more; the ledger keeps its one entry for it.
+
+    Parameters
+    ----------
+    ledger : PrivacyLedger
+        The site's open ledger.
+    budget : SiteBudget
+        The site's cap and delta.
+    req : RoundRequest
+        The round asked for.
+    fingerprint : str
+        The dataset's fingerprint (recorded with the entry).
+    site : str
+        The site's name, for the log and errors.
+    model_sha256 : str, optional
+        sha256 of the incoming global model (default ``""``: no replay detection).
+
+    Returns
+    -------
+    Entry
+        The recorded entry (or, for a replay, the one recorded before).
+
+    Raises
+    ------
+    BudgetExhausted
+        The run's remaining rounds cannot fit in the cap at any noise level
+        (:func:`fedhealth.privacy.accounting.plan_noise`), or this round would take epsilon
+        past the cap; nothing is recorded.
+    LedgerError
+        The ledger could not record the round.
     """
     if model_sha256:
         prior = ledger.release(req.run, req.server_round, model_sha256)

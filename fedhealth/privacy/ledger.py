@@ -14,15 +14,17 @@ dataset changes (patients still present keep their past loss).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fedhealth.errors import LedgerError
 from fedhealth.privacy.accounting import Phase, epsilon
+from fedhealth.privacy.records import GENESIS, Entry, Plan
+
+__all__ = ["GENESIS", "SCHEMA_VERSION", "Entry", "Plan", "PrivacyLedger"]
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -46,51 +48,24 @@ CREATE TABLE IF NOT EXISTS releases (
     entry_hash TEXT NOT NULL, PRIMARY KEY (run, round, model_sha256)
 );
 """
-GENESIS = "0" * 64
 REL_TOL = 1e-6
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One DP-SGD phase (a site's local training in one round)."""
-
-    run: str
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    accountant: str
-    delta: float
-    epsilon_after: float
-    epsilon_cap: float
-    dataset_fingerprint: str
-    accountant_state: str
-    created: str
-    prev_hash: str = GENESIS
-    hash: str = ""
-
-    @property
-    def phase(self) -> Phase:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-    def digest(self) -> str:
-        body = {k: v for k, v in asdict(self).items() if k != "hash"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Plan:
-    run: str
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    rounds: int
-    epsilon_planned: float
-
-
 class PrivacyLedger:
-    """Open (creating if needed) and verify the ledger at ``path``."""
+    """Open (creating if needed) and verify the ledger at ``path``.
+
+    Parameters
+    ----------
+    path : Path or str
+        The SQLite file (its directory is created).
+    site : str, optional
+        The site's name, recorded when the ledger is created (default ``"site"``).
+
+    Raises
+    ------
+    LedgerError
+        The file is unreadable, or fails :meth:`verify`.
+    """
 
     def __init__(self, path: Path | str, site: str = "site") -> None:
         self.path = Path(path)
@@ -110,6 +85,7 @@ class PrivacyLedger:
         self.entries = self.verify()
 
     def close(self) -> None:
+        """Close the database."""
         self.db.close()
 
     def __enter__(self) -> PrivacyLedger:
@@ -120,7 +96,19 @@ class PrivacyLedger:
 
     # -- reading -----------------------------------------------------------------------------
     def verify(self) -> list[Entry]:
-        """Integrity, hash chain and recomputed epsilons; returns the entries in order."""
+        """Check SQLite's integrity, the schema, the hash chain and the last entry's epsilon.
+
+        Returns
+        -------
+        list of Entry
+            The entries, in order.
+
+        Raises
+        ------
+        LedgerError
+            Naming the file, and the entry that breaks the chain or whose stored accountant
+            state or epsilon differs from what the recorded phases give.
+        """
         try:
             status = self.db.execute("PRAGMA integrity_check").fetchone()[0]
             schema = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -161,13 +149,50 @@ class PrivacyLedger:
         return entries
 
     def history(self) -> list[Phase]:
+        """Return every recorded phase, in order (an Opacus accountant history).
+
+        Returns
+        -------
+        list of (float, float, int)
+            ``(noise_multiplier, sample_rate, steps)`` per entry.
+        """
         return [e.phase for e in self.entries]
 
     def spent(self, delta: float, accountant: str) -> float:
+        """Compute the epsilon spent so far.
+
+        Parameters
+        ----------
+        delta : float
+            The target delta, in (0, 1).
+        accountant : str
+            ``"rdp"`` or ``"prv"`` (:func:`fedhealth.privacy.accounting.epsilon`).
+
+        Returns
+        -------
+        float
+            Epsilon of :meth:`history` (0.0 when empty).
+        """
         return epsilon(self.history(), delta, accountant)
 
     def release(self, run: str, server_round: int, model_sha256: str) -> Entry | None:
-        """The entry already charged for this run, round and incoming global model, if any."""
+        """Find the entry already charged for this run, round and incoming global model.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+        server_round : int
+            The server round.
+        model_sha256 : str
+            sha256 of the global model received
+            (:func:`fedhealth.clientapp.instruction.model_digest`).
+
+        Returns
+        -------
+        Entry or None
+            The entry of that release, or None if it was never charged.
+        """
         row = self.db.execute(
             "SELECT entry_hash FROM releases WHERE run=? AND round=? AND model_sha256=?",
             (run, server_round, model_sha256),
@@ -177,6 +202,18 @@ class PrivacyLedger:
         return next((e for e in self.entries if e.hash == row[0]), None)
 
     def plan(self, run: str) -> Plan | None:
+        """Return the run's privacy plan, if one was saved.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+
+        Returns
+        -------
+        Plan or None
+            The plan, or None before the run's first round.
+        """
         row = self.db.execute(
             "SELECT run, noise_multiplier, sample_rate, steps_per_round, rounds, epsilon_planned "
             "FROM plans WHERE run=?",
@@ -186,6 +223,13 @@ class PrivacyLedger:
 
     # -- writing -----------------------------------------------------------------------------
     def save_plan(self, plan: Plan) -> None:
+        """Save a run's plan; a plan already saved for the run is kept.
+
+        Parameters
+        ----------
+        plan : Plan
+            The plan.
+        """
         self.db.execute(
             "INSERT OR IGNORE INTO plans VALUES (?, ?, ?, ?, ?, ?, ?)",
             (*asdict(plan).values(), _now()),
@@ -203,9 +247,42 @@ class PrivacyLedger:
         fingerprint: str,
         model_sha256: str = "",
     ) -> Entry:
-        """Append one phase; durable (fsynced WAL commit) when this returns. With
-        ``model_sha256`` the release (run, round, incoming model) is recorded in the same
+        """Append one phase, durably (an fsynced WAL commit) before this returns.
+
+        With ``model_sha256`` the release (run, round, incoming model) is recorded in the same
         transaction, so :meth:`release` finds it after a crash.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+        server_round : int
+            The server round.
+        phase : (float, float, int)
+            ``(noise_multiplier, sample_rate, steps)``.
+        max_grad_norm : float
+            Per-record L2 clipping bound.
+        accountant : str
+            ``"rdp"`` or ``"prv"``.
+        delta : float
+            The site's delta.
+        cap : float
+            The site's epsilon cap (recorded; the cap is checked by
+            :func:`fedhealth.privacy.budget.charge_round`, not here).
+        fingerprint : str
+            The dataset's fingerprint.
+        model_sha256 : str, optional
+            sha256 of the incoming global model (default ``""``: no release recorded).
+
+        Returns
+        -------
+        Entry
+            The new entry, hash-chained to the previous one.
+
+        Raises
+        ------
+        LedgerError
+            The transaction failed (it is rolled back: nothing is recorded).
         """
         history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
         entry = Entry(

@@ -1,0 +1,1 @@
+"""The coordinator <-> site contract, torch-free: keys, packing, error replies."""

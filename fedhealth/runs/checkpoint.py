@@ -19,7 +19,13 @@ from fedhealth.io import append_line, atomic_write_bytes, sha256_file
 
 
 class CheckpointStore:
-    """Checkpoints of one run, under ``directory``."""
+    """Checkpoints of one run, under ``directory``.
+
+    Parameters
+    ----------
+    directory : Path or str
+        Where the ``<kind>-NNNN.safetensors`` files and ``SHA256SUMS`` live; created if missing.
+    """
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
@@ -27,12 +33,41 @@ class CheckpointStore:
         self.sums = self.directory / "SHA256SUMS"
 
     def path(self, server_round: int, kind: str = "round") -> Path:
+        """Return the file of round ``server_round``'s checkpoint of ``kind``.
+
+        Parameters
+        ----------
+        server_round : int
+            The round (0 to 9999 for the four-digit name).
+        kind : str, default "round"
+            ``"round"`` for the global model, ``"strategy"`` for the strategy's state.
+
+        Returns
+        -------
+        Path
+            ``<directory>/<kind>-NNNN.safetensors``.
+        """
         return self.directory / f"{kind}-{server_round:04d}.safetensors"
 
     def save(
         self, server_round: int, arrays: dict[str, np.ndarray], kind: str = "round"
     ) -> tuple[Path, str]:
-        """Write the round's model atomically; returns (path, sha256)."""
+        """Write the round's checkpoint atomically and record its sha256.
+
+        Parameters
+        ----------
+        server_round : int
+            The round the arrays belong to.
+        arrays : dict[str, np.ndarray]
+            Name -> array, any shapes and dtypes safetensors stores.
+        kind : str, default "round"
+            ``"round"`` (global model) or ``"strategy"`` (strategy state).
+
+        Returns
+        -------
+        tuple[Path, str]
+            The file written and its sha256 (hex).
+        """
         # One metadata key only: safetensors writes a multi-key metadata map in hash order,
         # which would make identical models hash differently.
         data = st_save(
@@ -56,6 +91,7 @@ class CheckpointStore:
         return entries
 
     def rounds(self, kind: str = "round") -> list[int]:
+        """Return the rounds with a recorded checkpoint of ``kind``, ascending."""
         prefix = f"{kind}-"
         return sorted(
             int(name[len(prefix) : len(prefix) + 4])
@@ -64,7 +100,25 @@ class CheckpointStore:
         )
 
     def load(self, server_round: int, kind: str = "round") -> dict[str, np.ndarray]:
-        """Load and verify the round's checkpoint against its recorded sha256."""
+        """Load round ``server_round``'s checkpoint after verifying it against its sha256.
+
+        Parameters
+        ----------
+        server_round : int
+            The round.
+        kind : str, default "round"
+            ``"round"`` (global model) or ``"strategy"`` (strategy state).
+
+        Returns
+        -------
+        dict[str, np.ndarray]
+            Name -> array, as saved.
+
+        Raises
+        ------
+        CheckpointError
+            No such checkpoint is recorded, or its bytes no longer match the recorded sha256.
+        """
         path = self.path(server_round, kind)
         expected = self.recorded().get(path.name)
         if not path.is_file() or expected is None:
@@ -75,5 +129,6 @@ class CheckpointStore:
         return st_load(path.read_bytes())
 
     def latest(self) -> int | None:
+        """Return the last round with a global-model checkpoint, or None when there is none."""
         rounds = self.rounds()
         return rounds[-1] if rounds else None

@@ -22,7 +22,6 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,15 +32,39 @@ import numpy as np
 from fedhealth.config import Config, to_yaml
 from fedhealth.errors import ConfigError
 from fedhealth.io import append_line, atomic_write_text
-from fedhealth.protocol.keys import NUM_EXAMPLES
 from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.records import (
+    Manifest,
+    MetricsLine,
+    PrivacyRow,
+    RoundLog,
+    SiteMetrics,
+    weighted,
+)
+
+__all__ = [
+    "PACKAGES",
+    "PrivacyRow",
+    "RoundLog",
+    "RunDir",
+    "SiteMetrics",
+    "package_versions",
+    "read_jsonl",
+    "read_metrics",
+    "weighted",
+]
 
 PACKAGES = ("fedhealth", "flwr", "torch", "monai", "opacus", "numpy", "safetensors")
 
-SiteMetrics = dict[str, float | int]
-
 
 def package_versions() -> dict[str, str]:
+    """Return the versions of Python and of the packages a run's results depend on.
+
+    Returns
+    -------
+    dict[str, str]
+        ``python`` and each of :data:`PACKAGES` -> its version, or ``"not installed"``.
+    """
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -51,31 +74,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, float]:
-    """Example-weighted mean of ``keys`` over the sites' metric rows."""
-    total = sum(float(r[NUM_EXAMPLES]) for r in rows.values())
-    if total <= 0:
-        return {}
-    return {
-        k: sum(float(r[k]) * float(r[NUM_EXAMPLES]) for r in rows.values()) / total
-        for k in keys
-        if all(k in r for r in rows.values())
-    }
-
-
-@dataclass
-class RoundLog:
-    train: dict[str, SiteMetrics] = field(default_factory=dict)
-    evaluate: dict[str, SiteMetrics] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)  # train replies: site -> reason
-    rejected_evaluate: dict[str, str] = field(default_factory=dict)
-    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)
-    failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
-
-
 class RunDir:
-    """Creates and fills one run directory; the strategy calls it as rounds progress."""
+    """Create (or resume) and fill one run directory; the strategy calls it as rounds progress.
+
+    Parameters
+    ----------
+    path : Path or str
+        The run directory; created if missing, resumed if it holds this config's manifest.
+    cfg : Config
+        The resolved run config (its YAML's sha256 identifies the run).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` holds a run of a different configuration.
+    """
 
     def __init__(self, path: Path | str, cfg: Config) -> None:
         self.path = Path(path)
@@ -89,10 +102,10 @@ class RunDir:
         config_text = to_yaml(cfg)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
         self.resumed_from: int | None = None
-        self.pending: dict[str, Any] | None = None  # a line waiting for its folded evaluation
+        self.pending: MetricsLine | None = None  # a line waiting for its folded evaluation
         manifest = self.path / "manifest.json"
         if manifest.is_file():
-            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+            self.manifest: Manifest = json.loads(manifest.read_text())
             if self.manifest.get("config_sha256") != config_sha:
                 raise ConfigError(
                     f"{self.path}: exists with a different configuration "
@@ -103,7 +116,7 @@ class RunDir:
                 self.pending = self.manifest.get("pending_line")
                 # a pending round's line may have been written just before the coordinator died:
                 # it is dropped and written again when the repeated evaluation arrives
-                self._drop_lines_after(self.resumed_from, self.pending is not None)
+                self._drop_lines_after(self.resumed_from, pending=self.pending is not None)
                 self.manifest.setdefault("resumed", []).append(
                     {"at": _now(), "after_round": self.resumed_from}
                 )
@@ -125,14 +138,15 @@ class RunDir:
 
     @property
     def key(self) -> str:
-        """Stable across resubmissions of the same run (sites key their ledger entries by it)."""
+        """The run's identity, stable across resubmissions (sites key their ledger by it)."""
         return f"{self.path.name}@{self.manifest['config_sha256'][:16]}"
 
     @property
     def finished(self) -> bool:
+        """Whether the run has finished (or stopped): nothing is left to do."""
         return bool(self.manifest.get("finished"))
 
-    def _drop_lines_after(self, server_round: int, pending: bool = False) -> None:
+    def _drop_lines_after(self, server_round: int, *, pending: bool = False) -> None:
         for path in (self.metrics, self.privacy):
             last = server_round - 1 if pending and path == self.metrics else server_round
             lines = [ln for ln in read_jsonl(path) if ln["round"] <= last]
@@ -143,23 +157,50 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
+        """Open ``<run_root>/<run_name>``; an unnamed run is named after the UTC time.
+
+        Parameters
+        ----------
+        cfg : Config
+            The resolved run config (``run_root``, ``run_name``).
+
+        Returns
+        -------
+        RunDir
+            New, or resumed when the directory holds a run of the same config.
+        """
         name = cfg.run_name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         return cls(Path(cfg.run_root) / name, cfg)
 
     def log(self, server_round: int) -> RoundLog:
+        """Return round ``server_round``'s log, created empty on first use."""
         return self.rounds.setdefault(server_round, RoundLog())
 
     def end_round(
-        self, server_round: int, arrays: dict[str, np.ndarray], defer_evaluate: bool = False
-    ) -> list[dict[str, Any]]:
-        """Checkpoint the global model and append the round's metrics line; returns the lines
-        written. ``defer_evaluate``: this round's model is evaluated with the next round's
-        train message, so its line waits (in the manifest, to survive a restart) until then;
-        a waiting earlier line is written first.
+        self, server_round: int, arrays: dict[str, np.ndarray], *, defer_evaluate: bool = False
+    ) -> list[MetricsLine]:
+        """Checkpoint the global model and append the round's metrics line.
+
+        A waiting earlier line (see ``defer_evaluate``) is written first.
+
+        Parameters
+        ----------
+        server_round : int
+            The round that ended (0: the initial model).
+        arrays : dict[str, np.ndarray]
+            The global model after the round, per tensor.
+        defer_evaluate : bool, default False
+            This round's model is evaluated with the next round's train message, so its line
+            waits (in the manifest, to survive a restart) until then.
+
+        Returns
+        -------
+        list[dict]
+            The lines written now, in round order.
         """
         written = self.flush_pending()
         ckpt, digest = self.checkpoints.save(server_round, arrays)
-        line: dict[str, Any] = {
+        line: MetricsLine = {
             "round": server_round,
             "time": _now(),
             "elapsed_s": round(time.time() - self.started, 3),
@@ -184,9 +225,14 @@ class RunDir:
         self._write_manifest()
         return written
 
-    def flush_pending(self) -> list[dict[str, Any]]:
-        """Write the line waiting for its folded evaluation, with whatever evaluation arrived
-        (none if the run stopped first).
+    def flush_pending(self) -> list[MetricsLine]:
+        """Write the line waiting for its folded evaluation, with whatever evaluation arrived.
+
+        Returns
+        -------
+        list[dict]
+            The line written, or none when no line was waiting (the run may have stopped before
+            the evaluation came: the line then has what arrived).
         """
         if self.pending is None:
             return []
@@ -194,7 +240,7 @@ class RunDir:
         self.manifest.pop("pending_line", None)
         return [self._append(line, folded=True)]
 
-    def _append(self, line: dict[str, Any], folded: bool = False) -> dict[str, Any]:
+    def _append(self, line: MetricsLine, *, folded: bool = False) -> MetricsLine:
         server_round = line["round"]
         if server_round > 0:
             entry = self.log(server_round)
@@ -210,7 +256,7 @@ class RunDir:
         return line
 
     def _write_privacy(self, server_round: int) -> None:
-        """The privacy table: one JSON line per site and round (trained or refused)."""
+        """Append the privacy table's lines: one per site and round (trained or refused)."""
         entry = self.log(server_round)
         for site, row in sorted(entry.privacy.items()):
             append_line(
@@ -229,13 +275,24 @@ class RunDir:
             )
 
     def stop(self, server_round: int, reason: str) -> None:
-        """The run stopped cleanly in ``server_round``: the global model stays as last saved."""
+        """Record that the run stopped cleanly in ``server_round``, and finish it.
+
+        The global model stays as last saved.
+
+        Parameters
+        ----------
+        server_round : int
+            The round in which the run stopped.
+        reason : str
+            Why, as logged (goes to the manifest's ``stopped``).
+        """
         self.flush_pending()
         self._write_privacy(server_round)
         self.manifest["stopped"] = {"round": server_round, "reason": reason}
         self.finish()
 
     def finish(self) -> None:
+        """Write any waiting line and mark the run finished in the manifest."""
         self.flush_pending()
         self.manifest["finished"] = _now()
         self._write_manifest()
@@ -245,6 +302,7 @@ class RunDir:
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """Return the JSON objects of a JSON-lines file, in order; none if it does not exist."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -252,6 +310,7 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Return a run directory's ``metrics.jsonl`` lines, one per round, in order."""
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 

@@ -1,1 +1,1 @@
-"""Security: update validation (later: certificates, enrollment, secure aggregation)."""
+"""Security: consortium certificates, SecAgg+ secure aggregation, validation of sites' replies."""

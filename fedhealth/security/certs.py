@@ -27,14 +27,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedhealth.errors import CertError
 
 CURVE = ec.SECP384R1
+"""Every key is ECDSA on NIST P-384 (FIPS 186-4), signatures with SHA-384."""
 WARN_DAYS = 30
+"""Certificates expiring within this many days are reported by :func:`expiry_warnings`."""
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write(path: Path, data: bytes, private: bool, rotate: bool) -> Path:
+def _write(path: Path, data: bytes, *, private: bool, rotate: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         if not rotate:
@@ -69,11 +71,38 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @dataclass(frozen=True)
 class CA:
+    """The consortium CA: its certificate and private key.
+
+    Parameters
+    ----------
+    cert : cryptography.x509.Certificate
+        The self-signed CA certificate.
+    key : cryptography.hazmat.primitives.asymmetric.ec.EllipticCurvePrivateKey
+        Its private key.
+    """
+
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
     def load(cls, directory: Path) -> CA:
+        """Load ``ca.crt`` and ``ca.key`` (PEM, unencrypted) from ``directory``.
+
+        Parameters
+        ----------
+        directory : Path
+            The directory :func:`create_ca` wrote to.
+
+        Returns
+        -------
+        CA
+            The CA.
+
+        Raises
+        ------
+        CertError
+            If either file is missing or unreadable, or the key is not an EC private key.
+        """
         try:
             cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
             key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
@@ -85,8 +114,38 @@ class CA:
 
 
 def create_ca(
-    directory: Path, name: str = "fedhealth consortium CA", days: int = 730, rotate: bool = False
+    directory: Path,
+    name: str = "fedhealth consortium CA",
+    days: int = 730,
+    *,
+    rotate: bool = False,
 ) -> CA:
+    """Create the consortium CA: a P-384 key and a self-signed certificate, path length 0.
+
+    Writes ``ca.key`` (PKCS#8 PEM, mode 0600) and ``ca.crt`` (PEM, mode 0644). The
+    certificate is valid from five minutes ago for ``days`` days.
+
+    Parameters
+    ----------
+    directory : Path
+        Where to write (created if missing).
+    name : str, default "fedhealth consortium CA"
+        The certificate's common name.
+    days : int, default 730
+        Validity, in days.
+    rotate : bool, default False
+        Keyword-only. Replace existing files, keeping each as ``<name>.<UTC time>.bak``.
+
+    Returns
+    -------
+    CA
+        The new CA.
+
+    Raises
+    ------
+    CertError
+        If ``ca.key`` or ``ca.crt`` exists and ``rotate`` is False.
+    """
     key = ec.generate_private_key(CURVE())
     now = _now()
     cert = (
@@ -116,14 +175,48 @@ def create_ca(
         .sign(key, hashes.SHA384())
     )
     _write(directory / "ca.key", _pem_key(key), private=True, rotate=rotate)
-    _write(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), False, rotate)
+    _write(
+        directory / "ca.crt",
+        cert.public_bytes(serialization.Encoding.PEM),
+        private=False,
+        rotate=rotate,
+    )
     return CA(cert, key)
 
 
 def create_server_cert(
-    ca: CA, directory: Path, names: list[str], days: int = 365, rotate: bool = False
+    ca: CA, directory: Path, names: list[str], days: int = 365, *, rotate: bool = False
 ) -> Path:
-    """The coordinator's TLS key and certificate; ``names`` are DNS names or IP addresses."""
+    """Create the coordinator's TLS key and certificate, signed by the CA.
+
+    Writes ``server.key`` (PKCS#8 PEM, mode 0600) and ``server.crt`` (PEM, mode 0644): a
+    P-384 key, extended key usage serverAuth only, a subject alternative name per entry of
+    ``names``, valid from five minutes ago for ``days`` days.
+
+    Parameters
+    ----------
+    ca : CA
+        The consortium CA.
+    directory : Path
+        Where to write (created if missing).
+    names : list of str
+        DNS names or IP addresses the sites use to reach the coordinator; the first is the
+        common name.
+    days : int, default 365
+        Validity, in days.
+    rotate : bool, default False
+        Keyword-only. Replace existing files, keeping each as ``<name>.<UTC time>.bak``.
+
+    Returns
+    -------
+    Path
+        ``server.crt``.
+
+    Raises
+    ------
+    CertError
+        If ``names`` is empty, or a file exists and ``rotate`` is False.
+    """
     if not names:
         raise CertError("the coordinator certificate needs at least one DNS name or IP address")
     alt: list[x509.GeneralName] = []
@@ -152,12 +245,38 @@ def create_server_cert(
     )
     _write(directory / "server.key", _pem_key(key), private=True, rotate=rotate)
     return _write(
-        directory / "server.crt", cert.public_bytes(serialization.Encoding.PEM), False, rotate
+        directory / "server.crt",
+        cert.public_bytes(serialization.Encoding.PEM),
+        private=False,
+        rotate=rotate,
     )
 
 
-def create_site_keys(directory: Path, site: str, rotate: bool = False) -> tuple[Path, Path]:
-    """A site's SuperNode authentication key pair, OpenSSH ECDSA format."""
+def create_site_keys(directory: Path, site: str, *, rotate: bool = False) -> tuple[Path, Path]:
+    """Create a site's SuperNode authentication key pair, OpenSSH ECDSA (P-384) format.
+
+    Writes ``sites/<site>/auth.key`` (mode 0600) and ``sites/<site>/auth.pub`` (mode 0644,
+    the public key followed by the site's name) under ``directory``.
+
+    Parameters
+    ----------
+    directory : Path
+        The consortium's key directory.
+    site : str
+        The site's name.
+    rotate : bool, default False
+        Keyword-only. Replace existing files, keeping each as ``<name>.<UTC time>.bak``.
+
+    Returns
+    -------
+    tuple of (Path, Path)
+        The private and the public key file.
+
+    Raises
+    ------
+    CertError
+        If a file exists and ``rotate`` is False.
+    """
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -170,12 +289,25 @@ def create_site_keys(directory: Path, site: str, rotate: bool = False) -> tuple[
     site_dir = directory / "sites" / site
     return (
         _write(site_dir / "auth.key", private, private=True, rotate=rotate),
-        _write(site_dir / "auth.pub", public + f" {site}\n".encode(), False, rotate),
+        _write(site_dir / "auth.pub", public + f" {site}\n".encode(), private=False, rotate=rotate),
     )
 
 
 def expiry_warnings(directory: Path, warn_days: int = WARN_DAYS) -> list[str]:
-    """One line per certificate under ``directory`` that is expired or expires soon."""
+    """List the certificates under ``directory`` that are expired or expire soon.
+
+    Parameters
+    ----------
+    directory : Path
+        Searched recursively for ``*.crt`` (PEM) files.
+    warn_days : int, default 30
+        Report certificates with fewer whole days left than this.
+
+    Returns
+    -------
+    list of str
+        One line per such certificate, in path order, naming the file and the expiry date.
+    """
     lines = []
     for path in sorted(directory.rglob("*.crt")):
         cert = x509.load_pem_x509_certificate(path.read_bytes())

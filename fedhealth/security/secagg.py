@@ -9,7 +9,9 @@ each dropped site's neighbours survive.
 
 The primitives are libraries': X25519 key agreement, HKDF-SHA256 and ChaCha20-Poly1305 from
 ``cryptography``; masks are ChaCha20 keystreams keyed by the full 32-byte derived key (not a
-32-bit seed); Shamir sharing and quantization from Flower's secure-aggregation helpers.
+32-bit seed); Shamir sharing (Shamir 1979, https://doi.org/10.1145/359168.359176) from
+Flower's secure-aggregation helpers. Quantization is stochastic rounding onto a public grid
+(:func:`quantize`).
 
 The state machines exchange plain bytes and integer arrays only: the Flower workflow carries them
 in ConfigRecords and ArrayRecords, never as pickles.
@@ -23,135 +25,83 @@ Stages (site ``SecAggSite`` / coordinator ``SecAggServer``):
    its example count; sites that shared keys but send nothing now count as dropped;
 4. unmask: each survivor reveals, per neighbour, the self-mask share of a survivor or the
    masking-key share of a dropped site, never both for one site.
+
+The parameters, graph and primitives live in :mod:`fedhealth.security.secagg_primitives`, the
+coordinator's side in :mod:`fedhealth.security.secagg_server`; every public name is importable
+from here.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.app.typing import ConfigRecordValues
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from numpy.typing import NDArray
 
 from fedhealth.errors import SecAggError
+from fedhealth.security.secagg_primitives import (
+    MODULUS_BITS,
+    SecAggParams,
+    agree,
+    dequantize_sum,
+    derive_key,
+    neighbour_graph,
+    pair_info,
+    prg,
+    quantize,
+)
+from fedhealth.security.secagg_server import SecAggServer
 
-MODULUS_BITS = 32
+__all__ = [
+    "MODULUS_BITS",
+    "SecAggError",
+    "SecAggParams",
+    "SecAggServer",
+    "SecAggSite",
+    "agree",
+    "dequantize_sum",
+    "derive_key",
+    "neighbour_graph",
+    "pair_info",
+    "prg",
+    "quantize",
+]
+
 _RAW = serialization.Encoding.Raw
-
-
-@dataclass(frozen=True)
-class SecAggParams:
-    """Public parameters of one secure-aggregation round.
-
-    Parameters
-    ----------
-    threshold : int, Shamir threshold t: shares needed to rebuild a secret; also the minimum
-        number of surviving neighbours of every site.
-    clipping_range : float, default 8.0: each coordinate of a site's weighted update is clipped
-        to [-clipping_range, clipping_range] before quantization.
-    quantization_levels : int, default 2**20: levels per site in that range
-        (:meth:`sized` picks the most that cannot wrap for a given number of sites).
-    max_examples : int, default 1024: public bound on a site's example count; updates are
-        scaled by ``count / max_examples`` before masking, so weighted FedAvg survives masking.
-    """
-
-    threshold: int
-    clipping_range: float = 8.0
-    quantization_levels: int = 1 << 20
-    max_examples: int = 1024
-
-    @classmethod
-    def sized(
-        cls,
-        participants: int,
-        threshold: int,
-        clipping_range: float = 8.0,
-        max_examples: int = 1024,
-    ) -> SecAggParams:
-        """The finest quantization whose sum over ``participants`` cannot wrap mod 2^32."""
-        levels = 1 << 30
-        while participants * (levels + 1 + max_examples) >= 1 << MODULUS_BITS:
-            levels >>= 1
-        params = cls(threshold, clipping_range, levels, max_examples)
-        params.check(participants)
-        return params
-
-    def check(self, participants: int) -> None:
-        if not 2 <= self.threshold <= participants:
-            raise SecAggError(f"threshold {self.threshold} must be in [2, {participants}]")
-        if participants * (self.quantization_levels + 1 + self.max_examples) >= 1 << MODULUS_BITS:
-            raise SecAggError("quantization_levels too large: the sum would wrap modulo 2^32")
-
-
-def neighbour_graph(ids: list[int], degree: int | None = None) -> dict[int, list[int]]:
-    """A k-regular ring graph (Harary): each site's ``degree`` nearest ids; None = complete."""
-    ordered = sorted(ids)
-    n = len(ordered)
-    if degree is None or degree >= n - 1:
-        return {i: [j for j in ordered if j != i] for i in ordered}
-    half = max(1, degree // 2)
-    graph = {}
-    for pos, i in enumerate(ordered):
-        graph[i] = sorted({ordered[(pos + d) % n] for d in range(-half, half + 1) if d})
-    return graph
-
-
-def _derive(shared: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
-
-
-def _agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
-    return _derive(private.exchange(X25519PublicKey.from_public_bytes(public)), info)
-
-
-def prg(key: bytes, length: int) -> np.ndarray:
-    """``length`` uint32 mask words: the ChaCha20 keystream under the full 32-byte key."""
-    encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
-    stream = encryptor.update(b"\x00" * (4 * length))
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
-
-
-def _pair_info(i: int, j: int, kind: bytes) -> bytes:
-    lo, hi = sorted((i, j))
-    return b"fedhealth-secagg/" + kind + struct.pack("<QQ", lo, hi)
-
-
-def quantize(
-    update: np.ndarray, weight: int, params: SecAggParams, rng: np.random.Generator | None = None
-) -> np.ndarray:
-    """Scale by ``weight / max_examples``, clip, quantize (stochastic rounding) to uint32."""
-    scaled = np.clip(
-        update.astype(np.float64) * (weight / params.max_examples),
-        -params.clipping_range,
-        params.clipping_range,
-    )
-    levels = (scaled + params.clipping_range) * (
-        params.quantization_levels / (2 * params.clipping_range)
-    )
-    floor = np.floor(levels)
-    rng = rng or np.random.default_rng()
-    rounded = floor + (rng.random(levels.shape) < (levels - floor))
-    return rounded.astype(np.uint32)
-
-
-def dequantize_sum(
-    total: np.ndarray, count_sum: int, survivors: int, params: SecAggParams
-) -> np.ndarray:
-    """From the unmasked integer sum to the weighted mean ``sum_i w_i x_i / sum_i w_i``."""
-    scaled_sum = total.astype(np.float64) * (2 * params.clipping_range / params.quantization_levels)
-    scaled_sum -= survivors * params.clipping_range
-    return scaled_sum * (params.max_examples / count_sum)
 
 
 @dataclass
 class SecAggSite:
-    """One site's side of the protocol for one round."""
+    """One site's side of the protocol for one round.
+
+    A site is built at stage 1 and, between stages, kept as :meth:`to_state` in the
+    SuperNode's ``context.state`` (it never leaves the site).
+
+    Parameters
+    ----------
+    site_id : int
+        This site's id in the round.
+    params : SecAggParams
+        The round's public parameters.
+    neighbours : list of int
+        This site's neighbours in the masking graph.
+
+    Notes
+    -----
+    The remaining fields are the site's secrets, generated fresh for each round (two X25519
+    keys, for share encryption and masking, and a 32-byte self-mask seed from ``os.urandom``),
+    and what the stages receive. Callers pass only the three above; :meth:`from_state`
+    restores the rest.
+    """
 
     site_id: int
     params: SecAggParams
@@ -163,8 +113,16 @@ class SecAggSite:
     _received: dict[int, bytes] = field(default_factory=dict)
     _revealed: dict[int, str] = field(default_factory=dict)
 
-    def to_state(self) -> dict:
-        """Plain values for the site's Flower ``context.state`` (it never leaves the site)."""
+    def to_state(self) -> dict[str, ConfigRecordValues]:
+        """Export the site as plain values for its Flower ``context.state``.
+
+        The state holds the site's private keys and seed: it must never leave the site.
+
+        Returns
+        -------
+        dict of str to ConfigRecordValues
+            Ints, floats, bytes and lists of them, accepted by a ``ConfigRecord``.
+        """
         raw = serialization.PrivateFormat.Raw
         return {
             "site-id": self.site_id,
@@ -186,7 +144,26 @@ class SecAggSite:
         }
 
     @classmethod
-    def from_state(cls, st: dict) -> SecAggSite:
+    def from_state(cls, st: Mapping[str, Any]) -> SecAggSite:
+        """Rebuild a site from :meth:`to_state`'s values.
+
+        Parameters
+        ----------
+        st : mapping of str to Any
+            The values :meth:`to_state` returned (as read back from ``context.state``).
+
+        Returns
+        -------
+        SecAggSite
+            The site, secrets and protocol state included.
+
+        Raises
+        ------
+        KeyError
+            If a key is missing.
+        ValueError
+            If a key is malformed or paired lists differ in length.
+        """
         params = SecAggParams(
             int(st["threshold"]), float(st["clip"]), int(st["levels"]), int(st["max-examples"])
         )
@@ -198,21 +175,49 @@ class SecAggSite:
             X25519PrivateKey.from_private_bytes(st["s"]),
             bytes(st["seed"]),
         )
-        site._publics = {int(i): (c, s) for i, c, s in zip(st["pub-ids"], st["pub-c"], st["pub-s"])}
-        site._received = {int(i): b for i, b in zip(st["rx-ids"], st["rx"])}
-        site._revealed = {int(i): k for i, k in zip(st["rev-ids"], st["rev"])}
+        site._publics = {
+            int(i): (c, s) for i, c, s in zip(st["pub-ids"], st["pub-c"], st["pub-s"], strict=True)
+        }
+        site._received = {int(i): b for i, b in zip(st["rx-ids"], st["rx"], strict=True)}
+        site._revealed = {int(i): k for i, k in zip(st["rev-ids"], st["rev"], strict=True)}
         return site
 
-    # stage 1
     def advertise(self) -> tuple[bytes, bytes]:
+        """Stage 1: give the site's two public keys.
+
+        Returns
+        -------
+        tuple of (bytes, bytes)
+            Raw 32-byte X25519 public keys: (share encryption, masking).
+        """
         return (
             self._c.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
             self._s.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
         )
 
-    # stage 2
     def share_keys(self, publics: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Encrypted shares for each neighbour (and one for itself), keyed by recipient."""
+        """Stage 2: Shamir-share the self-mask seed and masking key among the neighbours.
+
+        Neighbours absent from ``publics`` are dropped from this site's graph. Each holder's
+        pair of shares is encrypted for it with ChaCha20-Poly1305 (RFC 8439) under a key
+        agreed with its encryption public key, the two ids as associated data.
+
+        Parameters
+        ----------
+        publics : dict of int to (bytes, bytes)
+            Site -> its advertised (encryption, masking) public keys; this site included.
+
+        Returns
+        -------
+        dict of int to bytes
+            Recipient (each neighbour, and this site itself) -> 12-byte nonce + ciphertext.
+
+        Raises
+        ------
+        SecAggError
+            If this site is missing from ``publics``, fewer than ``threshold - 1``
+            neighbours advertised, or two sites advertised the same encryption key.
+        """
         # Neighbours that did not advertise dropped before any secret was shared: no pairwise
         # mask with them; the round goes on while threshold holders remain.
         self.neighbours = [j for j in self.neighbours if j in publics]
@@ -238,7 +243,7 @@ class SecAggSite:
 
     def _aead(self, peer: int) -> ChaCha20Poly1305:
         return ChaCha20Poly1305(
-            _agree(self._c, self._publics[peer][0], _pair_info(self.site_id, peer, b"enc"))
+            agree(self._c, self._publics[peer][0], pair_info(self.site_id, peer, b"enc"))
         )
 
     def _seal(self, peer: int, plaintext: bytes) -> bytes:
@@ -246,15 +251,41 @@ class SecAggSite:
         aad = struct.pack("<QQ", self.site_id, peer)
         return nonce + self._aead(peer).encrypt(nonce, plaintext, aad)
 
-    # stage 3
     def masked_input(
         self,
-        update: np.ndarray,
+        update: NDArray[Any],
         weight: int,
         received: dict[int, bytes],
         rng: np.random.Generator | None = None,
-    ) -> np.ndarray:
-        """The masked, quantized, weighted update with the example count as last word."""
+    ) -> NDArray[np.uint32]:
+        """Stage 3: mask the quantized, weighted update, the example count as last word.
+
+        The vector is ``quantize(update) || weight`` plus the self mask ``PRG(seed)`` plus,
+        for each neighbour ``j`` that shared with this site, ``+PRG(s_ij)`` if this id is
+        smaller than ``j`` and ``-PRG(s_ij)`` otherwise, all modulo 2^32.
+
+        Parameters
+        ----------
+        update : numpy.ndarray
+            The site's update, any shape (flattened here).
+        weight : int
+            The site's example count, in [1, max_examples].
+        received : dict of int to bytes
+            Sender -> the encrypted shares routed to this site in stage 2.
+        rng : numpy.random.Generator or None, default None
+            Source of the quantization's rounding draws; None uses a fresh OS-seeded one.
+
+        Returns
+        -------
+        numpy.ndarray of uint32, shape (update.size + 1,)
+            The masked input.
+
+        Raises
+        ------
+        SecAggError
+            If ``weight`` is not an int in [1, max_examples], or ``update`` has NaN or
+            infinite values.
+        """
         if not isinstance(weight, int) or not 1 <= weight <= self.params.max_examples:
             raise SecAggError(f"site {self.site_id}: example count {weight} out of bounds")
         if not np.isfinite(update).all():
@@ -271,15 +302,37 @@ class SecAggSite:
             if j not in received:  # j dropped before sharing its secrets: no mask with it
                 continue
             pair = prg(
-                _agree(self._s, self._publics[j][1], _pair_info(self.site_id, j, b"mask")),
+                agree(self._s, self._publics[j][1], pair_info(self.site_id, j, b"mask")),
                 vector.size,
             )
             masked = masked + pair if self.site_id < j else masked - pair
         return masked.astype(np.uint32)
 
-    # stage 4
     def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
-        """Per neighbour: the seed share of a survivor, the masking-key share of a dropped site."""
+        """Stage 4: reveal the seed share of each survivor, the key share of each dropped site.
+
+        Only shares this site received from itself or a neighbour are revealed; once a site's
+        seed share (or key share) is revealed, its other share never is.
+
+        Parameters
+        ----------
+        survivors : list of int
+            Sites whose masked input the coordinator received.
+        dropped : list of int
+            Sites that shared keys but sent no masked input.
+
+        Returns
+        -------
+        dict of int to bytes
+            Owner -> its share held by this site.
+
+        Raises
+        ------
+        SecAggError
+            If a site is in both lists, there are fewer survivors than ``threshold``, the other
+            share of a site was revealed before, or a share fails authentication or is
+            addressed to another site.
+        """
         if set(survivors) & set(dropped):
             raise SecAggError(
                 f"site {self.site_id}: asked to reveal both shares of "
@@ -314,75 +367,3 @@ class SecAggSite:
             raise SecAggError(f"site {self.site_id}: share from {src} is addressed wrongly")
         body = plaintext[20:]
         return body[:nb] if kind == "seed" else body[nb : nb + ns]
-
-
-@dataclass
-class SecAggServer:
-    """The coordinator's side: routes ciphertexts, learns only the unmasked sum."""
-
-    params: SecAggParams
-    graph: dict[int, list[int]]
-    publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    shared: dict[int, dict[int, bytes]] = field(default_factory=dict)
-    masked: dict[int, np.ndarray] = field(default_factory=dict)
-
-    def route(self) -> dict[int, dict[int, bytes]]:
-        """Stage 2 -> 3: each recipient gets the ciphertexts addressed to it, by sender."""
-        inbox: dict[int, dict[int, bytes]] = {i: {} for i in self.shared}
-        for src, boxes in self.shared.items():
-            for dst, blob in boxes.items():
-                if dst in inbox:
-                    inbox[dst][src] = blob
-        return inbox
-
-    def survivors_and_dropped(self) -> tuple[list[int], list[int]]:
-        survivors = sorted(self.masked)
-        dropped = sorted(set(self.shared) - set(self.masked))
-        if len(survivors) < self.params.threshold:
-            raise SecAggError(
-                f"{len(survivors)} site(s) sent masked input, fewer than the "
-                f"threshold {self.params.threshold}: the round cannot be unmasked"
-            )
-        return survivors, dropped
-
-    def aggregate(self, reveals: dict[int, dict[int, bytes]]) -> tuple[np.ndarray, int]:
-        """Unmask the sum from the survivors' reveals; returns (weighted mean, example sum)."""
-        survivors, dropped = self.survivors_and_dropped()
-        if len(reveals) < self.params.threshold:
-            raise SecAggError(
-                f"{len(reveals)} unmasking replies < threshold {self.params.threshold}"
-            )
-        lengths = {v.size for v in self.masked.values()}
-        if len(lengths) != 1:
-            raise SecAggError(f"masked inputs differ in length: {sorted(lengths)}")
-        length = lengths.pop()
-        total = np.zeros(length, dtype=np.uint32)
-        for vector in self.masked.values():
-            total = total + vector
-        for i in survivors:
-            seed = self._rebuild(i, reveals)
-            total = total - prg(seed, length)
-        for j in dropped:
-            s_j = X25519PrivateKey.from_private_bytes(self._rebuild(j, reveals))
-            for i in self.graph[j]:
-                if i in survivors and i in self.shared[j]:  # i masked with j: j shared to i
-                    pair = prg(_agree(s_j, self.publics[i][1], _pair_info(i, j, b"mask")), length)
-                    # survivor i added +pair if i < j else -pair; remove it
-                    total = total - pair if i < j else total + pair
-        total = total.astype(np.uint32)
-        count_sum = int(total[-1])
-        if not 1 <= count_sum <= self.params.max_examples * len(survivors):
-            raise SecAggError(f"unmasked example count {count_sum} is out of bounds")
-        return dequantize_sum(total[:-1], count_sum, len(survivors), self.params), count_sum
-
-    def _rebuild(self, owner: int, reveals: dict[int, dict[int, bytes]]) -> bytes:
-        shares = [r[owner] for r in reveals.values() if owner in r]
-        if len(shares) < self.params.threshold:
-            raise SecAggError(
-                f"only {len(shares)} share(s) of site {owner}'s secret, "
-                f"threshold {self.params.threshold}"
-            )
-        try:
-            return combine_shares(shares[: self.params.threshold])
-        except ValueError as exc:
-            raise SecAggError(f"shares of site {owner}'s secret do not combine") from exc

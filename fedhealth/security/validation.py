@@ -40,7 +40,7 @@ _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist = 60, 60, 3
 
 
-def _r(value: Any) -> str:
+def _r(value: object) -> str:
     return _short.repr(value)
 
 
@@ -48,15 +48,38 @@ def _keys(keys: Iterable[str]) -> str:
     return _r(sorted(keys))
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float, as a MetricRecord carries it (bool, str, list, NaN: no)."""
+def is_number(value: object) -> bool:
+    """Tell whether ``value`` is a finite int or float, as a MetricRecord carries it.
+
+    Parameters
+    ----------
+    value : object
+        A value from a site's reply.
+
+    Returns
+    -------
+    bool
+        True for an ``int`` within [-2**63, 2**64 - 1] or a finite ``float`` (exact types:
+        bool and subclasses are refused); False for anything else (str, list, NaN, inf).
+    """
     if type(value) is int:
         return _INT_RANGE[0] <= value <= _INT_RANGE[1]
     return type(value) is float and math.isfinite(value)
 
 
 def nbytes(record: ArrayRecord) -> int:
-    """Bytes of the arrays' payloads (``.npy`` header included)."""
+    """Count the bytes of the arrays' payloads (``.npy`` header included).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        A model or an update.
+
+    Returns
+    -------
+    int
+        Sum of ``len(array.data)`` over its arrays.
+    """
     return sum(len(array.data) for array in record.values())
 
 
@@ -67,7 +90,35 @@ def validate_update(
     site: str = "?",
     required_metrics: Iterable[str] = (WEIGHT_KEY,),
 ) -> int:
-    """Raise :class:`UpdateRejected` naming the site and field; returns the example count."""
+    """Validate a site's training reply against the global model; return its example count.
+
+    Checks run in the order of the module docstring: the record's layout and size before any
+    array is decoded, then the metrics, then each parameter's metadata, ``.npy`` header,
+    length and values.
+
+    Parameters
+    ----------
+    reference : ArrayRecord
+        The global model the site trained from.
+    content : RecordDict
+        The reply's content.
+    max_examples : int
+        Largest example count accepted.
+    site : str, default "?"
+        The site's name, for the error message.
+    required_metrics : iterable of str, default (``num-examples``,)
+        Metrics the reply must hold.
+
+    Returns
+    -------
+    int
+        The reply's example count, in [1, max_examples].
+
+    Raises
+    ------
+    UpdateRejected
+        Naming the site and the field, at the first check that fails.
+    """
     arrays = content.array_records
     if list(arrays) != [K.ARRAYS]:
         raise UpdateRejected(
@@ -153,9 +204,33 @@ def validate_metrics(
     required: Iterable[str] = (WEIGHT_KEY,),
     bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> int:
-    """A reply's metrics: at most MAX_METRICS finite numbers, the ``required`` keys present, each
-    within its ``bounds``, the example count a whole number in ``[1, max_examples]``. Raises
-    :class:`UpdateRejected` naming the site and the metric; returns the example count.
+    """Validate a reply's metrics; return its example count.
+
+    At most :data:`MAX_METRICS` finite numbers (:func:`is_number`), the ``required`` keys
+    present, each within its ``bounds``, the example count an int in ``[1, max_examples]``.
+
+    Parameters
+    ----------
+    record : mapping of str to Any
+        The reply's MetricRecord (or its items).
+    max_examples : int
+        Largest example count accepted.
+    site : str, default "?"
+        The site's name, for the error message.
+    required : iterable of str, default (``num-examples``,)
+        Metrics that must be present.
+    bounds : mapping of str to (float, float) or None, default None
+        Metric -> inclusive (low, high); unlisted metrics are unbounded.
+
+    Returns
+    -------
+    int
+        The example count.
+
+    Raises
+    ------
+    UpdateRejected
+        Naming the site and the metric that fails.
     """
     values = dict(record.items())
     if len(values) > MAX_METRICS:
@@ -186,8 +261,22 @@ def validate_metrics(
 
 
 def validate_accounting(about: Mapping[str, Any], site: str = "?") -> None:
-    """The DP history a site sends with its epsilon (``site`` ConfigRecord): lists of finite
-    numbers, one entry per phase, so that anyone can recompute the epsilon.
+    """Validate the DP history a site sends with its epsilon (``site`` ConfigRecord).
+
+    The noise multipliers, sample rates and steps must be lists of finite numbers, one entry
+    per phase, so that anyone can recompute the epsilon; a missing list counts as empty.
+
+    Parameters
+    ----------
+    about : mapping of str to Any
+        The reply's ``site`` ConfigRecord.
+    site : str, default "?"
+        The site's name, for the error message.
+
+    Raises
+    ------
+    UpdateRejected
+        If a list holds something other than finite numbers, or the lists differ in length.
     """
     lists = {key: about.get(key, []) for key in HISTORY_KEYS}
     for key, value in lists.items():

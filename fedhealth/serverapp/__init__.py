@@ -1,0 +1,1 @@
+"""The ServerApp: guarded strategy, reply polling, secure-aggregation grid, run config."""

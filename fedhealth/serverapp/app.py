@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid, ServerApp
 
 from fedhealth.errors import RunStopped
@@ -24,30 +25,28 @@ if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs the
 
 log = logging.getLogger("fedhealth.coordinator")
 
-STRATEGY_STATE = ("m_t", "v_t")  # FedOpt moments (FedAdam): the strategy's state across rounds
-
-
-def strategy_state(strategy: object) -> dict[str, np.ndarray]:
-    out = {}
-    for name in STRATEGY_STATE:
-        for key, value in (getattr(strategy, name, None) or {}).items():
-            out[f"{name}/{key}"] = np.asarray(value)
-    return out
-
-
-def restore_strategy_state(strategy: object, arrays: dict[str, np.ndarray]) -> None:
-    for name in STRATEGY_STATE:
-        part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
-        if part:
-            setattr(strategy, name, part)
-
 
 def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
-    """Rounds of the configured strategy; checkpoints and metrics go to ``run_dir``.
+    """Run the configured strategy's rounds; checkpoints and metrics go to ``run_dir``.
 
     A run directory left by a killed coordinator is resumed: the global model and the
     strategy's state come from the last completed round's checkpoints (sha256-verified) and the
     remaining rounds keep their round numbers, seeds and learning rates.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid; wrapped in :class:`~fedhealth.serverapp.polling.PolledGrid` and,
+        with secure aggregation, :class:`~fedhealth.serverapp.secure_grid.SecureGrid`.
+    cfg : Config
+        The resolved run config.
+    run_dir : RunDir
+        The run directory (new or resumed).
+
+    Raises
+    ------
+    CheckpointError
+        A resumed run's checkpoint does not match its recorded sha256.
     """
     from fedhealth.config import site_settings
     from fedhealth.models import build_model
@@ -73,21 +72,21 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
             else ArrayRecord({k: Array(v) for k, v in tensors.items()})
         )
         if done in run_dir.checkpoints.rounds("strategy"):
-            restore_strategy_state(strategy, run_dir.checkpoints.load(done, "strategy"))
+            strategy.load_state_dict(run_dir.checkpoints.load(done, "strategy"))
         strategy.round_offset = done
         log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
     from fedhealth.serverapp.polling import PolledGrid
 
-    grid = PolledGrid(grid, fed.reply_poll_interval)
+    grid = PolledGrid(grid, interval=fed.reply_poll_interval)
     if fed.secure_aggregation:
         from fedhealth.serverapp.secure_grid import SecureGrid
 
         grid = SecureGrid(
             grid,
-            fed.secagg_threshold,
-            fed.secagg_degree,
-            fed.secagg_clipping_range,
-            fed.secagg_max_examples,
+            threshold_fraction=fed.secagg_threshold,
+            degree=fed.secagg_degree,
+            clipping_range=fed.secagg_clipping_range,
+            max_examples=fed.secagg_max_examples,
         )
     instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
 
@@ -95,7 +94,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         server_round += done
         if server_round == done and run_dir.resumed_from is not None:
             return None  # the resumed round's checkpoint and line are already written
-        state = strategy_state(strategy)
+        state = strategy.state_dict()
         if state:
             run_dir.checkpoints.save(server_round, state, "strategy")
         tensors = (
@@ -106,10 +105,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         lines = run_dir.end_round(
             server_round, tensors, defer_evaluate=strategy.folds(server_round)
         )
-        weighted = {}
+        weighted: dict[str, MetricRecordValues] = {}
         for line in lines:
             if line["round"]:
-                weighted = line["evaluate"]["weighted"]
+                weighted = dict(line["evaluate"]["weighted"])
                 per_site = ", ".join(
                     f"{n} {m['dice']:.3f}" for n, m in sorted(line["evaluate"]["sites"].items())
                 )
@@ -140,6 +139,21 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
 
 
 def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) -> ServerApp:
+    """Return the coordinator's Flower ``ServerApp``.
+
+    Parameters
+    ----------
+    cfg : Config or None, default None
+        The run config; None reads it from the run config ``flwr run`` passes
+        (:func:`~fedhealth.serverapp.runconfig.config_from_run_config`).
+    run_dir : RunDir or None, default None
+        The run directory; None opens ``<run_root>/<run_name>`` of the config.
+
+    Returns
+    -------
+    ServerApp
+        Its ``main`` runs :func:`run_federation`.
+    """
     app = ServerApp()
 
     @app.main()

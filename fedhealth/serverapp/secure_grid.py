@@ -9,8 +9,8 @@ Flower's own SecAgg+ runs only on its legacy workflow, so this module carries th
   ``train.secagg_unmask``) and hands the strategy one reply holding the unmasked weighted mean
   with the total example count, plus one metrics-only reply per contributing site. Any Flower
   strategy (FedAvg, FedProx, FedAdam) then aggregates as usual.
-* :func:`fedhealth.clientapp.secagg_stages.handle_stage` is the site's side. Its protocol secrets live in the SuperNode's
-  ``context.state`` between stages and never leave the site.
+* :func:`fedhealth.clientapp.secagg_stages.handle_stage` is the site's side. Its protocol
+  secrets live in the SuperNode's ``context.state`` between stages and never leave the site.
 
 Every stage has the round's deadline. A site that fails a stage is dropped; when fewer than the
 threshold remain, the round fails cleanly: the strategy receives no update and the global model
@@ -21,53 +21,121 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid
 
-from fedhealth.errors import UpdateRejected
+from fedhealth.errors import ConfigError, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import unflatten
-from fedhealth.security.secagg import SecAggError, SecAggParams, SecAggServer, neighbour_graph
+from fedhealth.security.secagg import SecAggParams, SecAggServer, neighbour_graph
 from fedhealth.security.validation import validate_metrics
+from fedhealth.serverapp.delegating_grid import DelegatingGrid
 
 log = logging.getLogger("fedhealth.secagg")
 
+T = TypeVar("T")
 
-class SecureGrid:
-    """A ``Grid`` whose train rounds are securely aggregated (see the module docstring).
+
+@dataclass(frozen=True)
+class MaskedReply:
+    """A site's checked reply to the mask stage.
 
     Parameters
     ----------
-    grid : Grid, the ServerApp's grid; everything but train rounds passes through.
-    threshold_fraction : float, default 0.51: Shamir threshold as a fraction of the round's sites
-        (at least 2; above one half, so no two disjoint groups can each unmask).
-    degree : int, default 0: neighbours per site in the SecAgg+ graph; 0 = all (SecAgg).
-    clipping_range, max_examples : see :class:`fedhealth.security.secagg.SecAggParams`.
+    vector : np.ndarray
+        The masked, quantised update with the example count as its last word; shape
+        ``(model size + 1,)``, unsigned or signed integers.
+    metrics : MetricRecord
+        The site's validated train metrics (passed on to the strategy, metrics only).
+    site : ConfigRecord
+        The site's ``site`` record (its name and accounting history).
+    loss : float
+        The site's training loss.
+    examples : int
+        The site's example count, in ``[1, max_examples]``.
+    """
+
+    vector: np.ndarray
+    metrics: MetricRecord
+    site: ConfigRecord
+    loss: float
+    examples: int
+
+
+class SecureGrid(DelegatingGrid):
+    """A ``Grid`` whose train rounds are securely aggregated (see the module docstring).
+
+    Implements SecAgg+ (Bell et al., https://eprint.iacr.org/2020/704; SecAgg: Bonawitz et al.,
+    https://eprint.iacr.org/2017/281) with :mod:`fedhealth.security.secagg`.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid; everything but train rounds passes through to it.
+    threshold_fraction : float, default 0.51
+        Shamir threshold as a fraction of the round's sites (at least 2; above one half, so no
+        two disjoint groups can each unmask); in (0, 1].
+    degree : int, default 0
+        Neighbours per site in the SecAgg+ graph; 0 = all (SecAgg); >= 0.
+    clipping_range : float, default 8.0
+        Update values are clipped to ``[-clipping_range, clipping_range]`` before quantisation;
+        see :class:`fedhealth.security.secagg.SecAggParams`.
+    max_examples : int, default 1024
+        Public bound on one site's example count (it is summed inside the mask); >= 1.
+
+    Raises
+    ------
+    ConfigError
+        A parameter is out of its range.
     """
 
     def __init__(
         self,
         grid: Grid,
+        *,
         threshold_fraction: float = 0.51,
         degree: int = 0,
         clipping_range: float = 8.0,
         max_examples: int = 1024,
     ) -> None:
-        self.grid = grid
+        checks = {
+            "threshold_fraction": 0 < threshold_fraction <= 1,
+            "degree": degree >= 0,
+            "clipping_range": clipping_range > 0,
+            "max_examples": max_examples >= 1,
+        }
+        if bad := [name for name, ok in checks.items() if not ok]:
+            raise ConfigError(f"SecureGrid: {', '.join(bad)} out of range")
+        super().__init__(grid)
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.clipping_range, self.max_examples = clipping_range, max_examples
         self._errors: list[Message] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Run a train round as secure aggregation; pass any other messages through.
+
+        Parameters
+        ----------
+        messages : Iterable[Message]
+            One phase's instructions; a train round's have message type ``train``.
+        timeout : float or None, default None
+            Seconds each stage waits for replies.
+
+        Returns
+        -------
+        list[Message]
+            For a train round: one reply with the unmasked weighted mean and the total example
+            count, one metrics-only reply per summed site, and every error reply of any stage.
+            When the protocol fails, only the error replies (the model stays as it was).
+        """
         msgs = list(messages)
         if not msgs or msgs[0].metadata.message_type != "train":
             return self.grid.send_and_receive(msgs, timeout=timeout)
@@ -86,16 +154,17 @@ class SecureGrid:
         contents: dict[int, RecordDict],
         node_of: dict[int, int],
         timeout: float | None,
-        parse: Any = None,
-    ) -> dict[int, Any]:
-        """Send each protocol id its content; replies by protocol id, each passed through
-        ``parse``; an error reply or one ``parse`` cannot read drops that site.
+        parse: Callable[[Message], T],
+    ) -> dict[int, T]:
+        """Send each protocol id its content; return the parsed replies by protocol id.
+
+        An error reply, or one ``parse`` cannot read, drops that site.
         """
         pid_of = {node: pid for pid, node in node_of.items()}
         out = [
             Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()
         ]
-        replies = {}
+        replies: dict[int, T] = {}
         for reply in self.grid.send_and_receive(out, timeout=timeout):
             pid = pid_of.get(reply.metadata.src_node_id)
             if pid is None:
@@ -105,7 +174,7 @@ class SecureGrid:
                 self._errors.append(reply)  # passed on: the strategy counts failures/refusals
                 continue
             try:
-                replies[pid] = parse(reply) if parse is not None else reply
+                replies[pid] = parse(reply)
             except (
                 KeyError,
                 TypeError,
@@ -181,32 +250,18 @@ class SecureGrid:
                 }
             )
             masks[n] = content
-        size = sum(a.numpy().size for a in by_node[nodes[0]].content[K.ARRAYS].values()) + 1
-
-        def masked(reply: Message) -> Message:
-            vector = reply.content[K.MASKED][K.MASKED].numpy()
-            if vector.shape != (size,) or vector.dtype.kind not in "ui":
-                raise ValueError(
-                    f"masked vector {vector.dtype}{vector.shape}, expected "
-                    f"({size},): the model plus the example count"
-                )
-            validate_metrics(
-                dict(reply.content[K.METRICS].items()),
-                self.max_examples,
-                f"protocol id {pid_of_reply(reply)}",
-                (K.NUM_EXAMPLES, K.LOSS),
-            )
-            dict(reply.content[K.SITE].items())
-            return reply
-
+        template = by_node[nodes[0]].content.array_records[K.ARRAYS]
+        size = sum(a.numpy().size for a in template.values()) + 1
         pid_of_node = {node: pid for pid, node in node_of.items()}
 
-        def pid_of_reply(reply: Message) -> int:
-            return pid_of_node.get(reply.metadata.src_node_id, 0)
+        def masked(reply: Message) -> MaskedReply:
+            return _masked(
+                reply, size, self.max_examples, pid_of_node.get(reply.metadata.src_node_id, 0)
+            )
 
         site_replies = self._stage(K.STAGE_MASK, masks, node_of, timeout, masked)
-        for node, reply in site_replies.items():
-            server.masked[node] = reply.content[K.MASKED][K.MASKED].numpy().astype(np.uint32)
+        for node, parsed in site_replies.items():
+            server.masked[node] = parsed.vector.astype(np.uint32)
 
         survivors, dropped = server.survivors_and_dropped()
         unmask = {
@@ -228,12 +283,8 @@ class SecureGrid:
             count,
         )
 
-        template = by_node[survivors[0]].content[K.ARRAYS]
-        losses = [
-            float(site_replies[n].content[K.METRICS][K.LOSS])
-            * int(site_replies[n].content[K.METRICS][K.NUM_EXAMPLES])
-            for n in survivors
-        ]
+        template = by_node[survivors[0]].content.array_records[K.ARRAYS]
+        losses = [site_replies[n].loss * site_replies[n].examples for n in survivors]
         aggregate = Message(
             RecordDict(
                 {
@@ -254,10 +305,8 @@ class SecureGrid:
             Message(
                 RecordDict(
                     {
-                        K.METRICS: site_replies[n].content[K.METRICS],
-                        K.SITE: ConfigRecord(
-                            {**site_replies[n].content[K.SITE], K.SECAGG_METRICS_ONLY: True}
-                        ),
+                        K.METRICS: site_replies[n].metrics,
+                        K.SITE: ConfigRecord({**site_replies[n].site, K.SECAGG_METRICS_ONLY: True}),
                     }
                 ),
                 reply_to=by_node[n],
@@ -267,21 +316,60 @@ class SecureGrid:
         return [aggregate, *per_site]
 
 
+def _masked(reply: Message, size: int, max_examples: int, pid: int) -> MaskedReply:
+    """Check a mask-stage reply: the vector's length and dtype, the metrics, the site record."""
+    vector = reply.content.array_records[K.MASKED][K.MASKED].numpy()
+    if vector.shape != (size,) or vector.dtype.kind not in "ui":
+        raise ValueError(
+            f"masked vector {vector.dtype}{vector.shape}, expected "
+            f"({size},): the model plus the example count"
+        )
+    metrics = reply.content.metric_records[K.METRICS]
+    examples = validate_metrics(
+        dict(metrics.items()), max_examples, f"protocol id {pid}", (K.NUM_EXAMPLES, K.LOSS)
+    )
+    site = reply.content.config_records[K.SITE]
+    loss = metrics[K.LOSS]
+    if not isinstance(loss, int | float):  # validate_metrics accepts numbers only
+        raise TypeError(f"protocol id {pid}: loss is not a number")
+    return MaskedReply(vector, metrics, site, float(loss), examples)
+
+
+def _bytes(value: ConfigRecordValues) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _ints(value: ConfigRecordValues) -> list[int]:
+    out = [v for v in value if isinstance(v, int)] if isinstance(value, list) else None
+    if out is None or not isinstance(value, list) or len(out) != len(value):
+        raise TypeError(f"expected a list of int, got {type(value).__name__}")
+    return out
+
+
+def _bytes_list(value: ConfigRecordValues) -> list[bytes]:
+    out = [v for v in value if isinstance(v, bytes)] if isinstance(value, list) else None
+    if out is None or not isinstance(value, list) or len(out) != len(value):
+        raise TypeError(f"expected a list of bytes, got {type(value).__name__}")
+    return out
+
+
 def _publics(reply: Message) -> tuple[bytes, bytes]:
-    rec = reply.content[K.SECAGG]
-    keys = (bytes(rec[K.SECAGG_PUBLIC_C]), bytes(rec[K.SECAGG_PUBLIC_S]))
+    rec = reply.content.config_records[K.SECAGG]
+    keys = (_bytes(rec[K.SECAGG_PUBLIC_C]), _bytes(rec[K.SECAGG_PUBLIC_S]))
     if any(len(k) > 1024 for k in keys):
         raise ValueError("public key too long")
     return keys
 
 
 def _blobs(reply: Message) -> dict[int, bytes]:
-    rec = reply.content[K.SECAGG]
-    return {int(d): bytes(b) for d, b in zip(rec[K.SECAGG_TO], rec[K.SECAGG_BLOBS], strict=True)}
+    rec = reply.content.config_records[K.SECAGG]
+    to, blobs = _ints(rec[K.SECAGG_TO]), _bytes_list(rec[K.SECAGG_BLOBS])
+    return {int(d): b for d, b in zip(to, blobs, strict=True)}
 
 
 def _reveals(reply: Message) -> dict[int, bytes]:
-    rec = reply.content[K.SECAGG]
-    return {
-        int(o): bytes(sh) for o, sh in zip(rec[K.SECAGG_OWNERS], rec[K.SECAGG_SHARES], strict=True)
-    }
+    rec = reply.content.config_records[K.SECAGG]
+    owners, shares = _ints(rec[K.SECAGG_OWNERS]), _bytes_list(rec[K.SECAGG_SHARES])
+    return {int(o): sh for o, sh in zip(owners, shares, strict=True)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedhealth.errors import ConfigError
@@ -21,6 +21,36 @@ T = TypeVar("T")
 def load_settings(
     schema: type[T], path: Path | None, overrides: list[str], path_keys: tuple[str, ...], what: str
 ) -> T:
+    """Merge the dataclass defaults, the YAML file and ``key=value`` overrides; check them.
+
+    Parameters
+    ----------
+    schema : type
+        The settings dataclass: its fields are the allowed keys, their types and defaults
+        (``"???"``: required).
+    path : Path or None
+        The YAML settings file; None: defaults and overrides only.
+    overrides : list of str
+        ``key=value`` items, applied after the file.
+    path_keys : tuple of str
+        The keys holding paths: a relative one in the file is taken relative to the file's
+        directory, one given as an override relative to the working directory; all are made
+        absolute.
+    what : str
+        What the settings are for (``site``, ``coordinator``), for error messages.
+
+    Returns
+    -------
+    T
+        An instance of ``schema``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not a mapping, an override has no ``=``, a key is unknown,
+        missing or of the wrong type; the message names the file (or the overrides) and the
+        key.
+    """
     base = OmegaConf.structured(schema)
     layers = []
     where = "command line"
@@ -30,6 +60,8 @@ def load_settings(
             if not path.is_file():
                 raise ConfigError(f"{path}: {what} config file not found")
             loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: {what} config must be a mapping of keys to values")
             for key in path_keys:
                 value = loaded.get(key)
                 if isinstance(value, str) and value and not Path(value).is_absolute():

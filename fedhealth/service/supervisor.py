@@ -1,9 +1,11 @@
-"""Keep long-running Flower processes alive: restart with exponential backoff, stop cleanly on
-SIGTERM/SIGINT, and relay every line they print as one structured (JSON) log line.
+"""Keep long-running Flower processes alive, restarting them with exponential backoff.
 
-Used by the site daemon (``flower-supernode``) and the coordinator service
-(``flower-superlink``). Each child runs in its own session, so a stop reaches its own children
-too (a SuperNode's ClientApp processes, a SuperLink's ServerApp).
+A supervisor stops its children cleanly on SIGTERM/SIGINT and relays every line they print as
+one structured (JSON) log line. Used by the site daemon (``flower-supernode``) and the
+coordinator service (``flower-superlink``). Each child is started by
+:func:`fedhealth.service.process.spawn` in its own session, so a stop reaches its own children
+too (a SuperNode's ClientApp processes, a SuperLink's ServerApp), and it dies with the
+supervisor.
 """
 
 from __future__ import annotations
@@ -20,53 +22,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from fedhealth.io import atomic_write_text
+from fedhealth.service.jsonlog import JsonFormatter, setup_json_logging
+from fedhealth.service.process import spawn, stop_groups
+
+__all__ = ["Child", "JsonFormatter", "Supervisor", "setup_json_logging"]
 
 log = logging.getLogger("fedhealth.service")
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, plus any ``extra={"fields": {...}}``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, sort_keys=False)
-
-
-def setup_json_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Route the ``fedhealth`` loggers to stderr (and ``log_file``) as JSON lines."""
-    root = logging.getLogger("fedhealth")
-    root.handlers.clear()
-    root.propagate = False
-    root.setLevel(level)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(JsonFormatter())
-        root.addHandler(handler)
-
-
 @dataclass
 class Child:
-    """One supervised command."""
+    """One supervised command and what the supervisor knows of it.
+
+    Parameters
+    ----------
+    name : str
+        The child's name in logs and in the status file.
+    argv : list of str
+        The command and its arguments.
+    env : dict of str to str
+        The child's whole environment.
+    cwd : Path
+        Its working directory.
+    on_line : callable, optional
+        Called as ``on_line(name, line)`` with each non-empty line the child prints (ANSI
+        colours removed); an exception in it is logged, never stops the relay. Default None.
+    proc, started, restarts, delay, reader, last_exit
+        Kept by the supervisor: the running process, when it started (monotonic seconds), how
+        often it was restarted, the current backoff (seconds), the thread relaying its output,
+        and its last exit code.
+    """
 
     name: str
     argv: list[str]
     env: dict[str, str]
     cwd: Path
-    on_line: Callable[[str, str], None] | None = None  # (child name, line)
+    on_line: Callable[[str, str], None] | None = None
     proc: subprocess.Popen[str] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -78,8 +73,22 @@ class Child:
 class Supervisor:
     """Run children until told to stop; restart each one that exits, with backoff.
 
-    ``backoff_initial`` doubles per consecutive failure up to ``backoff_max``; a child that ran
-    for ``healthy_after`` seconds starts again from ``backoff_initial``.
+    Parameters
+    ----------
+    status_file : Path, optional
+        Where to keep the status as JSON (rewritten atomically on every change): ``state``
+        (starting, running, backoff, stopping, stopped), ``since``, the supervisor's ``pid``
+        and each child's pid, restarts and last exit code. Default None: not written.
+    backoff_initial : float, optional
+        Seconds before the first restart of a child that exited (default 1.0); the delay
+        doubles with each consecutive failure.
+    backoff_max : float, optional
+        The longest delay between restarts, in seconds (default 60.0).
+    healthy_after : float, optional
+        A child that ran this many seconds before exiting starts again from
+        ``backoff_initial`` (default 60.0).
+    stop_grace : float, optional
+        Seconds the children have, after SIGTERM, before SIGKILL (default 30.0).
     """
 
     def __init__(
@@ -103,11 +112,30 @@ class Supervisor:
         }
 
     def add(self, child: Child) -> Child:
+        """Supervise ``child`` too (started by :meth:`run`).
+
+        Parameters
+        ----------
+        child : Child
+            The command to keep running.
+
+        Returns
+        -------
+        Child
+            ``child`` itself, for its counters.
+        """
         self.children.append(child)
         return child
 
     # -- status ---------------------------------------------------------------------------------
     def set_status(self, **fields: Any) -> None:
+        """Update the status and write the status file.
+
+        Parameters
+        ----------
+        **fields : Any
+            Keys to set (JSON-serialisable). A new ``state`` also sets ``since`` unless given.
+        """
         if "state" in fields and fields["state"] != self.status.get("state"):
             fields.setdefault("since", _now())
         self.status.update(fields)
@@ -128,17 +156,8 @@ class Supervisor:
 
     # -- processes ------------------------------------------------------------------------------
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(
-            child.argv,
-            cwd=child.cwd,
-            env=child.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-            bufsize=1,
-            preexec_fn=_die_with_parent,
+        child.proc = spawn(
+            child.argv, cwd=child.cwd, env=child.env, stdout=subprocess.PIPE, text=True
         )
         child.started = time.monotonic()
         log.info(
@@ -175,14 +194,16 @@ class Supervisor:
                 except Exception:  # noqa: BLE001 - a status hook must never stop the relay
                     log.exception("status hook failed on a line from %s", child.name)
 
-    def _signal(self, child: Child, sig: int) -> None:
-        if child.proc is not None and child.proc.poll() is None:
-            try:
-                os.killpg(child.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+    def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+        """Ask :meth:`run` to stop its children and return (a signal handler).
 
-    def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        Parameters
+        ----------
+        signum : int, optional
+            The signal received (default SIGTERM), for the log.
+        _frame : FrameType, optional
+            The interrupted frame (unused; the signal-handler signature).
+        """
         if not self.stopping.is_set():
             log.info(
                 "stop requested (signal %d)",
@@ -192,7 +213,25 @@ class Supervisor:
         self.stopping.set()
 
     def run(self, until: Callable[[], bool] | None = None, poll: float = 0.2) -> int:
-        """Supervise until SIGTERM/SIGINT (or ``until()`` is true); returns 0 after a clean stop."""
+        """Start the children and supervise them until SIGTERM/SIGINT, then stop them.
+
+        Installs SIGTERM and SIGINT handlers (:meth:`request_stop`) for the duration and
+        restores the previous ones. Call it from the main thread: a child dies with the thread
+        that started it.
+
+        Parameters
+        ----------
+        until : callable, optional
+            Also stop once ``until()`` returns True (checked every ``poll`` seconds). Default
+            None: only on a signal or :meth:`request_stop`.
+        poll : float, optional
+            Seconds between checks of the children (default 0.2).
+
+        Returns
+        -------
+        int
+            0 after a clean stop (the process exit code), as :meth:`stop`.
+        """
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for child in self.children:
@@ -248,25 +287,37 @@ class Supervisor:
                 signal.signal(sig, handler)
 
     def stop(self) -> int:
-        """SIGTERM every child's process group, wait ``stop_grace``, then SIGKILL what is left."""
+        """Stop every child: SIGTERM to its process group, ``stop_grace`` seconds, SIGKILL.
+
+        Returns
+        -------
+        int
+            0: the exit code of a clean stop.
+
+        Raises
+        ------
+        subprocess.TimeoutExpired
+            A child still ran 10 s after SIGKILL.
+        """
         self.set_status(state="stopping")
-        for child in self.children:
-            self._signal(child, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace
-        for child in self.children:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "%s did not stop within %.0fs; killing it",
-                    child.name,
-                    self.stop_grace,
-                    extra={"fields": {"event": "child.kill", "child": child.name}},
-                )
-                self._signal(child, signal.SIGKILL)
-                child.proc.wait(timeout=10)
+        started = [c for c in self.children if c.proc is not None]
+
+        def killing(index: int) -> None:
+            log.warning(
+                "%s did not stop within %.0fs; killing it",
+                started[index].name,
+                self.stop_grace,
+                extra={"fields": {"event": "child.kill", "child": started[index].name}},
+            )
+
+        stop_groups(
+            [c.proc for c in started if c.proc is not None],
+            grace=self.stop_grace,
+            kill_wait=10,
+            on_kill=killing,
+        )
+        for child in started:
+            assert child.proc is not None
             child.last_exit = child.proc.returncode
             if child.reader is not None:
                 child.reader.join(timeout=5)
@@ -275,26 +326,25 @@ class Supervisor:
         return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: a child gets SIGTERM if the supervisor itself is killed (no orphaned SuperNode)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+_LEVELS = (
+    ("CRITICAL", logging.CRITICAL),
+    ("ERROR", logging.ERROR),
+    ("WARNING", logging.WARNING),
+    ("DEBUG", logging.DEBUG),
+)
 
 
 def _level(line: str) -> int:
-    """The level a child's line was printed at (Flower: ``ERROR :``; uvicorn: ``... INFO [``);
-    HTTP access lines (a SuperNode polls every few seconds) only at debug level.
+    """Guess the level a child's line was printed at (Flower: ``ERROR :``; uvicorn: ``INFO [``).
+
+    HTTP access lines (a SuperNode polls every few seconds) are logged at debug level only.
     """
     if "[uvicorn.access]" in line:
         return logging.DEBUG
     head = line[:40]
-    for name in ("CRITICAL", "ERROR", "WARNING", "DEBUG"):
+    for name, level in _LEVELS:
         if name in head:
-            return getattr(logging, name)
+            return level
     return logging.INFO
 
 

@@ -1,0 +1,1 @@
+"""The coordinator's side: SuperLink service, site enrolment, run launcher."""

@@ -42,7 +42,23 @@ MAX_INTERVAL = 3.0  # Flower's own sleep after an empty pull: a longer cap would
 
 
 def paced_time(interval: float) -> SimpleNamespace:
-    """A stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``."""
+    """Make a stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``.
+
+    Parameters
+    ----------
+    interval : float
+        The longest sleep, in seconds, in (0, :data:`MAX_INTERVAL`].
+
+    Returns
+    -------
+    SimpleNamespace
+        ``sleep`` (capped), the clocks of :data:`CLOCKS` unchanged, and ``pull_interval``.
+
+    Raises
+    ------
+    ValueError
+        ``interval`` is out of range.
+    """
     if not 0 < interval <= MAX_INTERVAL:
         raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
 
@@ -55,7 +71,19 @@ def paced_time(interval: float) -> SimpleNamespace:
 
 
 def check_module(module: ModuleType) -> None:
-    """Raise :class:`PatchMismatch` unless ``module`` uses ``time`` as the patch expects."""
+    """Check that ``module`` uses ``time`` as the patch expects.
+
+    Parameters
+    ----------
+    module : ModuleType
+        Flower's SuperNode loop, :data:`MODULE`.
+
+    Raises
+    ------
+    PatchMismatch
+        ``module.time`` is not the ``time`` module, the source no longer holds
+        :data:`EXPECTED`, or it uses ``time`` for more than sleeping and the clocks.
+    """
     if getattr(module, "time", None) is not time:
         raise PatchMismatch(f"{module.__name__}.time is not the time module")
     source = inspect.getsource(module)
@@ -77,12 +105,28 @@ def check_module(module: ModuleType) -> None:
 
 
 def pace(interval: float) -> bool:
-    """Cap the SuperNode loop's sleeps at ``interval``; False (and a warning) if the installed
-    Flower does not match.
+    """Cap the SuperNode loop's sleeps at ``interval``.
+
+    Parameters
+    ----------
+    interval : float
+        Seconds, in (0, :data:`MAX_INTERVAL`].
+
+    Returns
+    -------
+    bool
+        True when applied; False (and a warning) if the installed Flower does not match, and
+        the SuperNode polls as stock Flower does.
+
+    Raises
+    ------
+    ValueError
+        ``interval`` is out of range.
     """
     module = importlib.import_module(MODULE)
-    if isinstance(getattr(module, "time", None), SimpleNamespace):  # already paced
-        module.time = paced_time(interval)
+    namespace = vars(module)
+    if isinstance(namespace.get("time"), SimpleNamespace):  # already paced
+        namespace["time"] = paced_time(interval)
         return True
     try:
         check_module(module)
@@ -93,11 +137,23 @@ def pace(interval: float) -> bool:
             exc,
         )
         return False
-    module.time = paced_time(interval)
+    namespace["time"] = paced_time(interval)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Pace the SuperNode loop, then run ``flower-supernode`` in this process.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        ``--pull-interval S -- <flower-supernode args>`` (default None: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 (``flower-supernode`` itself exits through Flower's ``flwr_exit``).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m fedhealth.supernode.paced", description=__doc__.split("\n\n")[0]
     )

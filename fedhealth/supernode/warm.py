@@ -14,7 +14,6 @@ has already imported those libraries. In the child the app's own packages are dr
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import multiprocessing
 import signal
@@ -27,28 +26,19 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
-from flwr.supercore.constant import PULL_MAX_TIME, TaskType
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, LaunchResultStatus
-from flwr.supercore.superexec.plugin import AutoExecPlugin
-from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supernode.runtime import run_clientapp as run_clientapp_module
-from flwr.supernode.runtime.run_clientapp import run_clientapp
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
-from fedhealth.errors import PatchMismatch
+from fedhealth.supernode.clientapp_task import run_clientapp_task, run_flower_clientapp_task
+from fedhealth.supernode.tasks import TaskSource, serve
 
 log = logging.getLogger("fedhealth.warm")
 # Run as ``python -m``, each child re-runs this module as multiprocessing's __mp_main__ while it is
 # already imported (preloaded); runpy's warning about that would print once per task.
 warnings.filterwarnings(
-    "ignore", r"'fedhealth\.federation\.warm' found in sys\.modules", RuntimeWarning
+    "ignore", r"'fedhealth\.supernode\.warm' found in sys\.modules", RuntimeWarning
 )
 
 # Imported once by the template process: the libraries, the app modules whose imports pull in the
@@ -73,55 +63,6 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STOP_WAIT_S = 5.0  # after terminate(), before kill()
 
 
-# Flower's SuperNode creates a ClientApp task as soon as a message's header arrives, before the
-# message's objects are downloaded, so a child that starts at once finds them unavailable and
-# Flower's pull retries after 1 s, then 2 s (``PULL_INITIAL_BACKOFF``), however soon they arrive.
-# In the child only, the pull retries after 0.05 s, doubling to at most 0.25 s, bounded
-# by Flower's own total wait (``PULL_MAX_TIME``) instead of its per-object try count.
-PULL_BACKOFF = {
-    "initial_backoff": 0.05,
-    "backoff_cap": 0.25,
-    "max_tries_per_object": None,
-    "max_time": PULL_MAX_TIME,
-}
-
-
-def fast_pull() -> None:
-    """Make this process's ClientApp pull its message with :data:`PULL_BACKOFF`."""
-    module = run_clientapp_module
-    current = module.pull_and_inflate_object_from_tree
-    if isinstance(current, functools.partial):
-        return
-    if current is not pull_and_inflate_object_from_tree:
-        raise PatchMismatch(
-            "flwr.supernode.runtime.run_clientapp no longer pulls with "
-            "pull_and_inflate_object_from_tree"
-        )
-    module.pull_and_inflate_object_from_tree = functools.partial(current, **PULL_BACKOFF)
-
-
-def run_clientapp_task(spec: ExecutionSpec) -> None:
-    """What ``flwr-clientapp --token ...`` does, in this already-warm process (pulling its
-    message with a short backoff, :func:`fast_pull`).
-    """
-    fast_pull()
-    run_flower_clientapp_task(spec)
-
-
-def run_flower_clientapp_task(spec: ExecutionSpec) -> None:
-    """:func:`run_clientapp_task` with Flower's own pull backoff (for comparison)."""
-    run_clientapp(
-        runtime_api_address=spec.runtime_api_address,
-        token=spec.token,
-        insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(
-            spec.root_certificates_path, spec.insecure
-        ),
-        parent_pid=spec.parent_pid,
-        runtime_dependency_install=spec.runtime_dependency_install,
-    )
-
-
 def _child(
     target: Callable[[ExecutionSpec], None], spec: ExecutionSpec, app_packages: tuple[str, ...]
 ) -> None:
@@ -138,17 +79,42 @@ def _check_preloaded(modules: tuple[str, ...]) -> None:
 
 @dataclass
 class Child:
+    """One running task's process.
+
+    Parameters
+    ----------
+    process : BaseProcess
+        The child forked from the template process.
+    pid : int
+        Its pid.
+    started : float
+        ``time.monotonic()`` when it was forked.
+    """
+
     process: BaseProcess
     pid: int
-    started: float  # time.monotonic() when forked
+    started: float
 
 
 class WarmExecutor:
-    """A Flower ``Executor`` (``flwr.supercore.superexec.executor.types``) that forks each
-    ClientApp task from a pre-warmed template process. Only ClientApp tasks are acquired.
+    """Fork each ClientApp task from a pre-warmed template process: a Flower ``Executor``.
 
-    ``target`` runs in the child with the task's ``ExecutionSpec``; ``grace_period`` is how long
-    :meth:`close` lets running tasks finish before terminating them.
+    Implements ``flwr.supercore.superexec.executor.types.Executor``; only ClientApp tasks are
+    acquired. The template is the stdlib forkserver, preloaded with ``preload``.
+
+    Parameters
+    ----------
+    preload : sequence of str, optional
+        Modules the template imports once (default :data:`PRELOAD`).
+    app_packages : sequence of str, optional
+        Top-level packages dropped from ``sys.modules`` in each child, so the run's FAB
+        supplies them (default :data:`APP_PACKAGES`).
+    target : callable, optional
+        Runs in the child with the task's ``ExecutionSpec`` (default
+        :func:`run_clientapp_task`).
+    grace_period : float, optional
+        Keyword-only. Seconds :meth:`close` lets running tasks finish before terminating them
+        (default 10.0).
     """
 
     def __init__(
@@ -156,6 +122,7 @@ class WarmExecutor:
         preload: Sequence[str] = PRELOAD,
         app_packages: Sequence[str] = APP_PACKAGES,
         target: Callable[[ExecutionSpec], None] = run_clientapp_task,
+        *,
         grace_period: float = 10.0,
     ) -> None:
         self.preload = (__name__, *preload)  # the child unpickles _child from this module
@@ -166,7 +133,18 @@ class WarmExecutor:
         self._context.set_forkserver_preload(list(self.preload))
 
     def warm_up(self) -> float:
-        """Start the template process and wait until it has imported ``preload``; seconds."""
+        """Start the template process and wait until it has imported ``preload``.
+
+        Returns
+        -------
+        float
+            Seconds it took.
+
+        Raises
+        ------
+        RuntimeError
+            The template process could not import ``preload``.
+        """
         started = time.monotonic()
         probe = self._context.Process(target=_check_preloaded, args=(self.preload,))
         probe.start()
@@ -184,6 +162,20 @@ class WarmExecutor:
         insecure: bool = False,
         root_certificates_path: str | None = None,
     ) -> tuple[set[TaskType], set[str]]:
+        """Return the task types this executor takes now: ClientApp tasks, any FAB.
+
+        Parameters
+        ----------
+        supported_task_types : set of TaskType
+            What the plugin supports.
+        insecure, root_certificates_path
+            Keyword-only; unused (Flower's ``Executor`` signature).
+
+        Returns
+        -------
+        tuple of (set of TaskType, set of str)
+            ``{CLIENT_APP}`` if supported, and no FAB-hash restriction.
+        """
         del insecure, root_certificates_path
         return supported_task_types & {TaskType.CLIENT_APP}, set()
 
@@ -195,9 +187,29 @@ class WarmExecutor:
         insecure: bool = False,
         root_certificates_path: str | None = None,
     ) -> None:
+        """Return at once: a fork needs no capacity wait (Flower's ``Executor`` signature).
+
+        Parameters
+        ----------
+        task_type, fab_hash, insecure, root_certificates_path
+            Unused.
+        """
         del task_type, fab_hash, insecure, root_certificates_path  # no capacity gate
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        """Fork a child from the template to run ``spec``.
+
+        Parameters
+        ----------
+        spec : ExecutionSpec
+            The task.
+
+        Returns
+        -------
+        LaunchResult
+            Accepted, or failed: not a ClientApp task, or the fork failed (a dead template is
+            restarted, cold, on the next launch).
+        """
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(
                 f"the warm executor runs ClientApp tasks, not {spec.task_type}"
@@ -250,90 +262,6 @@ class WarmExecutor:
                 time.sleep(0.05)
 
 
-class TaskSource:
-    """The SuperNode's Runtime API as ``flower-superexec`` uses it: Flower's HTTP client and
-    ``AutoExecPlugin``. The one place this module touches Flower's SuperExec internals.
-    """
-
-    def __init__(
-        self,
-        address: str,
-        executor: WarmExecutor,
-        root_certificates: str | None = None,
-        auth_secret: bytes | None = None,
-    ) -> None:
-        insecure = root_certificates is None
-        interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-        if auth_secret:
-            interceptors.append(
-                SuperExecAuthHttpInterceptor(
-                    master_secret=auth_secret,
-                    protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
-                )
-            )
-        self.executor = executor
-        self.client = RuntimeHttpClient.from_server_address(
-            server_address=address,
-            insecure=insecure,
-            root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
-            interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
-        self.plugin = AutoExecPlugin(
-            runtime_api_address=address,
-            insecure=insecure,
-            root_certificates_path=root_certificates,
-            executor=executor,
-        )
-
-    def acquire(self) -> tuple[Task, str] | None:
-        """The next pending task and its token, if any (retries while the SuperNode is away)."""
-        types, fab_hashes = self.executor.get_eligible_capacity(
-            set(self.plugin.supported_task_types)
-        )
-        res = self.client.AcquireTask(
-            AcquireTaskRequest(supported_task_types=types, agentapp_fab_hashes=fab_hashes)
-        )
-        return (res.task, res.token) if res.HasField("task") and res.token else None
-
-    def launch(self, task: Task, token: str) -> LaunchResult:
-        return self.plugin.launch_task(token=token, task=task)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def serve(
-    source: TaskSource, executor: WarmExecutor, poll_interval: float, stop: threading.Event
-) -> None:
-    """Acquire and launch tasks until ``stop`` is set; one log line per launch."""
-    while not stop.is_set():
-        executor.reconcile()
-        acquired = source.acquire()
-        if acquired is not None:
-            task, token = acquired
-            started = time.monotonic()
-            result = source.launch(task, token)
-            ms = (time.monotonic() - started) * 1000
-            if result.status == LaunchResultStatus.ACCEPTED:
-                log.info(
-                    "task %d run %d: launched pid %d %.1f ms after acquisition",
-                    task.task_id,
-                    task.run_id,
-                    executor.children[task.task_id].pid,
-                    ms,
-                )
-            else:
-                log.error(
-                    "task %d run %d: not launched (%s): %s",
-                    task.task_id,
-                    task.run_id,
-                    result.status,
-                    result.message,
-                )
-        stop.wait(poll_interval)
-
-
 class _Stop(Exception):
     """Raised by the signal handler, so that a blocked Runtime API call is left too."""
 
@@ -378,6 +306,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the warm executor until SIGTERM/SIGINT (or the parent process dies).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (default None: ``sys.argv[1:]``); see ``--help``.
+
+    Returns
+    -------
+    int
+        0 after a clean stop; 1 after a non-retryable Runtime API error; 2 for bad arguments
+        (plaintext off loopback, an unreadable auth secret).
+    """
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(

@@ -1,0 +1,1 @@
+"""Test harnesses: real Flower processes on loopback and the compose topology run locally."""

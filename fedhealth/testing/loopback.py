@@ -1,29 +1,53 @@
-"""Real Flower processes on one machine (SuperLink, SuperNodes, the ``flwr`` CLI), for the
-end-to-end tests and benchmarks: every wait has a deadline, every process group is killed at
-the end, and each process's log is kept for the failure message.
+"""Real Flower processes on one machine: SuperLink, SuperNodes and the ``flwr`` CLI.
+
+For the end-to-end tests and benchmarks: every wait has a deadline, every process group is
+killed at the end (:func:`fedhealth.service.process.stop_groups`), and each process's log is
+kept for the failure message.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from fedhealth.errors import FederationError, RunIncomplete
+from fedhealth.service.process import BIN, flower_env, spawn, stop_groups
 
 if TYPE_CHECKING:
     from fedhealth.config import Config
 
-BIN = Path(sys.executable).parent
+__all__ = [
+    "BIN",
+    "Procs",
+    "flower_env",
+    "flwr",
+    "free_ports",
+    "round_costs",
+    "run_to_completion",
+    "start_tls_superlink",
+]
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports: all sockets stay bound until every port is
-    chosen, so the kernel cannot hand the same port out twice (as one-at-a-time probing can).
+    """Pick ``count`` distinct free loopback ports.
+
+    All sockets stay bound until every port is chosen, so the kernel cannot hand the same port
+    out twice (as one-at-a-time probing can).
+
+    Parameters
+    ----------
+    count : int
+        How many ports.
+
+    Returns
+    -------
+    list of int
+        Port numbers, free on 127.0.0.1 a moment ago.
     """
     sockets = []
     try:
@@ -31,56 +55,96 @@ def free_ports(count: int) -> list[int]:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+        return [int(sock.getsockname()[1]) for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # superlink spawns flower-superexec by name
-        FLWR_HOME=str(flwr_home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-    )
-    return env
-
-
 class Procs:
-    """A set of background processes, each in its own session (so children die with it)."""
+    """A set of background processes, each leading its own process group.
+
+    Each one's output goes to ``<workdir>/<name>.log``; :meth:`stop` ends every group.
+
+    Parameters
+    ----------
+    workdir : Path
+        Working directory of every process and home of their logs.
+    env : dict of str to str
+        The processes' environment (see :func:`flower_env`).
+    """
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir, self.env = workdir, env
         self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start a command of this environment's ``bin`` in the background.
+
+        Parameters
+        ----------
+        name : str
+            The process's name, for its log file and failure messages.
+        args : list of str
+            The command: ``args[0]`` is looked up in this environment's ``bin``
+            (``flower-superlink``, ``fedhealth``, ``python``).
+
+        Returns
+        -------
+        subprocess.Popen
+            The process; it dies with this one (see :func:`fedhealth.service.process.spawn`).
+        """
         log = self.workdir / f"{name}.log"
-        proc = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with log.open("wb") as out:
+            proc = spawn(
+                [str(BIN / args[0]), *args[1:]], cwd=self.workdir, env=self.env, stdout=out
+            )
         self.running.append((name, proc, log))
         return proc
 
     def wait_port(self, port: int, timeout: float = 60.0) -> None:
+        """Wait until something listens on ``127.0.0.1:port``.
+
+        Parameters
+        ----------
+        port : int
+            The port.
+        timeout : float, optional
+            Seconds to wait (default 60).
+
+        Raises
+        ------
+        FederationError
+            One of the processes exited, or the port did not open within ``timeout``; the
+            message ends with every process's log tail.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc, _ in self.running:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
+                    raise FederationError(
+                        f"{name} exited with {proc.returncode} while waiting for port "
+                        f"{port}:\n{self.logs()}"
+                    )
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.2)
-        raise TimeoutError(f"port {port} not open after {timeout}s:\n{self.logs()}")
+        raise FederationError(f"port {port} not open after {timeout}s:\n{self.logs()}")
 
     def logs(self, tail: int = 3000) -> str:
+        """Return the end of every process's log, each under a ``--- name ---`` line.
+
+        Parameters
+        ----------
+        tail : int, optional
+            Characters kept from the end of each log (default 3000).
+
+        Returns
+        -------
+        str
+            The log tails, in start order.
+        """
         return "\n".join(
             f"--- {name} ---\n{log.read_text(errors='replace')[-tail:]}"
             for name, _, log in self.running
@@ -88,23 +152,41 @@ class Procs:
         )
 
     def stop(self, timeout: float = 15.0) -> None:
-        for _, proc, _ in self.running:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _, proc, _ in self.running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        """SIGTERM every process group, wait until ``timeout``, then SIGKILL what is left.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds all processes together have to exit after SIGTERM (default 15).
+        """
+        stop_groups([proc for _, proc, _ in self.running], grace=timeout, kill_wait=5.0)
 
 
 def start_tls_superlink(
     procs: Procs, keys: Path, port: int, flwr_home: Path, connection: str
 ) -> None:
-    """A SuperLink with TLS and SuperNode authentication (certificates from
-    :mod:`fedhealth.security.certs` in ``keys``) and the ``flwr`` CLI's TLS connection to it.
+    """Start a SuperLink with TLS and SuperNode authentication and wait for its port.
+
+    Also writes the ``flwr`` CLI's TLS connection to it into ``flwr_home/config.toml``.
+
+    Parameters
+    ----------
+    procs : Procs
+        Where to start it (its log: ``superlink.log``).
+    keys : Path
+        The directory of :mod:`fedhealth.security.certs` (``ca.crt``, ``server.crt``,
+        ``server.key``).
+    port : int
+        The Fleet API port on 127.0.0.1.
+    flwr_home : Path
+        The ``flwr`` CLI's home (``FLWR_HOME`` of ``procs``' environment).
+    connection : str
+        The name of the connection in ``config.toml`` (``flwr ... <connection>``).
+
+    Raises
+    ------
+    FederationError
+        The SuperLink exited, or its port did not open within 60 s.
     """
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
@@ -131,8 +213,32 @@ def start_tls_superlink(
     procs.wait_port(port)
 
 
-def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict:
-    """Run the ``flwr`` CLI with ``--format json``; returns the parsed JSON."""
+def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict[str, Any]:
+    """Run the ``flwr`` CLI with ``--format json`` and parse its answer.
+
+    Parameters
+    ----------
+    env : dict of str to str
+        The CLI's environment (its ``FLWR_HOME`` holds the connections).
+    args : list of str
+        The subcommand and its arguments, e.g. ``["ls", "bench"]``.
+    cwd : Path
+        Working directory.
+    timeout : float
+        Seconds the command may take.
+
+    Returns
+    -------
+    dict
+        The JSON object the CLI printed.
+
+    Raises
+    ------
+    FederationError
+        The CLI printed no JSON object; the message has its exit code and output tails.
+    subprocess.TimeoutExpired
+        It ran longer than ``timeout``.
+    """
     done = subprocess.run(
         [str(BIN / "flwr"), *args, "--format", "json"],
         cwd=cwd,
@@ -142,12 +248,15 @@ def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dic
         timeout=timeout,
     )
     try:
-        return json.loads(done.stdout[done.stdout.index("{") :])
+        answer = json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError as exc:
-        raise RuntimeError(
+        raise FederationError(
             f"flwr {args[0]} gave no JSON (exit {done.returncode}):\n"
             f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         ) from exc
+    if not isinstance(answer, dict):
+        raise FederationError(f"flwr {args[0]} gave JSON but no object: {answer!r}"[:2000])
+    return answer
 
 
 def run_to_completion(
@@ -158,9 +267,34 @@ def run_to_completion(
     work: Path,
     timeout: float = 3000,
 ) -> None:
-    """``flwr run --stream`` of ``cfg`` (its run config written under ``work``); raises with the
-    status unless Flower reports the run ``finished:completed`` (``--stream`` exits 0 on a
-    failed ServerApp).
+    """Run ``cfg`` with ``flwr run --stream`` and check that Flower reports it completed.
+
+    ``--stream`` exits 0 on a failed ServerApp too, so the run's status is asked afterwards.
+
+    Parameters
+    ----------
+    env : dict of str to str
+        The ``flwr`` CLI's environment.
+    project : Path
+        The Flower app directory (its ``pyproject.toml``).
+    connection : str
+        The SuperLink connection in the CLI's ``config.toml``.
+    cfg : Config
+        The run's configuration; its run config is written to ``work/<run_name>.toml``.
+    work : Path
+        Working directory.
+    timeout : float, optional
+        Seconds the whole run may take (default 3000).
+
+    Raises
+    ------
+    RunIncomplete
+        Flower's status of the run is not ``finished:completed``; the message names the run
+        and has the status.
+    FederationError
+        A ``flwr`` command gave no JSON.
+    subprocess.TimeoutExpired
+        The run took longer than ``timeout``.
     """
     from fedhealth.serverapp.runconfig import write_run_config
 
@@ -173,18 +307,29 @@ def run_to_completion(
     )
     status = flwr(env, ["ls", connection, "--run-id", str(out["run-id"])], cwd=work, timeout=60)
     if status["runs"][0]["status"] != "finished:completed":
-        raise RuntimeError(f"run {cfg.run_name}: {status}")
+        raise RunIncomplete(f"run {cfg.run_name}: {status}")
 
 
 def round_costs(run_dir: Path) -> list[dict[str, float]]:
-    """Per round of a finished run: wall seconds (between the rounds' ``elapsed_s``), the slowest
-    site's ``train-seconds``, and the rest ("other").
+    """Split each round of a finished run into training and the rest.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (its ``metrics.jsonl``).
+
+    Returns
+    -------
+    list of dict
+        Per round after the first line: ``round``, ``wall`` (seconds between the rounds'
+        ``elapsed_s``), ``train`` (the slowest site's ``train-seconds``) and ``other`` (wall
+        minus train), all in seconds.
     """
     from fedhealth.runs.rundir import read_metrics
 
     lines = read_metrics(run_dir)
     rows = []
-    for prev, line in zip(lines, lines[1:]):
+    for prev, line in itertools.pairwise(lines):
         wall = line["elapsed_s"] - prev["elapsed_s"]
         train = max(r["train-seconds"] for r in line["train"]["sites"].values())
         rows.append({"round": line["round"], "wall": wall, "train": train, "other": wall - train})

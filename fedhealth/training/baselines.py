@@ -14,13 +14,30 @@ from pathlib import Path
 from torch import nn
 
 from fedhealth.config import Config
-from fedhealth.data.loading import SiteData, make_loader, read_datalist
+from fedhealth.data.loading import DatalistItem, SiteData, make_loader, read_datalist
 from fedhealth.data.synth import site_dir
 from fedhealth.models import build_model
 from fedhealth.training.loop import EvalResult, evaluate, seed_everything, train
 
 
 def load_sites(cfg: Config) -> dict[str, SiteData]:
+    """Read every site of the synthetic cohort under ``cfg.data.root``, files checked.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run configuration: ``cfg.sites`` sites, ``site-<i>/dataset.json`` each.
+
+    Returns
+    -------
+    dict of str to SiteData
+        ``"site-<i>"`` -> that site's datalists, in site order.
+
+    Raises
+    ------
+    DataError
+        If a site's datalist or one of its files fails :func:`read_datalist`.
+    """
     root = Path(cfg.data.root)
     return {
         f"site-{s}": read_datalist(site_dir(root, s) / "dataset.json") for s in range(cfg.sites)
@@ -30,6 +47,23 @@ def load_sites(cfg: Config) -> dict[str, SiteData]:
 def evaluate_on_sites(
     model: nn.Module, sites: dict[str, SiteData], cfg: Config
 ) -> dict[str, EvalResult]:
+    """Evaluate ``model`` on each site's test set.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network to evaluate.
+    sites : dict of str to SiteData
+        Site name -> its datalists.
+    cfg : Config
+        The run configuration (``data.roi``, ``data.target_spacing``, ``train.batch_size``,
+        ``seed``, ``data.cache``).
+
+    Returns
+    -------
+    dict of str to EvalResult
+        Site name -> Dice and loss on its test set.
+    """
     return {
         name: evaluate(
             model,
@@ -38,9 +72,9 @@ def evaluate_on_sites(
                 cfg.data.roi,
                 cfg.data.target_spacing,
                 cfg.train.batch_size,
-                False,
-                cfg.seed,
-                cfg.data.cache,
+                train=False,
+                seed=cfg.seed,
+                cache=cfg.data.cache,
             ),
         )
         for name, data in sites.items()
@@ -48,12 +82,23 @@ def evaluate_on_sites(
 
 
 def pooled_dice(results: dict[str, EvalResult]) -> float:
-    """Dice over the union of the test sets (per-volume mean, so example-weighted over sites)."""
+    """Compute Dice over the union of the test sets (per-volume mean, example-weighted).
+
+    Parameters
+    ----------
+    results : dict of str to EvalResult
+        Per-site results, e.g. from :func:`evaluate_on_sites`.
+
+    Returns
+    -------
+    float
+        ``sum(dice * num_examples) / sum(num_examples)``; 0.0 with no example.
+    """
     total = sum(r.num_examples for r in results.values())
     return sum(r.dice * r.num_examples for r in results.values()) / max(total, 1)
 
 
-def _fit(items: list[dict[str, str]], cfg: Config, seed: int) -> nn.Module:
+def _fit(items: list[DatalistItem], cfg: Config, seed: int) -> nn.Module:
     seed_everything(seed, cfg.train.num_threads)
     model = build_model(cfg.model)
     loader = make_loader(
@@ -61,16 +106,39 @@ def _fit(items: list[dict[str, str]], cfg: Config, seed: int) -> nn.Module:
         cfg.data.roi,
         cfg.data.target_spacing,
         cfg.train.batch_size,
-        True,
-        seed,
-        cfg.data.cache,
+        train=True,
+        seed=seed,
+        cache=cfg.data.cache,
     )
     train(model, loader, cfg.rounds * cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay)
     return model
 
 
 def centralized(cfg: Config, sites: dict[str, SiteData] | None = None) -> dict[str, EvalResult]:
-    """Train on all sites' training data pooled; evaluate on each site's test set."""
+    """Train on all sites' training data pooled; evaluate on each site's test set.
+
+    Trains one model without DP for ``cfg.rounds * cfg.train.local_epochs`` epochs, seeded
+    with ``cfg.seed``.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run configuration.
+    sites : dict of str to SiteData or None, default None
+        The sites; None (or empty) reads them with :func:`load_sites`.
+
+    Returns
+    -------
+    dict of str to EvalResult
+        Site name -> the pooled model's result on that site's test set.
+
+    Raises
+    ------
+    DataError
+        If the sites are read here and one fails to load.
+    ConfigError
+        If ``cfg.model`` cannot be built.
+    """
     sites = sites or load_sites(cfg)
     pooled = [item for data in sites.values() for item in data.train]
     return evaluate_on_sites(_fit(pooled, cfg, cfg.seed), sites, cfg)
@@ -79,7 +147,30 @@ def centralized(cfg: Config, sites: dict[str, SiteData] | None = None) -> dict[s
 def local(
     cfg: Config, sites: dict[str, SiteData] | None = None
 ) -> dict[str, dict[str, EvalResult]]:
-    """For each site: train on its data alone, evaluate on every site's test set."""
+    """For each site: train on its data alone, evaluate on every site's test set.
+
+    Site number ``i`` (in ``sites`` order) trains without DP for
+    ``cfg.rounds * cfg.train.local_epochs`` epochs, seeded with ``cfg.seed + i + 1``.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run configuration.
+    sites : dict of str to SiteData or None, default None
+        The sites; None (or empty) reads them with :func:`load_sites`.
+
+    Returns
+    -------
+    dict of str to dict of str to EvalResult
+        Training site -> (test site -> result of the training site's model).
+
+    Raises
+    ------
+    DataError
+        If the sites are read here and one fails to load.
+    ConfigError
+        If ``cfg.model`` cannot be built.
+    """
     sites = sites or load_sites(cfg)
     return {
         name: evaluate_on_sites(_fit(data.train, cfg, cfg.seed + i + 1), sites, cfg)

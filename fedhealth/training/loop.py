@@ -1,40 +1,60 @@
 """The local train and evaluate loops: MONAI Dice+CE loss, MONAI Dice metric.
 
-``train`` optionally adds FedProx's proximal term (Li et al. 2020, https://arxiv.org/abs/1812.06127),
-``mu / 2 * ||w - w_global||^2``, when the strategy sends ``proximal-mu``.
+The loss is Dice (Milletari et al. 2016, V-Net, https://arxiv.org/abs/1606.04797) plus
+cross-entropy. ``train`` optionally runs DP-SGD (Abadi et al. 2016,
+https://arxiv.org/abs/1607.00133) through Opacus, and optionally adds FedProx's proximal term
+(Li et al. 2020, https://arxiv.org/abs/1812.06127), ``mu / 2 * ||w - w_global||^2``, when the
+strategy sends ``proximal-mu``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import cast
 
 import torch
-from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.losses.dice import DiceCELoss
+from monai.metrics.meandice import DiceMetric
 from monai.networks.utils import one_hot
-from monai.utils import set_determinism
+from monai.utils.misc import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader
+
+Batch = dict[str, torch.Tensor]
+"""A batch: ``"image"`` of shape (B, C, D, H, W) and ``"label"`` of shape (B, 1, D, H, W)."""
 
 
 @dataclass(frozen=True)
 class DPSettings:
-    """DP-SGD for one local training phase (Abadi et al. 2016, https://arxiv.org/abs/1607.00133),
-    run by Opacus: per-sample clipping to ``max_grad_norm``, Gaussian noise of
-    ``noise_multiplier * max_grad_norm``, Poisson sampling of records.
+    """DP-SGD for one local training phase, run by Opacus.
+
+    DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133): each record's gradient is
+    clipped to ``max_grad_norm``, Gaussian noise of standard deviation
+    ``noise_multiplier * max_grad_norm`` is added to their sum, and records are drawn by
+    Poisson sampling. The optimizer stepping on the noisy gradient is Adam.
 
     Parameters
     ----------
     noise_multiplier : float
+        Noise standard deviation relative to ``max_grad_norm``.
     max_grad_norm : float
-    accountant : str, default "rdp" ("prv" also)
-    secure_rng : bool, default False: cryptographically secure noise (Opacus ``secure_mode``)
-    grad_sample_mode : str, default "hooks": see :data:`fedhealth.models.DP_READY`
+        Per-record L2 clipping bound.
+    accountant : str, default "rdp"
+        Keyword-only. Opacus accountant: ``"rdp"`` (Rényi DP, Mironov 2017,
+        https://arxiv.org/abs/1702.07476) or ``"prv"`` (privacy random variables, Gopi et al.
+        2021, https://arxiv.org/abs/2106.02848).
+    secure_rng : bool, default False
+        Keyword-only. Cryptographically secure noise (Opacus ``secure_mode``, needs the
+        ``torchcsprng`` package).
+    grad_sample_mode : str, default "hooks"
+        Keyword-only. Opacus's per-sample gradient mode; see
+        :data:`fedhealth.models.DP_READY`.
     """
 
     noise_multiplier: float
     max_grad_norm: float
+    _: KW_ONLY
     accountant: str = "rdp"
     secure_rng: bool = False
     grad_sample_mode: str = "hooks"
@@ -42,6 +62,21 @@ class DPSettings:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What one call of :func:`train` did.
+
+    Parameters
+    ----------
+    loss : float
+        Mean Dice+CE loss per record over the last epoch (0.0 if it saw no record).
+    num_examples : int
+        Records seen in the last epoch.
+    steps : int
+        Optimizer steps over all epochs, noise-only steps on empty Poisson batches included.
+    history : tuple of (float, float, int), default ()
+        With DP, the Opacus accountant's history: (noise multiplier, sample rate, steps) per
+        phase; empty without DP.
+    """
+
     loss: float
     num_examples: int
     steps: int
@@ -50,30 +85,79 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """What :func:`evaluate` measured.
+
+    Parameters
+    ----------
+    loss : float
+        Mean Dice+CE loss per volume (0.0 with no volume).
+    dice : float
+        Mean Dice of the lesion class per volume, in [0, 1] (0.0 with no volume).
+    num_examples : int
+        Volumes evaluated.
+    """
+
     loss: float
     dice: float
     num_examples: int
 
 
 def seed_everything(seed: int, num_threads: int | None = None) -> None:
-    """Seed torch, numpy and random (MONAI's ``set_determinism``); optionally pin CPU threads."""
+    """Seed torch, numpy and random (MONAI's ``set_determinism``); optionally pin CPU threads.
+
+    Parameters
+    ----------
+    seed : int
+        The seed.
+    num_threads : int or None, default None
+        If given and non-zero, the number of torch CPU threads.
+    """
     if num_threads:
         torch.set_num_threads(num_threads)
     set_determinism(seed=seed)
 
 
 def loss_fn() -> nn.Module:
+    """Build the training loss: MONAI ``DiceCELoss``, Dice plus cross-entropy, equally weighted.
+
+    Returns
+    -------
+    torch.nn.Module
+        Called as ``loss(logits, label)`` with logits of shape (B, K, D, H, W) (softmax is
+        applied inside) and class-index labels of shape (B, 1, D, H, W) (one-hot encoded
+        inside); returns a scalar tensor, the mean over the batch.
+    """
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
-    """``sum ||w - w_anchor||^2`` over trainable parameters."""
-    return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))  # type: ignore[return-value]
+def proximal_term(model: nn.Module, anchor: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Compute FedProx's ``sum ||w - w_anchor||^2`` over a network's parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network being trained.
+    anchor : sequence of torch.Tensor
+        One tensor per parameter of ``model``, in ``model.parameters()`` order.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar tensor.
+
+    Raises
+    ------
+    ValueError
+        If ``anchor`` and the parameters differ in number.
+    """
+    return sum(  # type: ignore[return-value]  # a tensor for any non-empty model
+        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+    )
 
 
 def train(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Batch],
     epochs: int,
     lr: float,
     weight_decay: float = 0.0,
@@ -82,9 +166,40 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place with Adam (DP-Adam through Opacus when ``dp`` is given).
 
-    Returns the mean loss over the last epoch and, with DP, the accountant's history. The
-    FedProx gradient ``mu * (w - w_global)`` depends on no record, so under DP it is added
-    after clipping and noise (post-processing), not through the per-sample gradients.
+    The FedProx gradient ``mu * (w - w_global)`` (Li et al. 2020,
+    https://arxiv.org/abs/1812.06127) depends on no record, so under DP it is added after
+    clipping and noise (post-processing), not through the per-sample gradients. With DP,
+    Opacus replaces ``loader`` by a Poisson-sampling one; a batch that draws no record still
+    takes a noise-only step.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; its weights at the call are the FedProx anchor ``w_global``.
+    loader : torch.utils.data.DataLoader of Batch
+        Training batches, e.g. from :func:`fedhealth.data.loading.make_loader`.
+    epochs : int
+        Passes over ``loader``.
+    lr : float
+        Adam learning rate.
+    weight_decay : float, default 0.0
+        Adam's L2 weight decay.
+    proximal_mu : float, default 0.0
+        FedProx's ``mu``; 0 disables the proximal term.
+    dp : DPSettings or None, default None
+        DP-SGD settings; None trains without DP.
+
+    Returns
+    -------
+    TrainResult
+        The mean loss and record count of the last epoch, the step count and, with DP, the
+        accountant's history.
+
+    Raises
+    ------
+    ConfigError
+        If ``dp.secure_rng`` is set and Opacus's secure mode cannot start (``torchcsprng``
+        missing); nothing is trained then.
     """
     criterion = loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -125,7 +240,8 @@ def train(
                 total, count = total + loss.item() * n, count + n
             elif engine is not None:  # Poisson sampling drew no record: a noise-only step
                 for p in params:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
+                    # Opacus reads the per-sample gradients from this attribute
+                    p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
             _step(optimizer, params, anchor, proximal_mu, private=engine is not None)
             steps += 1
         seen, last_epoch_loss = count, total / max(count, 1)
@@ -138,9 +254,10 @@ def train(
 
 def _step(
     optimizer: torch.optim.Optimizer,
-    params: list[torch.Tensor],
-    anchor: list[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    anchor: Sequence[torch.Tensor],
     mu: float,
+    *,
     private: bool,
 ) -> None:
     if private:  # DPOptimizer: pre_step clips, noises and averages into p.grad
@@ -159,7 +276,24 @@ def _step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Mean Dice (lesion class, per volume) and Dice+CE loss over ``loader``."""
+    """Measure mean Dice (lesion class, per volume) and Dice+CE loss over ``loader``.
+
+    The prediction is the argmax class of the logits; Dice follows MONAI's ``DiceMetric``
+    without the background class, a volume with an empty label and an empty prediction
+    counting as 1. Runs without gradients, the model in eval mode.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, logits of shape (B, K, D, H, W) for images of shape (B, C, D, H, W).
+    loader : iterable of Batch
+        Evaluation batches, e.g. ``make_loader(..., train=False, ...)``.
+
+    Returns
+    -------
+    EvalResult
+        Mean loss and Dice per volume, and the number of volumes.
+    """
     model.eval()
     criterion = loss_fn()
     metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
@@ -171,5 +305,6 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> Eva
         classes = logits.shape[1]
         pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=classes)
         metric(y_pred=pred, y=one_hot(batch["label"].long(), num_classes=classes))
-    dice = float(metric.aggregate().item()) if count else 0.0
+    # with reduction="mean" MONAI's aggregate returns one tensor (its type says "or a tuple")
+    dice = float(cast(torch.Tensor, metric.aggregate()).item()) if count else 0.0
     return EvalResult(loss=total / max(count, 1), dice=dice, num_examples=count)

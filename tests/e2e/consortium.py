@@ -1,17 +1,21 @@
-"""A consortium on loopback for the reliability tests: `fedhealth server run` (SuperLink with TLS
-and enrolment), one `fedhealth site run` daemon per site, `fedhealth server launch` — the same
-commands an operator and a hospital run, as real processes."""
+"""A consortium on loopback for the reliability tests, as real processes.
+
+`fedhealth server run` (SuperLink with TLS and enrolment), one `fedhealth site run` daemon per
+site, `fedhealth server launch`: the same commands an operator and a hospital run.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.service.process import signal_group
 from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 
 
@@ -117,13 +121,15 @@ class Consortium:
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def status(state_dir: Path) -> dict:
+    def status(state_dir: Path) -> dict[str, Any]:
         try:
             return json.loads((state_dir / "status.json").read_text())
         except (OSError, ValueError):
             return {}
 
-    def wait(self, predicate, timeout: float, what: str, interval: float = 0.5) -> None:
+    def wait(
+        self, predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
@@ -136,10 +142,7 @@ class Consortium:
 
     @staticmethod
     def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
+        signal_group(pid, sig)
 
     def stop(self) -> None:
         self.procs.stop(timeout=30)

@@ -162,27 +162,27 @@ def test_rewriter_maps_container_paths_and_service_hosts(tmp_path):
     project = compose.load(COMPOSE, use_compose=False)
     topo = compose.LocalTopology(project, tmp_path, time.monotonic() + 30)
     synth = project.services["synth-data"]
-    rewrite, _, _ = topo._prepare(synth)
+    rewrite, _, _ = topo.view.prepare(synth)
     script = rewrite(synth.command[0])
     assert f"data.root={tmp_path}/fs/synth-data/provision/data " in script
     assert (tmp_path / "fs/synth-data/provision/data/site-1").resolve() == (
         tmp_path / "volumes/hospital-b-data"
     ).resolve()
     site = project.services["hospital-c"]
-    rewrite, _, _ = topo._prepare(site)
-    argv = topo._argv(site.argv, rewrite)
+    rewrite, _, _ = topo.view.prepare(site)
+    argv = topo.view.argv(site.argv, rewrite)
     assert argv[0].endswith("/fedhealth") and Path(argv[0]).is_file()
     assert f"data_dir={tmp_path}/volumes/hospital-c-data" in argv
     assert f"auth_key={tmp_path}/volumes/hospital-c-keys/sites/hospital-c/auth.key" in argv
     assert "coordinator=127.0.0.1:9092" in argv and "name=hospital-c" in argv
     coordinator = project.services["coordinator"]
-    topo._prepare(coordinator)
+    topo.view.prepare(coordinator)
     config = (tmp_path / "fs/coordinator/etc/fedhealth/coordinator.yaml").read_text()
     assert f"ca: {tmp_path}/volumes/coordinator-pki/ca.crt" in config
     assert f"state_dir: {tmp_path}/volumes/coordinator-state" in config
     launch = project.services["launch"]
-    rewrite, _, _ = topo._prepare(launch)
-    argv = topo._argv(launch.argv, rewrite)
+    rewrite, _, _ = topo.view.prepare(launch)
+    argv = topo.view.argv(launch.argv, rewrite)
     assert "127.0.0.1:9092" in argv
     assert f"{tmp_path}/volumes/launcher-ca/ca.crt" in argv  # the CA certificate only
 
@@ -190,7 +190,7 @@ def test_rewriter_maps_container_paths_and_service_hosts(tmp_path):
 @pytest.mark.slow
 def test_compose_topology_runs_as_local_processes(tmp_path):
     names = compose.port_variables(COMPOSE)
-    variables = {name: str(port) for name, port in zip(names, free_ports(len(names)))}
+    variables = {name: str(port) for name, port in zip(names, free_ports(len(names)), strict=True)}
     variables.update(
         FEDHEALTH_BIND_HOST="127.0.0.1",
         FEDHEALTH_ROUNDS="2",

@@ -142,9 +142,9 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
         updates.append(unpack(arrays, layout(model_order)))
         weights.append(metrics["num-examples"])
     for key in after:
-        expected = sum(w * u[key].astype(np.float64) for w, u in zip(weights, updates)) / sum(
-            weights
-        )
+        expected = sum(
+            w * u[key].astype(np.float64) for w, u in zip(weights, updates, strict=True)
+        ) / sum(weights)
         np.testing.assert_allclose(after[key], expected, atol=1e-4, err_msg=key)
 
 

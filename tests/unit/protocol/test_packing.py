@@ -78,7 +78,7 @@ def test_fedavg_of_packed_updates_is_fedavg_of_the_tensors(state):
     def contents(records):
         return [
             RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": n})})
-            for r, n in zip(records, counts)
+            for r, n in zip(records, counts, strict=True)
         ]
 
     packed = aggregate_arrayrecords(contents([pack(u) for u in updates]), "num-examples")
@@ -86,6 +86,8 @@ def test_fedavg_of_packed_updates_is_fedavg_of_the_tensors(state):
     vector = packed[PACKED_KEY].numpy().astype(np.float32)
     tensors = unpack(ArrayRecord({PACKED_KEY: Array(vector)}), layout(state))
     for key in state:
-        expected = sum(n * u[key].numpy().astype(np.float64) for n, u in zip(counts, updates))
+        expected = sum(
+            n * u[key].numpy().astype(np.float64) for n, u in zip(counts, updates, strict=True)
+        )
         np.testing.assert_allclose(tensors[key], expected / sum(counts), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(tensors[key], per_tensor[key].numpy(), rtol=1e-6, atol=1e-7)

@@ -41,7 +41,7 @@ def _round(
 
 def _fedavg(updates, counts, keep):
     w = np.array([counts[i] for i in keep], dtype=np.float64)
-    return sum(wi * updates[i] for wi, i in zip(w, keep)) / w.sum()
+    return sum(wi * updates[i] for wi, i in zip(w, keep, strict=True)) / w.sum()
 
 
 @pytest.fixture

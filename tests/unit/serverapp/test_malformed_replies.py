@@ -673,7 +673,7 @@ def logs(caplog, monkeypatch):
     return caplog
 
 
-def make(tmp_path, name: str, strategy: str = "fedavg", secure: bool = False, fold: bool = True):
+def make(tmp_path, name: str, strategy: str = "fedavg", *, secure: bool = False, fold: bool = True):
     cfg = compose(
         [
             *TINY,
@@ -918,7 +918,7 @@ def test_secure_metrics_only_replies_cannot_break_the_round_log(
             ),
             reply_to=sent[node],
         )
-        for node, (metrics, about) in zip(nodes, odd)
+        for node, (metrics, about) in zip(nodes, odd, strict=True)
     ]
     got, _ = strategy.aggregate_train(1, [wire(m) for m in [total_sum, *per_site]])
     for key in initial_model:

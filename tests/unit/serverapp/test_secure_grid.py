@@ -41,7 +41,11 @@ class FakeGrid:
                 context = self.contexts[node]
                 agent = SecAggSite.from_state(dict(context.state[STATE_KEY].items()))
                 rec = dict(msg.content["secagg"].items())
-                received = {int(i): bytes(b) for i, b in zip(rec["from"], rec["blobs"]) if int(i)}
+                received = {
+                    int(i): bytes(b)
+                    for i, b in zip(rec["from"], rec["blobs"], strict=True)
+                    if int(i)
+                }
                 masked = agent.masked_input(
                     flatten(self.updates[node]),
                     self.counts[node],
@@ -142,6 +146,8 @@ def test_a_malformed_stage_reply_never_crashes_the_coordinator(
     (result,) = sums
     honest = [11, 12, 13] if stage != "secagg_unmask" else nodes
     weights = np.array([counts[n] for n in honest], dtype=np.float64)
-    expected = sum(w * flatten(updates[n]) for w, n in zip(weights, honest)) / weights.sum()
+    expected = (
+        sum(w * flatten(updates[n]) for w, n in zip(weights, honest, strict=True)) / weights.sum()
+    )
     np.testing.assert_allclose(flatten(result.content["arrays"]), expected, atol=1e-4)
     assert result.content["metrics"]["num-examples"] == int(weights.sum())

@@ -47,7 +47,8 @@ def test_sigterm_stops_children_and_exits_zero(tmp_path):
         setup_json_logging(Path({str(tmp_path / "daemon.jsonl")!r}))
         sup = Supervisor(Path({str(tmp_path / "status.json")!r}), stop_grace=5)
         sup.add(Child("worker", [sys.executable, "-u", "-c",
-                                 "import time; print('WARNING :   working', flush=True); time.sleep(120)"],
+                                 "import time; print('WARNING :   working', flush=True); "
+                                 "time.sleep(120)"],
                       dict(os.environ), Path({str(tmp_path)!r})))
         sys.exit(sup.run())
     """)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import json
+import logging
 import os
 import socket
 import ssl
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
+from fedhealth.clientapp.events import EVENT_MARKER
 from fedhealth.errors import ConfigError
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
-from fedhealth.supernode import daemon as site
+from fedhealth.service.supervisor import Child, Supervisor
+from fedhealth.supernode import daemon
+from fedhealth.supernode.preflight import check
+from fedhealth.supernode.settings import load
+from fedhealth.supernode.sitestatus import status, watch_line
 
 
 @pytest.fixture
@@ -34,7 +46,7 @@ def _settings(tmp_path, keys, cohort, port=1, **extra):
         "state_dir": tmp_path / "state",
         **extra,
     }
-    return site.load(None, [f"{k}={v}" for k, v in values.items()])
+    return load(None, [f"{k}={v}" for k, v in values.items()])
 
 
 def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
@@ -42,27 +54,27 @@ def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
         "name: hospital-a\ncoordinator: link.example.org:9092\nca: keys/ca.crt\n"
         "auth_key: keys/auth.key\ndata_dir: data\nledger_dir: ledger\n"
     )
-    s = site.load(tmp_path / "site.yaml", ["epsilon_cap=3.5"])
+    s = load(tmp_path / "site.yaml", ["epsilon_cap=3.5"])
     assert s.ca == str(tmp_path / "keys" / "ca.crt") and s.epsilon_cap == 3.5
-    argv = site.supernode_argv(s)
+    argv = daemon.supernode_argv(s)
     assert "--isolation" in argv
     assert argv[1:6] == ["-m", "fedhealth.supernode.paced", "--pull-interval", "0.5", "--"]
     assert argv[argv.index("--superlink") + 1] == "link.example.org:9092"
     with pytest.raises(ConfigError, match="pull_interval=5.0"):
-        site.load(tmp_path / "site.yaml", ["pull_interval=5"])
-    assert "epsilon-cap=3.5" in site.node_config(s)
+        load(tmp_path / "site.yaml", ["pull_interval=5"])
+    assert "epsilon-cap=3.5" in daemon.node_config(s)
     with pytest.raises(ConfigError, match="key epsilon_cap"):
-        site.load(tmp_path / "site.yaml", ["epsilon_cap=lots"])
+        load(tmp_path / "site.yaml", ["epsilon_cap=lots"])
     with pytest.raises(ConfigError, match="key colour"):
-        site.load(tmp_path / "site.yaml", ["colour=blue"])
+        load(tmp_path / "site.yaml", ["colour=blue"])
     with pytest.raises(ConfigError, match="missing data_dir"):
-        site.load(None, ["name=a", "coordinator=h:1", "ca=x", "auth_key=y", "ledger_dir=l"])
+        load(None, ["name=a", "coordinator=h:1", "ca=x", "auth_key=y", "ledger_dir=l"])
     with pytest.raises(ConfigError, match="coordinator='nohost'"):
-        site.load(tmp_path / "site.yaml", ["coordinator=nohost"])
+        load(tmp_path / "site.yaml", ["coordinator=nohost"])
     with pytest.raises(ConfigError, match="'ca' and 'auth_key' are required"):
-        site.load(None, ["name=a", "coordinator=h:1", "data_dir=d", "ledger_dir=l"])
+        load(None, ["name=a", "coordinator=h:1", "data_dir=d", "ledger_dir=l"])
     with pytest.raises(ConfigError, match="not found"):
-        site.load(tmp_path / "missing.yaml", [])
+        load(tmp_path / "missing.yaml", [])
 
 
 def _tls_server(keys):
@@ -91,7 +103,7 @@ def _tls_server(keys):
 def test_check_passes_on_a_ready_site(tmp_path, keys, cohort):
     server = _tls_server(keys)
     try:
-        items = site.check(_settings(tmp_path, keys, cohort, server.getsockname()[1]))
+        items = check(_settings(tmp_path, keys, cohort, server.getsockname()[1]))
     finally:
         server.close()
     assert [(i.name, i.ok) for i in items] == [
@@ -128,7 +140,7 @@ def test_check_names_every_failure(tmp_path, keys, cohort):
             data_dir=broken,
             ca=tmp_path / "foreign" / "ca.crt",
         )
-        items = {i.name: i for i in site.check(s)}
+        items = {i.name: i for i in check(s)}
     finally:
         server.close()
     assert not items["data"].ok and "p.nii.gz" in items["data"].detail
@@ -136,7 +148,7 @@ def test_check_names_every_failure(tmp_path, keys, cohort):
     assert not items["ledger"].ok and "ledger.sqlite" in items["ledger"].detail
     assert not items["coordinator"].ok and "TLS failed" in items["coordinator"].detail
     closed = _settings(tmp_path, keys, cohort, _closed_port())
-    assert "not reachable" in site.check(closed)[-1].detail
+    assert "not reachable" in check(closed)[-1].detail
 
 
 def _closed_port() -> int:
@@ -147,27 +159,203 @@ def _closed_port() -> int:
 
 def test_status_reports_a_dead_daemon_and_the_ledger(tmp_path, keys, cohort):
     s = _settings(tmp_path, keys, cohort)
-    assert site.status(s)["daemon"] == "never started"
+    assert status(s)["daemon"] == "never started"
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "status.json").write_text(
         json.dumps({"pid": 2**22 + 12345, "state": "connected", "since": "then"})
     )
-    report = site.status(s)
+    report = status(s)
     assert report["daemon"]["state"] == "not running (last state 'connected')"
     assert report["privacy"] == {"epsilon_spent": 0.0, "epsilon_cap": 8.0, "rounds_trained": 0}
 
 
-def test_status_lines_from_the_supernode_update_the_status(tmp_path):
-    sup = site.Supervisor(tmp_path / "status.json")
-    site.watch_line(sup, "supernode", "INFO :      SuperNode ID: 1234")
+def test_flowers_own_lines_update_the_status(tmp_path):
+    sup = Supervisor(tmp_path / "status.json")
+    watch_line(sup, "supernode", "INFO :      SuperNode ID: 1234")
     assert sup.status["state"] == "connected" and sup.status["node_id"] == "1234"
-    site.watch_line(sup, "executor", "INFO fedhealth.site: site a round 3: train started")
-    assert sup.status["activity"].startswith("train round 3 since")
-    site.watch_line(
-        sup,
-        "supernode",
-        "INFO fedhealth.site: site a round 3: trained, loss 0.5000, epsilon 2.500 of 8.0",
-    )
-    assert sup.status["last_trained"]["round"] == 3 and sup.status["last_trained"]["epsilon"] == 2.5
-    site.watch_line(sup, "supernode", "ERROR : Failed to activate SuperNode")
+    watch_line(sup, "supernode", "WARNING :   Connection attempt failed, retrying in 2s")
+    assert sup.status["state"] == "reconnecting"
+    watch_line(sup, "supernode", "ERROR : Failed to activate SuperNode")
     assert sup.status["state"] == "refused"
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "refused"
+
+
+# -- site events: a real round's log, through the status reader ------------------------------
+TINY = ["model.channels=[2,4]", "model.strides=[2]", "rounds=2", "train.local_epochs=1"]
+
+
+def _instruction(cohort, ledger: Path, cap: float = 8.0):
+    """A real train instruction for hospital-a (site-0 of the cohort) and its context."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedhealth.config import compose, site_settings
+    from fedhealth.models import build_model
+
+    cfg = compose(TINY)
+    settings = {**site_settings(cfg), "server-round": 1, "run-key": "status-test"}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(build_model(cfg.model).state_dict()),
+            "config": ConfigRecord(settings),
+        }
+    )
+    node = {
+        "data-dir": str(cohort / "site-0"),
+        "site-name": "hospital-a",
+        "ledger-dir": str(ledger),
+        "epsilon-cap": cap,
+        "delta": 1e-5,
+    }
+    context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
+    return Message(content, 0, "train"), context
+
+
+@contextlib.contextmanager
+def _clientapp_log():
+    """The log handler a ClientApp process gets from make_client_app, writing to a buffer."""
+    from fedhealth.clientapp.app import make_client_app
+
+    logger = logging.getLogger("fedhealth")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers.clear()
+    try:
+        make_client_app()
+        (handler,) = logger.handlers  # installed by make_client_app, as in a ClientApp process
+        buffer = io.StringIO()
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(buffer)
+        yield buffer
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+@pytest.fixture(scope="module")
+def trained_round(cohort, tmp_path_factory):
+    """The lines a real DP training round prints through the ClientApp's log, and its reply."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedhealth.clientapp import handlers
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        msg, context = _instruction(cohort, tmp_path_factory.mktemp("ledger"))
+        with _clientapp_log() as buffer:
+            reply = handlers.handle(msg, context, "train")
+    finally:
+        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+    assert not reply.has_error(), buffer.getvalue()
+    return buffer.getvalue().splitlines(), dict(reply.content["metrics"])
+
+
+def _status_after(lines, path: Path) -> dict:
+    sup = Supervisor(path)
+    for line in lines:
+        watch_line(sup, "clientapp-executor", line)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _without_times(status: dict) -> dict:
+    drop = {"at", "since", "updated", "pid"}
+    out = {}
+    for key, value in status.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in drop}
+        if key == "activity":
+            value = value.split(" since ")[0]
+        if key not in drop:
+            out[key] = value
+    return out
+
+
+def test_a_trained_round_sets_last_trained(trained_round, tmp_path):
+    lines, metrics = trained_round
+    status = _status_after(lines, tmp_path / "status.json")  # as written to disk
+    last = status["last_trained"]
+    assert last["round"] == 1
+    assert last["loss"] == pytest.approx(metrics["loss"], abs=0)
+    assert last["epsilon"] == pytest.approx(metrics["epsilon"], abs=0) and 0 < last["epsilon"] <= 8
+    assert last["epsilon_cap"] == 8.0
+    assert status["activity"] == "idle" and status["state"] == "connected"
+    assert not status.get("budget_exhausted")
+
+
+def test_the_status_does_not_depend_on_the_wording_of_a_line(trained_round, tmp_path):
+    lines, _ = trained_round
+    events = [ln for ln in lines if EVENT_MARKER in ln]
+    assert len(events) >= 2, lines  # round started, trained
+    original = _status_after(lines, tmp_path / "a.json")
+    # every human word replaced: the same status
+    reworded = [f"completely different words {ln[ln.index(EVENT_MARKER) :]}" for ln in events]
+    assert _without_times(_status_after(reworded, tmp_path / "b.json")) == _without_times(original)
+    # the human words alone (the event taken off): nothing about the round
+    words_only = [ln[: ln.index(EVENT_MARKER)] if EVENT_MARKER in ln else ln for ln in lines]
+    assert any("trained" in ln for ln in words_only)
+    status = _status_after(words_only, tmp_path / "c.json")
+    assert "last_trained" not in status and "activity" not in status
+
+
+def test_a_reworded_message_from_the_same_emit_gives_the_same_status(tmp_path):
+    from fedhealth.clientapp.events import Trained
+    from fedhealth.clientapp.sitelog import emit
+
+    trained = Trained(site="hospital-a", round=4, loss=0.25, epsilon=3.5, epsilon_cap=8.0)
+    statuses = []
+    for n, words in enumerate(("site %s: trained round %d", "%s finished its %dth round")):
+        with _clientapp_log() as buffer:
+            emit(logging.getLogger("fedhealth.site"), trained, words, "hospital-a", 4)
+        (line,) = buffer.getvalue().splitlines()
+        assert line.split(" fedhealth.site: ")[1].startswith(words % ("hospital-a", 4))
+        statuses.append(_without_times(_status_after([line], tmp_path / f"{n}.json")))
+    assert statuses[0] == statuses[1]
+    assert statuses[0]["last_trained"] == {
+        "round": 4,
+        "loss": 0.25,
+        "epsilon": 3.5,
+        "epsilon_cap": 8.0,
+    }
+
+
+_REFUSING_CHILD = """
+import sys
+from pathlib import Path
+from flwr.supercore.task_identity import TaskIdentity
+from fedhealth.clientapp.app import make_client_app
+from fedhealth.clientapp import handlers
+TINY = {tiny!r}
+{instruction}
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+make_client_app()  # the site log, as in every ClientApp process
+msg, context = _instruction(Path({cohort!r}), Path({ledger!r}), cap=0.01)
+sys.exit(0 if handlers.handle(msg, context, "train").has_error() else 3)
+"""
+
+
+def test_a_budget_refusal_in_a_clientapp_process_reaches_status_json(cohort, tmp_path):
+    """The real path: a ClientApp process refuses to train, its stderr goes through the
+    supervisor's relay into watch_line, and status.json says the budget is exhausted."""
+    script = tmp_path / "clientapp.py"
+    script.write_text(
+        _REFUSING_CHILD.format(
+            tiny=TINY,
+            instruction=inspect.getsource(_instruction),
+            cohort=str(cohort),
+            ledger=str(tmp_path / "l"),
+        )
+    )
+    status_file = tmp_path / "status.json"
+    sup = Supervisor(status_file, backoff_initial=600, stop_grace=5)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def hook(child: str, line: str) -> None:
+        watch_line(sup, child, line)
+
+    sup.add(Child("clientapp", [sys.executable, str(script)], env, tmp_path, hook))
+    deadline = time.monotonic() + 120
+    sup.run(until=lambda: "budget" in sup.status or time.monotonic() > deadline, poll=0.1)
+    status = json.loads(status_file.read_text())
+    assert status["budget_exhausted"] is True, status
+    assert status["activity"] == "budget exhausted: refusing to train"
+    assert status["budget"]["round"] == 1 and status["budget"]["epsilon_cap"] == 0.01
+    assert "last_failed" not in status and "last_trained" not in status

@@ -100,7 +100,7 @@ def test_a_crashing_child_is_reaped_and_the_executor_keeps_launching(executor, t
     pid = executor.children[8].pid
     _wait_reaped(executor)
     assert _gone(pid)
-    assert "task 8: pid %d exited -9" % pid in caplog.text
+    assert f"task 8: pid {pid} exited -9" in caplog.text
     executor.target = functools.partial(_report, tmp_path / "after.json")
     assert executor.launch(_spec(9)).status == LaunchResultStatus.ACCEPTED
     _wait_reaped(executor)
@@ -198,7 +198,7 @@ def test_a_warm_child_pulls_a_late_message_with_a_short_backoff(monkeypatch, flo
     message."""
     from flwr.app import Message
 
-    from fedhealth.supernode import warm
+    from fedhealth.supernode import clientapp_task as warm
 
     module = warm.run_clientapp_module
     stock = module.pull_and_inflate_object_from_tree

@@ -86,7 +86,7 @@ def test_clipped_per_patient_gradient_never_exceeds_the_bound(cohort, name):
     # so what it adds is exactly that patient's clipped contribution.
     originals = [p.grad_sample for p in params]
     for i in range(4):
-        for p, full in zip(params, originals):
+        for p, full in zip(params, originals, strict=True):
             alone = torch.zeros_like(full)
             alone[i] = full[i]
             p.grad_sample, p.summed_grad = alone, None
@@ -94,7 +94,7 @@ def test_clipped_per_patient_gradient_never_exceeds_the_bound(cohort, name):
         norm = float(torch.stack([p.summed_grad.norm() for p in params]).norm())
         assert norm <= CLIP * (1 + 1e-4)
         assert norm == pytest.approx(CLIP, rel=1e-3)  # above the bound: clipped exactly to it
-    for p, full in zip(params, originals):
+    for p, full in zip(params, originals, strict=True):
         p.grad_sample, p.summed_grad = full, None
     optimizer.clip_and_accumulate()
     total = float(torch.stack([p.summed_grad.norm() for p in params]).norm())

@@ -1,0 +1,100 @@
+"""The global model in, the update out: what a site checks on both ways."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from torch import nn
+
+from fedhealth.config import Config
+from fedhealth.errors import ConfigError
+from fedhealth.models import build_model
+from fedhealth.protocol import keys as K
+from fedhealth.protocol.packing import is_packed, layout, unpack
+
+
+def received(msg: Message) -> ArrayRecord:
+    """Return the global model an instruction carries.
+
+    Parameters
+    ----------
+    msg : Message
+        A train or evaluate instruction.
+
+    Returns
+    -------
+    ArrayRecord
+        Its ``arrays`` record.
+
+    Raises
+    ------
+    ConfigError
+        The message carries no ``arrays`` ArrayRecord.
+    """
+    arrays = msg.content.array_records.get(K.ARRAYS)
+    if arrays is None:
+        raise ConfigError(f"instruction has no '{K.ARRAYS}' ArrayRecord")
+    return arrays
+
+
+def model_from(msg: Message, cfg: Config) -> nn.Module:
+    """Build the network of ``cfg`` holding the message's global model.
+
+    Parameters
+    ----------
+    msg : Message
+        The instruction; its model is packed (:mod:`fedhealth.protocol.packing`) or one array
+        per tensor.
+    cfg : Config
+        The run config (``cfg.model`` builds the network).
+
+    Returns
+    -------
+    torch.nn.Module
+        The network with the global weights loaded (strictly: every key, every shape).
+
+    Raises
+    ------
+    ConfigError
+        The message has no model, or the model does not match ``cfg.model``.
+    """
+    model = build_model(cfg.model)
+    arrays = received(msg)
+    try:
+        if is_packed(arrays):
+            state = {
+                k: torch.from_numpy(v.copy())
+                for k, v in unpack(arrays, layout(model.state_dict()), "global model").items()
+            }
+        else:
+            state = arrays.to_torch_state_dict()
+        model.load_state_dict(state, strict=True)
+    except (KeyError, RuntimeError) as exc:
+        raise ConfigError(f"global model does not match model config: {exc}") from exc
+    return model
+
+
+def check_outgoing(arrays: ArrayRecord, msg: Message, site: str) -> None:
+    """Validate what the site sends against the global model it received.
+
+    Same keys, shapes and dtypes, finite values: the coordinator re-checks, but under secure
+    aggregation it can only see the sum.
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        The update about to be sent.
+    msg : Message
+        The instruction that carried the global model.
+    site : str
+        The site's name, for the error.
+
+    Raises
+    ------
+    fedhealth.errors.UpdateRejected
+        A key, shape or dtype differs, or a value is not finite.
+    """
+    from fedhealth.security.validation import validate_update
+
+    content = RecordDict({K.ARRAYS: arrays, K.METRICS: MetricRecord({K.NUM_EXAMPLES: 1})})
+    validate_update(received(msg), content, max_examples=1, site=site)

@@ -1,0 +1,218 @@
+"""Who the site is and what the coordinator asks of it, read from Flower's context and message."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecordValues, Context, Message
+
+from fedhealth.config import PrivacyConfig
+from fedhealth.data.synth import site_dir
+from fedhealth.errors import ConfigError
+from fedhealth.privacy.budget import SiteBudget
+from fedhealth.protocol import keys as K
+
+Settings = dict[str, ConfigRecordValues]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Who this site is, where its ``dataset.json`` lives, and its own privacy budget.
+
+    Parameters
+    ----------
+    name : str
+        The site's name (node config ``site-name``; in simulation ``site-<partition>``).
+    data_dir : Path
+        The directory holding the site's ``dataset.json``.
+    budget : SiteBudget, optional
+        The site's epsilon cap, delta and ledger (default None: the site keeps no ledger and
+        refuses DP training).
+    """
+
+    name: str
+    data_dir: Path
+    budget: SiteBudget | None = None
+
+    @classmethod
+    def from_context(
+        cls, context: Context, data_root: str | None = None, privacy: PrivacyConfig | None = None
+    ) -> Site:
+        """Read the site from the SuperNode's node config (or a simulation's partition).
+
+        Parameters
+        ----------
+        context : Context
+            Flower's context. Deployment: node config ``data-dir``, ``site-name``,
+            ``ledger-dir``, ``epsilon-cap``, ``delta``. Simulation: ``partition-id``.
+        data_root : str, optional
+            Simulation only: the synthetic cohort's root (default None).
+        privacy : PrivacyConfig, optional
+            Simulation only: every site's budget and ledger root (default None: no ledger).
+
+        Returns
+        -------
+        Site
+            The site.
+
+        Raises
+        ------
+        ConfigError
+            The node config names no data directory (nor a partition with ``data_root``), or
+            a ledger directory without an epsilon cap.
+        """
+        node = context.node_config
+        if K.NODE_DATA_DIR in node:
+            data_dir = Path(str(node[K.NODE_DATA_DIR]))
+            budget = None
+            if K.NODE_LEDGER_DIR in node:
+                if K.NODE_EPSILON_CAP not in node:
+                    raise ConfigError(
+                        f"node config has '{K.NODE_LEDGER_DIR}' but no '{K.NODE_EPSILON_CAP}'"
+                    )
+                budget = SiteBudget(
+                    float(node[K.NODE_EPSILON_CAP]),
+                    float(node.get(K.NODE_DELTA, 1e-5)),
+                    Path(str(node[K.NODE_LEDGER_DIR])) / "ledger.sqlite",
+                )
+            return cls(str(node.get(K.NODE_SITE_NAME, data_dir.name)), data_dir, budget)
+        if data_root is not None and K.NODE_PARTITION_ID in node:
+            index = int(node[K.NODE_PARTITION_ID])
+            budget = None
+            if privacy is not None:
+                budget = SiteBudget(
+                    privacy.epsilon,
+                    privacy.delta,
+                    Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite",
+                )
+            return cls(f"site-{index}", site_dir(data_root, index), budget)
+        raise ConfigError(
+            f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
+        )
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the coordinator asks of the site in one message, read from its config record.
+
+    Parameters
+    ----------
+    settings : dict of str to ConfigRecordValues
+        The whole record: the run config's site keys (:func:`fedhealth.config.site_settings`)
+        and the round's keys below.
+    server_round : int
+        ``server-round`` (default 0).
+    run_key : str
+        ``run-key``, the run's identity in the site's ledger (default ``""``: the Flower run
+        id is used).
+    proximal_mu : float
+        ``proximal-mu``, FedProx's proximal weight (default 0.0: FedAvg).
+    evaluate_round : int or None
+        ``evaluate-round``: the round whose global model the site also evaluates, folded into
+        its train reply (default None: no folded evaluation).
+    """
+
+    settings: Settings
+    server_round: int = 0
+    run_key: str = ""
+    proximal_mu: float = 0.0
+    evaluate_round: int | None = None
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Instruction:
+        """Read and check the message's ``config`` record.
+
+        Parameters
+        ----------
+        msg : Message
+            A train or evaluate instruction.
+
+        Returns
+        -------
+        Instruction
+            The instruction.
+
+        Raises
+        ------
+        ConfigError
+            The message has no ``config`` record, or a round key has the wrong type.
+        """
+        record = msg.content.config_records.get(K.CONFIG)
+        if record is None:
+            raise ConfigError(f"instruction has no '{K.CONFIG}' record")
+        settings: Settings = dict(record.items())
+        evaluate_round = settings.get(K.EVALUATE_ROUND)
+        return cls(
+            settings=settings,
+            server_round=_integer(settings.get(K.SERVER_ROUND, 0), K.SERVER_ROUND),
+            run_key=str(settings.get(K.RUN_KEY) or ""),
+            proximal_mu=_number(settings.get(K.PROXIMAL_MU, 0.0), K.PROXIMAL_MU),
+            evaluate_round=(
+                None if evaluate_round is None else _integer(evaluate_round, K.EVALUATE_ROUND)
+            ),
+        )
+
+
+def derive_seed(seed: int, site: str, server_round: int, phase: str) -> int:
+    """Derive a per-site, per-round seed: same config, same randomness; sites independent.
+
+    Seeds data order and augmentation only: DP noise never depends on it (it comes from the
+    site's OS entropy, or from a seed the coordinator cannot know).
+
+    Parameters
+    ----------
+    seed : int
+        The run's seed.
+    site : str
+        The site's name.
+    server_round : int
+        The server round.
+    phase : str
+        ``"train"`` or ``"evaluate"``.
+
+    Returns
+    -------
+    int
+        The first 4 bytes (little-endian) of sha256 over ``seed/site/round/phase``.
+    """
+    digest = hashlib.sha256(f"{seed}/{site}/{server_round}/{phase}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def model_digest(arrays: ArrayRecord) -> str:
+    """Hash the global model: sha256 over its keys, dtypes, shapes and bytes.
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        The global model as received.
+
+    Returns
+    -------
+    str
+        The hex digest (the ledger's release key: a replayed round is charged once).
+    """
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = arrays[key]
+        digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def _integer(value: ConfigRecordValues, key: str) -> int:
+    number = _number(value, key)
+    if number != int(number):
+        raise ConfigError(f"instruction field '{key}'={value!r}: not an integer")
+    return int(number)
+
+
+def _number(value: ConfigRecordValues, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"instruction field '{key}'={value!r}: not a number")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"instruction field '{key}'={value!r}: not a number") from exc

@@ -1,0 +1,357 @@
+"""The privacy report's data: rows per training phase, per-site summaries, and their loading.
+
+Every epsilon read from a run directory or a ledger is recomputed from its recorded DP-SGD
+parameters by Google's dp-accounting (:mod:`fedhealth.privacy.independent`), independently of
+the Opacus accountant used in training (RDP, Mironov 2017, https://arxiv.org/abs/1702.07476;
+or PRV, Gopi et al. 2021, https://arxiv.org/abs/2106.02848). Import these names from
+:mod:`fedhealth.reports.privacy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from fedhealth.errors import FedHealthError
+from fedhealth.privacy.accounting import Phase, epsilon
+from fedhealth.privacy.independent import agrees, independent_epsilon
+from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.runs.rundir import read_jsonl
+
+MAX_ROUNDS_LEFT = 10_000
+"""The largest "rounds left" the report computes; more is shown as this number."""
+
+
+@dataclass
+class Row:
+    """One training phase of one site (a round of a run).
+
+    Parameters
+    ----------
+    step : int
+        1-based position of the phase in the site's rows.
+    run : str
+        The run's name.
+    round : int
+        The server round.
+    status : str
+        ``"trained"``, or what the site did instead (e.g. ``"refused"``).
+    epsilon : float
+        Epsilon spent after this phase, cumulative over all the site's phases.
+    noise_multiplier : float or None, default None
+        DP-SGD noise multiplier (trained phases).
+    sample_rate : float or None, default None
+        Poisson sampling rate (trained phases).
+    steps : int or None, default None
+        DP-SGD steps of the phase (trained phases).
+    max_grad_norm : float or None, default None
+        Per-record clipping bound, where recorded.
+    independent_epsilon : float or None, default None
+        Epsilon recomputed by dp-accounting, where the history is known.
+    agrees : bool or None, default None
+        Whether both epsilons agree within 1%.
+    """
+
+    step: int
+    run: str
+    round: int
+    status: str
+    epsilon: float
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    max_grad_norm: float | None = None
+    independent_epsilon: float | None = None
+    agrees: bool | None = None
+
+
+@dataclass
+class SiteSummary:
+    """One site's budget and phases.
+
+    Parameters
+    ----------
+    site : str
+        The site's name.
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+    delta : float
+        The site's delta.
+    epsilon_cap : float
+        The site's epsilon cap.
+    epsilon_spent : float
+        Epsilon after the site's last row (0.0 with no row).
+    rounds_left : int or None
+        How many more phases like the last trained one fit under the cap (see
+        :func:`rounds_left`); None without a trained phase and its history.
+    status : str
+        ``"within budget"``, ``"OVER BUDGET"`` or ``"budget exhausted: site refused to
+        train"``.
+    rows : list of Row, default []
+        The site's phases, in order.
+    """
+
+    site: str
+    accountant: str
+    delta: float
+    epsilon_cap: float
+    epsilon_spent: float
+    rounds_left: int | None
+    status: str
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class PrivacyReport:
+    """A privacy budget report over one or more sites.
+
+    Parameters
+    ----------
+    source : str
+        The run directory or ledger path(s) it was read from.
+    kind : {"run", "ledger"}
+        Read from a run directory's ``privacy.jsonl`` or from privacy ledgers.
+    created : str
+        UTC time it was made, ISO 8601 to the second.
+    sites : list of SiteSummary
+        One summary per site.
+    """
+
+    source: str
+    kind: Literal["run", "ledger"]
+    created: str
+    sites: list[SiteSummary]
+
+    @property
+    def all_agree(self) -> bool:
+        """Whether every trained phase was recomputed independently and agreed.
+
+        False when no phase was trained.
+        """
+        trained = [r for s in self.sites for r in s.rows if r.status == "trained"]
+        return bool(trained) and all(r.agrees is True for r in trained)
+
+
+def rounds_left(
+    history: Sequence[Phase], last: Phase, cap: float, delta: float, accountant: str
+) -> int:
+    """Count how many more phases like ``last`` fit within ``cap``.
+
+    ``k`` more phases are accounted as one phase of ``k`` times ``last``'s steps; ``k`` is
+    found by exponential, then binary, search.
+
+    Parameters
+    ----------
+    history : sequence of (float, float, int)
+        The phases spent so far: (noise multiplier, sample rate, steps).
+    last : (float, float, int)
+        The phase to repeat.
+    cap : float
+        The epsilon cap.
+    delta : float
+        The delta epsilon is computed at.
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+
+    Returns
+    -------
+    int
+        The largest ``k`` with epsilon at most ``cap``, 0 if not even one fits, at most
+        :data:`MAX_ROUNDS_LEFT`.
+    """
+
+    def fits(k: int) -> bool:
+        return epsilon([*history, (last[0], last[1], last[2] * k)], delta, accountant) <= cap
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_ROUNDS_LEFT and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > MAX_ROUNDS_LEFT:
+        return MAX_ROUNDS_LEFT
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _summarize(
+    site: str, accountant: str, delta: float, cap: float, rows: list[Row], history: list[Phase]
+) -> SiteSummary:
+    spent = rows[-1].epsilon if rows else 0.0
+    trained = [r for r in rows if r.status == "trained"]
+    left = None
+    if trained and history:
+        last = trained[-1]
+        noise, rate, steps = last.noise_multiplier, last.sample_rate, last.steps
+        if noise is None or rate is None or steps is None:
+            raise FedHealthError(f"site {site}: trained phase {last.step} has no DP parameters")
+        left = rounds_left(history, (noise, rate, steps), cap, delta, accountant)
+    refused = any(r.status == "refused" for r in rows)
+    status = (
+        "budget exhausted: site refused to train"
+        if refused
+        else ("within budget" if spent <= cap else "OVER BUDGET")
+    )
+    return SiteSummary(site, accountant, delta, cap, spent, left, status, rows)
+
+
+def _check(row: Row, history: list[Phase], delta: float, accountant: str) -> None:
+    row.independent_epsilon = independent_epsilon(history, delta, accountant)
+    row.agrees = agrees(row.epsilon, row.independent_epsilon)
+
+
+def from_run_dir(run_dir: Path) -> PrivacyReport:
+    """Build the report of a run from its ``privacy.jsonl`` (what the sites reported up).
+
+    Each site's accountant, delta and cap are those of its last trained row; a trained row
+    with a ``history`` is recomputed independently.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+
+    Returns
+    -------
+    PrivacyReport
+        ``kind="run"``, sites in name order, rows in round order.
+
+    Raises
+    ------
+    FedHealthError
+        If ``privacy.jsonl`` is missing or has no row, or a trained row lacks its DP
+        parameters.
+    """
+    rows_by_site: dict[str, list[dict[str, Any]]] = {}
+    for line in read_jsonl(run_dir / "privacy.jsonl"):
+        rows_by_site.setdefault(line["site"], []).append(line)
+    if not rows_by_site:
+        raise FedHealthError(f"{run_dir}: no privacy.jsonl rows (was DP enabled for this run?)")
+    sites = []
+    for site, lines in sorted(rows_by_site.items()):
+        trained = [line for line in lines if line["status"] == "trained"]
+        meta = trained[-1] if trained else {}
+        accountant, delta = meta.get("accountant", "rdp"), float(meta.get("delta", 0.0))
+        rows: list[Row] = []
+        spent = 0.0
+        history: list[Phase] = []
+        for i, line in enumerate(sorted(lines, key=lambda x: x["round"])):
+            if line["status"] == "trained":
+                spent = float(line["epsilon"])
+                # JSON arrays, as the site reported them: (noise, sample rate, steps) each
+                history = cast(list[Phase], [tuple(h) for h in line.get("history", [])])
+                row = Row(
+                    i + 1,
+                    run_dir.name,
+                    line["round"],
+                    "trained",
+                    spent,
+                    line["noise_multiplier"],
+                    line["sample_rate"],
+                    line["dp_steps"],
+                    line.get("max_grad_norm"),
+                )
+                if history:
+                    _check(row, history, delta, accountant)
+            else:
+                row = Row(i + 1, run_dir.name, line["round"], line["status"], spent)
+            rows.append(row)
+        sites.append(
+            _summarize(site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history)
+        )
+    return PrivacyReport(str(run_dir), "run", _now(), sites)
+
+
+def from_ledgers(paths: list[Path]) -> PrivacyReport:
+    """Build the report of one or more sites' privacy ledgers.
+
+    Every entry is recomputed independently from the ledger's history up to it; a ledger
+    without entries is left out.
+
+    Parameters
+    ----------
+    paths : list of Path
+        ``ledger.sqlite`` files.
+
+    Returns
+    -------
+    PrivacyReport
+        ``kind="ledger"``, one site per ledger with entries, rows in ledger order.
+
+    Raises
+    ------
+    LedgerError
+        If a ledger is unreadable or fails its hash chain.
+    FedHealthError
+        If no ledger has an entry.
+    """
+    sites = []
+    for path in paths:
+        with PrivacyLedger(path) as ledger:
+            entries = ledger.entries
+            name = ledger.db.execute("SELECT value FROM meta WHERE key='site'").fetchone()[0]
+        if not entries:
+            continue
+        rows: list[Row] = []
+        history: list[Phase] = []
+        for i, e in enumerate(entries):
+            history.append(e.phase)
+            row = Row(
+                i + 1,
+                e.run,
+                e.round,
+                "trained",
+                e.epsilon_after,
+                e.noise_multiplier,
+                e.sample_rate,
+                e.steps,
+                e.max_grad_norm,
+            )
+            _check(row, list(history), e.delta, e.accountant)
+            rows.append(row)
+        last = entries[-1]
+        sites.append(_summarize(name, last.accountant, last.delta, last.epsilon_cap, rows, history))
+    if not sites:
+        raise FedHealthError(f"no ledger entries in {', '.join(map(str, paths))}")
+    return PrivacyReport(", ".join(map(str, paths)), "ledger", _now(), sites)
+
+
+def load(path: Path | str) -> PrivacyReport:
+    """Build the report of a run directory, a ledger file, or a directory of ledgers.
+
+    Parameters
+    ----------
+    path : Path or str
+        A ledger file; a run directory (holding ``privacy.jsonl`` or ``manifest.json``); a
+        directory holding ``ledger.sqlite``; or a root whose subdirectories each hold one.
+
+    Returns
+    -------
+    PrivacyReport
+        As :func:`from_ledgers` or :func:`from_run_dir`.
+
+    Raises
+    ------
+    FedHealthError
+        If ``path`` is none of these, or as :func:`from_run_dir` and :func:`from_ledgers`.
+    LedgerError
+        As :func:`from_ledgers`.
+    """
+    path = Path(path)
+    if path.is_file():
+        return from_ledgers([path])
+    if (path / "privacy.jsonl").is_file() or (path / "manifest.json").is_file():
+        return from_run_dir(path)
+    ledgers = sorted(path.glob("ledger.sqlite")) or sorted(path.glob("*/ledger.sqlite"))
+    if ledgers:
+        return from_ledgers(ledgers)
+    raise FedHealthError(f"{path}: neither a run directory nor a privacy ledger")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

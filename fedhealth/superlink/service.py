@@ -1,0 +1,140 @@
+"""The coordinator service (``fedhealth server run``): the SuperLink, supervised.
+
+``flower-superlink`` runs with TLS, site authentication and its SQLite state database,
+restarted with backoff; the enrolled sites are registered once it listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fedhealth.errors import FederationError
+from fedhealth.service.process import flower_env
+from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging
+from fedhealth.superlink.control import write_connection
+from fedhealth.superlink.enrolment import enrol_sites, enrolled_keys
+from fedhealth.superlink.settings import CoordinatorSettings
+
+log = logging.getLogger("fedhealth.coordinator")
+
+ENROL_WAIT_S = 120.0  # for the SuperLink's port to open before enrolling
+
+
+def superlink_argv(s: CoordinatorSettings) -> list[str]:
+    """Build the SuperLink's command line.
+
+    Parameters
+    ----------
+    s : CoordinatorSettings
+        The coordinator's settings.
+
+    Returns
+    -------
+    list of str
+        ``flower-superlink`` on ``host:port`` with its database in the state directory, no
+        runtime dependency installation, and TLS plus SuperNode authentication (or
+        ``--insecure``).
+    """
+    bin_dir = Path(sys.executable).parent
+    argv = [
+        str(bin_dir / "flower-superlink"),
+        "--host",
+        s.host,
+        "--port",
+        str(s.port),
+        "--database",
+        str((s.state / "superlink.db").resolve()),
+        "--disable-runtime-dependency-installation",
+    ]
+    if s.insecure:
+        return [*argv, "--insecure"]
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(Path(s.ca).resolve()),
+        "--ssl-certfile",
+        str(Path(s.cert).resolve()),
+        "--ssl-keyfile",
+        str(Path(s.key).resolve()),
+        "--enable-supernode-auth",
+    ]
+
+
+def wait_port(host: str, port: int, timeout: float) -> None:
+    """Wait until ``host:port`` accepts TCP connections.
+
+    Parameters
+    ----------
+    host : str
+        The host.
+    port : int
+        The port.
+    timeout : float
+        Seconds to wait at most.
+
+    Raises
+    ------
+    FederationError
+        The port did not open within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FederationError(f"{host}:{port} did not open within {timeout:.0f}s")
+
+
+def run(s: CoordinatorSettings) -> int:
+    """Supervise the SuperLink until SIGTERM; enrol the sites once it listens.
+
+    ``<state_dir>/status.json`` says whether the coordinator is ``ready`` and which sites are
+    enrolled; ``<state_dir>/coordinator.jsonl`` is its log.
+
+    Parameters
+    ----------
+    s : CoordinatorSettings
+        The coordinator's settings (checked for role ``"run"``).
+
+    Returns
+    -------
+    int
+        0 after a clean stop.
+    """
+    s.state.mkdir(parents=True, exist_ok=True)
+    setup_json_logging(s.state / "coordinator.jsonl")
+    if s.insecure:
+        log.warning(
+            "INSECURE MODE: no TLS and no site authentication; anyone who reaches port "
+            "%d can join and read the global model. Never use this outside a lab.",
+            s.port,
+            extra={"fields": {"event": "insecure"}},
+        )
+    flwr_home = s.state / "flwr"
+    write_connection(s, flwr_home)
+    env = flower_env(flwr_home, unbuffered=True)
+    sup = Supervisor(s.state / "status.json", s.backoff_initial, s.backoff_max)
+    sup.add(Child("superlink", superlink_argv(s), env, s.state))
+
+    def enrol() -> None:
+        try:
+            wait_port("127.0.0.1", s.port, ENROL_WAIT_S)
+            names = enrol_sites(s, env)
+            enrolled = sorted(p.parent.name for p in enrolled_keys(s))
+            sup.set_status(enrolled=enrolled, newly_enrolled=names, ready=True)
+            log.info(
+                "coordinator ready on %s:%d", s.host, s.port, extra={"fields": {"event": "ready"}}
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, the operator fixes and restarts
+            log.error("enrolment failed: %s", exc, extra={"fields": {"event": "enrol.failed"}})
+            sup.set_status(ready=False, error=str(exc))
+
+    threading.Thread(target=enrol, daemon=True).start()
+    return sup.run()

@@ -1,0 +1,172 @@
+"""``fedhealth site check``: the site's preflight, each item passing or naming what is wrong."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fedhealth.supernode.settings import SiteSettings
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One preflight check's outcome.
+
+    Parameters
+    ----------
+    name : str
+        What was checked: ``data``, ``ca``, ``auth_key``, ``keys``, ``ledger`` or
+        ``coordinator``.
+    ok : bool
+        Whether it passed.
+    detail : str
+        What was found, or what is wrong (naming the file, key or address).
+    """
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def check(s: SiteSettings, timeout: float = 10.0) -> list[CheckItem]:
+    """Run the preflight: data, keys, ledger, coordinator.
+
+    Nothing is written into the site's data directory; the ledger is opened and verified
+    (hash chain, recomputed epsilon) but not changed.
+
+    Parameters
+    ----------
+    s : SiteSettings
+        The site's settings.
+    timeout : float, optional
+        Seconds to wait for the coordinator's TCP connection and TLS handshake (default 10.0).
+
+    Returns
+    -------
+    list of CheckItem
+        One item per check, in the order above; each passes or says what is wrong.
+    """
+    return [_check_data(s), *_check_keys(s), _check_ledger(s), _check_coordinator(s, timeout)]
+
+
+def _check_data(s: SiteSettings) -> CheckItem:
+    from fedhealth.data.loading import read_datalist
+    from fedhealth.errors import DataError
+
+    path = Path(s.data_dir) / "dataset.json"
+    try:
+        data = read_datalist(path)  # every image/label pair opened and checked
+    except DataError as exc:
+        return CheckItem("data", False, str(exc))
+    patients = {i["patient"] for i in data.train}
+    return CheckItem(
+        "data",
+        True,
+        f"{path}: {len(data.train)} training scans of "
+        f"{len(patients)} patients, {len(data.test)} test scans, "
+        "every file readable and consistent",
+    )
+
+
+def _check_keys(s: SiteSettings) -> list[CheckItem]:
+    if s.insecure:
+        return [CheckItem("keys", False, "insecure mode: no TLS root, no authentication key")]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedhealth.security.certs import WARN_DAYS
+
+    items: list[CheckItem] = []
+    try:
+        cert = x509.load_pem_x509_certificate(Path(s.ca).read_bytes())
+        left = (cert.not_valid_after_utc - datetime.now(UTC)).days
+        ok = left >= WARN_DAYS
+        items.append(
+            CheckItem(
+                "ca",
+                ok,
+                f"{s.ca}: {cert.subject.rfc4514_string()}, "
+                + (f"valid until {cert.not_valid_after_utc:%Y-%m-%d}" if left >= 0 else "EXPIRED")
+                + ("" if ok else f" (under {WARN_DAYS} days left)"),
+            )
+        )
+    except (OSError, ValueError) as exc:
+        items.append(CheckItem("ca", False, f"{s.ca}: not a readable PEM certificate ({exc})"))
+    key_path = Path(s.auth_key)
+    try:
+        key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+        mode = key_path.stat().st_mode & 0o777
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            items.append(CheckItem("auth_key", False, f"{key_path}: not an ECDSA key"))
+        elif mode & 0o077:
+            items.append(
+                CheckItem(
+                    "auth_key",
+                    False,
+                    f"{key_path}: mode {mode:o}, readable by others; chmod 600 it",
+                )
+            )
+        else:
+            items.append(
+                CheckItem("auth_key", True, f"{key_path}: ECDSA {key.curve.name}, mode {mode:o}")
+            )
+    except (OSError, ValueError) as exc:
+        items.append(
+            CheckItem("auth_key", False, f"{key_path}: not a readable OpenSSH private key ({exc})")
+        )
+    return items
+
+
+def _check_ledger(s: SiteSettings) -> CheckItem:
+    from fedhealth.errors import LedgerError
+    from fedhealth.privacy.ledger import PrivacyLedger
+
+    path = s.ledger_path
+    if not path.exists():
+        existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        writable = os.access(existing, os.W_OK)
+        return CheckItem(
+            "ledger",
+            writable,
+            f"{path}: new ledger, created on first training"
+            + ("" if writable else f"; but {existing} is not writable, so it cannot be created"),
+        )
+    try:
+        with PrivacyLedger(path, s.name) as ledger:
+            entries = ledger.verify()
+    except LedgerError as exc:
+        return CheckItem("ledger", False, str(exc))
+    spent = entries[-1].epsilon_after if entries else 0.0
+    ok = spent < s.epsilon_cap
+    return CheckItem(
+        "ledger",
+        ok,
+        f"{path}: {len(entries)} entries, hash chain intact, epsilon "
+        f"{spent:.3f} of {s.epsilon_cap:g} spent" + ("" if ok else " (budget exhausted)"),
+    )
+
+
+def _check_coordinator(s: SiteSettings, timeout: float) -> CheckItem:
+    host, port = s.coordinator.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            if s.insecure:
+                return CheckItem("coordinator", True, f"{s.coordinator}: TCP reachable (plaintext)")
+            context = ssl.create_default_context(cafile=s.ca)
+            context.set_alpn_protocols(["h2"])
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                return CheckItem(
+                    "coordinator",
+                    True,
+                    f"{s.coordinator}: reachable, TLS "
+                    f"{tls.version()} certificate verified against {s.ca}",
+                )
+    except ssl.SSLError as exc:
+        return CheckItem("coordinator", False, f"{s.coordinator}: TLS failed ({exc.reason or exc})")
+    except OSError as exc:
+        return CheckItem("coordinator", False, f"{s.coordinator}: not reachable ({exc})")

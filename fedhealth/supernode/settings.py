@@ -1,0 +1,162 @@
+"""A hospital's ``site.yaml``: the site daemon's settings, checked when loaded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from fedhealth.errors import ConfigError
+from fedhealth.service.settings import load_settings
+from fedhealth.supernode.paced import MAX_INTERVAL
+
+ISOLATION = ("warm", "subprocess")
+
+
+@dataclass
+class SiteSettings:
+    """A hospital's ``site.yaml`` (every key can also be given as ``key=value``).
+
+    Parameters
+    ----------
+    name : str
+        The site's name, 1-64 of ``A-Z a-z 0-9 _ . -`` (required).
+    coordinator : str
+        ``host:port`` of the coordinator's Fleet API (required).
+    ca : str
+        The consortium's ``ca.crt``, the TLS root (required unless ``insecure``).
+    auth_key : str
+        The site's private authentication key, mode 0600 (required unless ``insecure``).
+    data_dir : str
+        The directory holding the site's ``dataset.json`` (required; only ever read).
+    ledger_dir : str
+        Where the privacy ledger ``ledger.sqlite`` lives (required).
+    state_dir : str
+        ``status.json``, ``daemon.jsonl`` and Flower's app cache (default ``"state"``).
+    epsilon_cap : float
+        The site's own cap on epsilon (default 8.0).
+    delta : float
+        The site's delta, in (0, 1) (default 1e-5).
+    appio_port : int
+        The SuperNode's local ClientApp API port (default 9094).
+    isolation : str
+        ``"warm"`` (default): ClientApps fork from a pre-loaded process
+        (:mod:`fedhealth.supernode.warm`); ``"subprocess"``: Flower starts a fresh one per
+        message.
+    pull_interval : float
+        Seconds between the SuperNode's polls, in (0, 3] (default 0.5; Flower: 3 s;
+        :mod:`fedhealth.supernode.paced`).
+    backoff_initial : float
+        Seconds before the first restart of the SuperNode (default 1.0).
+    backoff_max : float
+        The longest wait between restarts, in seconds (default 60.0).
+    stop_grace : float
+        On SIGTERM, seconds a running ClientApp may finish (default 30.0).
+    egress_log : str
+        Optional JSON-lines record of every reply sent (default ``""``: none).
+    insecure : bool
+        Plaintext, no authentication: labs only (default False).
+    """
+
+    name: str = "???"
+    coordinator: str = "???"
+    ca: str = ""
+    auth_key: str = ""
+    data_dir: str = "???"
+    ledger_dir: str = "???"
+    state_dir: str = "state"
+    epsilon_cap: float = 8.0
+    delta: float = 1e-5
+    appio_port: int = 9094
+    isolation: str = "warm"
+    pull_interval: float = 0.5
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    stop_grace: float = 30.0
+    egress_log: str = ""
+    insecure: bool = False
+
+    PATHS: ClassVar[tuple[str, ...]] = (
+        "ca",
+        "auth_key",
+        "data_dir",
+        "ledger_dir",
+        "state_dir",
+        "egress_log",
+    )
+
+    def validate(self) -> SiteSettings:
+        """Check the values together.
+
+        Returns
+        -------
+        SiteSettings
+            ``self``, checked.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key and the rule it breaks.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ConfigError(f"site config: name={self.name!r}: 1-64 of A-Z a-z 0-9 _ . -")
+        if not re.fullmatch(r"[^:\s]+:\d{1,5}", self.coordinator):
+            raise ConfigError(f"site config: coordinator={self.coordinator!r}: expected host:port")
+        if not self.insecure and (not self.ca or not self.auth_key):
+            raise ConfigError(
+                "site config: 'ca' and 'auth_key' are required (TLS and site "
+                "authentication); plaintext only with --insecure"
+            )
+        if not 0 < self.epsilon_cap or not 0 < self.delta < 1:
+            raise ConfigError(
+                f"site config: epsilon_cap={self.epsilon_cap}, delta={self.delta}: "
+                "need epsilon_cap > 0 and 0 < delta < 1"
+            )
+        if self.isolation not in ISOLATION:
+            raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
+        if not 0 < self.pull_interval <= MAX_INTERVAL:
+            raise ConfigError(
+                f"site config: pull_interval={self.pull_interval!r}: need "
+                f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
+            )
+        return self
+
+    @property
+    def state(self) -> Path:
+        """The state directory (``state_dir``)."""
+        return Path(self.state_dir)
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's privacy ledger, ``<ledger_dir>/ledger.sqlite``."""
+        return Path(self.ledger_dir) / "ledger.sqlite"
+
+
+def load(path: Path | None, overrides: list[str], *, insecure: bool = False) -> SiteSettings:
+    """Load ``site.yaml`` and ``key=value`` overrides, and check them.
+
+    Parameters
+    ----------
+    path : Path or None
+        The ``site.yaml`` (relative paths in it are relative to its directory); None: the
+        overrides only.
+    overrides : list of str
+        ``key=value`` items, applied after the file.
+    insecure : bool, optional
+        Force plaintext without authentication (``--insecure``; default False: as the file
+        says).
+
+    Returns
+    -------
+    SiteSettings
+        The checked settings.
+
+    Raises
+    ------
+    ConfigError
+        A file, key or value is missing or wrong; the message names it.
+    """
+    settings = load_settings(SiteSettings, path, overrides, SiteSettings.PATHS, "site")
+    settings.insecure = settings.insecure or insecure
+    return settings.validate()
