@@ -134,7 +134,8 @@ def validate(raw: dict[str, Any]) -> Config:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(
-            f"invalid config field {getattr(exc, 'full_key', '?')}: {exc.msg}"
+            f"invalid config field {getattr(exc, 'full_key', '?')}: "
+            f"{str(exc.msg).splitlines()[0] if exc.msg else type(exc).__name__}"
         ) from exc
     _check_ranges(cfg)
     return cfg

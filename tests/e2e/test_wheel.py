@@ -96,12 +96,14 @@ def test_installed_wheel_runs_a_simulation_outside_the_source_tree(
         cwd=tmp_path,
         timeout=60,
     ).strip()
-    Path(purelib, "fedhealth-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # The wheel first: with this environment on its path, pip would take the editable
+    # fedhealth there for an installed one and skip the wheel.
     _run(
         [str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
         cwd=tmp_path,
         timeout=300,
     )
+    Path(purelib, "fedhealth-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
 
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -55,3 +58,49 @@ def test_the_readme_layout_names_every_folder_of_the_package():
     named = set(re.findall(r"^  ([a-z_]+)/", block, flags=re.M))
     folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert named == folders, (sorted(named - folders), sorted(folders - named))
+
+
+PROCESS_ROOMS = ("serverapp", "clientapp", "supernode", "superlink", "testing")
+DOMAIN_ROOMS = (
+    "protocol",
+    "runs",
+    "service",
+    "data",
+    "models",
+    "training",
+    "privacy",
+    "security",
+    "reports",
+)
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_dependencies_point_down_from_the_process_rooms_to_the_domain():
+    upward = [
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for room in DOMAIN_ROOMS
+        for path in (PACKAGE / room).rglob("*.py")
+        for name in _imports(path)
+        if name.startswith(tuple(f"fedhealth.{r}" for r in PROCESS_ROOMS))
+    ]
+    assert not upward, upward
+
+
+def test_the_protocol_and_the_light_clientapp_stages_load_without_torch():
+    """Both sides import protocol/; the secure-aggregation stages start in a fresh process."""
+    probe = (
+        "import sys, fedhealth.protocol.keys, fedhealth.protocol.packing, "
+        "fedhealth.protocol.replies, fedhealth.clientapp.app, fedhealth.clientapp.secagg_stages; "
+        "print(sorted(m for m in ('torch', 'monai', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
