@@ -71,11 +71,13 @@ SITES = 4
 POLL = 0.1
 PULL_INTERVAL = 0.5  # the site daemon's default pull_interval
 TARGET_S, TARGET_RATIO = 5.0, 0.25
-# What a ClientApp process imports before its handler can work: Flower's runtime, the app, and
-# the site code (torch, MONAI, Opacus).
+# What a ClientApp process imports before its handler can work: Flower's runtime, the app (what
+# clients/client_app.py imports; that thin entry itself comes from the run's FAB, not from an
+# installed package), and the site code (torch, MONAI, Opacus).
 HANDLER_IMPORTS = (
     "flwr.supernode.cli.flwr_clientapp",
-    "clients.client_app",
+    "fedhealth.clientapp.app",
+    "fedhealth.clientapp.egress",
     "fedhealth.clientapp.handlers",
 )
 LAUNCHED = re.compile(r"^(\S+ \S+) INFO fedhealth\.warm: task (\d+) run \d+: launched")
