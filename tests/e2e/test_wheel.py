@@ -88,6 +88,13 @@ def test_installed_wheel_runs_a_simulation_outside_the_source_tree(
     # A fresh venv whose only fedhealth is the wheel. Its dependencies (torch, Flower, MONAI,
     # ...: 1.5 GB) come from this environment's site-packages as a plain path entry, so the
     # editable install of the source tree there stays inactive (its .pth is not processed).
+    # Flower's Ray simulation leaves PYTHONPATH (this environment's site-packages) in os.environ
+    # when a simulation ran earlier in this process: every command here runs without it.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "FEDHEALTH_CONFIG_DIR")
+    }
     fresh = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(fresh)
     python = fresh / "bin" / "python"
@@ -95,19 +102,20 @@ def test_installed_wheel_runs_a_simulation_outside_the_source_tree(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         cwd=tmp_path,
         timeout=60,
+        env=env,
     ).strip()
     # The wheel first: with this environment on its path, pip would take the editable
     # fedhealth there for an installed one and skip the wheel.
     _run(
-        [str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+        [str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
         cwd=tmp_path,
         timeout=300,
+        env=env,
     )
     Path(purelib, "fedhealth-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FEDHEALTH_CONFIG_DIR")}
     where = _run(
         [
             str(python),
