@@ -111,8 +111,11 @@ class RunDir:
                     f"{self.path}: exists with a different configuration "
                     "(config.yaml); choose another run_name"
                 )
-            if not self.manifest.get("finished"):
-                self.resumed_from = int(self.manifest["rounds_completed"])
+            completed = int(self.manifest["rounds_completed"])
+            if not self.manifest.get("finished") and (completed or 0 in self.checkpoints.rounds()):
+                # (a coordinator that died before it checkpointed the initial model left nothing
+                # to resume: the run starts afresh, with the same seeded initial model)
+                self.resumed_from = completed
                 self.pending = self.manifest.get("pending_line")
                 # a pending round's line may have been written just before the coordinator died:
                 # it is dropped and written again when the repeated evaluation arrives

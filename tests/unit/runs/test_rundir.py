@@ -52,3 +52,14 @@ def test_a_corrupt_checkpoint_is_never_loaded_on_resume(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="round-0000.safetensors: sha256"):
         run_federation(None, cfg, RunDir.create(cfg))  # fails before any message is sent
+
+
+def test_a_run_that_died_before_its_initial_checkpoint_starts_afresh(tmp_path):
+    """Nothing to resume (no round-0 checkpoint recorded): a resubmitted run starts from the
+    seeded initial model instead of failing on a checkpoint that was never written."""
+    cfg = _cfg(tmp_path)
+    RunDir.create(cfg)  # manifest written, then the ServerApp died before round 0's checkpoint
+    again = RunDir.create(cfg)
+    assert again.resumed_from is None and not again.finished
+    again.end_round(0, {"w": np.zeros(3, np.float32)})
+    assert RunDir.create(cfg).resumed_from == 0  # from here on, a resume
