@@ -135,7 +135,7 @@ RUNS = (
     # ours with Flower's own polling: the SuperNode sleeping 3 s after an empty pull and
     # 0.5 s between reply checks, the ClientApp's message pull backing off 1 s, 2 s, ...
     Run("ours-flower-polls", "ours", ("train",), folded=True, paced=False),
-    # ours with the model sent as one array per tensor (one HTTPS request each)
+    # ours with the model sent as one array per tensor (one gRPC call each)
     Run(
         "ours-per-tensor",
         "ours",
@@ -213,9 +213,9 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
     logs = work / name
     logs.mkdir()
     procs = Procs(logs, env)
-    link, *ports = free_ports(SITES + 1)
+    link, control, *ports = free_ports(SITES + 2)
     try:
-        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench")
+        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench", control)
         for site in range(SITES):
             flwr(
                 env,

@@ -76,11 +76,11 @@ def main() -> int:
         create_server_cert(ca, keys, ["127.0.0.1"])
         env = flower_env(work / "flwr-home")
         procs = Procs(work, env)
-        link, *node_ports = free_ports(SITES + 1)
+        link, control, *node_ports = free_ports(SITES + 2)
         (work / "flwr-home").mkdir()
         results = {}
         try:
-            start_tls_superlink(procs, keys, link, work / "flwr-home", "bench")
+            start_tls_superlink(procs, keys, link, work / "flwr-home", "bench", control)
             for site in range(SITES):
                 key, pub = create_site_keys(keys, f"site-{site}")
                 flwr(env, ["supernode", "register", str(pub), "bench"], cwd=work, timeout=60)

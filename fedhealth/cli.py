@@ -7,6 +7,8 @@
     fedhealth certs init|site|check              consortium CA, coordinator TLS, site keys
     fedhealth site run|check|status --config site.yaml        the hospital's daemon
     fedhealth server run|launch --config coordinator.yaml     the coordinator service, runs
+    fedhealth app build|sign|keygen              approved app bundles: hash, publisher signature
+    fedhealth server enrol|sites|revoke --config coordinator.yaml   site enrolment (operator)
 
 Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 """
@@ -210,16 +212,31 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """Run ``fedhealth server run|launch``: the coordinator service and its run launcher."""
+    """Run ``fedhealth server run|launch|enrol|sites|revoke``: the coordinator, enrolment."""
     from fedhealth.superlink.launcher import launch
     from fedhealth.superlink.service import run
     from fedhealth.superlink.settings import load
 
     if args.server_cmd == "run":
         return run(load(args.config, args.settings, insecure=args.insecure))
+    if args.server_cmd in ("enrol", "sites", "revoke"):
+        from fedhealth.superlink.operator import command
+
+        cmd = "sites-json" if getattr(args, "json", False) else args.server_cmd
+        settings = load(args.config, args.settings, insecure=args.insecure)
+        return command(
+            cmd, settings, name=getattr(args, "name", ""), key=getattr(args, "key", None)
+        )
     given = [f"{k}={v}" for k, v in (("ca", args.ca), ("state_dir", args.state_dir)) if v]
     settings = load(args.config, given, insecure=args.insecure, role="launch")
     return launch(settings, args.settings, args.address, args.timeout)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Run ``fedhealth app build|sign|keygen``: app bundles sites can approve."""
+    from fedhealth.superlink.appcmd import app_command
+
+    return app_command(args.app_cmd, vars(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,17 +313,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         default=None,
-        help="the coordinator's host:port (default: 127.0.0.1:<port of --config>)",
+        help="the Control API host:port (default: control_host:control_port of --config)",
     )
     p.add_argument("--ca", default=None, help="consortium CA certificate (default: from --config)")
     p.add_argument("--state-dir", default=None, help="where the launcher keeps its Flower config")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    p = server.add_parser("enrol", help="bind a site's public key to its name; register it")
+    p.add_argument("name", help="the site's name (its metrics and privacy records)")
+    p.add_argument("--key", type=Path, required=True, help="the site's public key (auth.pub)")
+    p = server.add_parser("sites", help="enrolled sites: key fingerprint, node id, status")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = server.add_parser("revoke", help="unregister a site's node and archive its key")
+    p.add_argument("name", help="the enrolled site")
+    for name in ("enrol", "sites", "revoke"):
+        server.choices[name].add_argument("settings", nargs="*", help="overrides of --config")
     for p in server.choices.values():
         p.add_argument("--config", type=Path, default=None, help="coordinator.yaml")
         p.add_argument(
             "--insecure", action="store_true", help="NO TLS, NO site authentication (labs only)"
         )
         p.set_defaults(func=cmd_server)
+
+    app = sub.add_parser("app", help="app bundles (FABs) sites approve").add_subparsers(
+        dest="app_cmd", required=True
+    )
+    p = app.add_parser("build", help="build this project's FAB; print its path and sha256")
+    p.add_argument("--out", type=Path, default=Path("dist"), help="output directory")
+    p = app.add_parser("sign", help="sign a FAB with a publisher key (writes <fab>.sig)")
+    p.add_argument("fab", type=Path, help="the .fab file")
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (OpenSSH/PEM)")
+    p.add_argument("--key-id", default="", help="the key's id (default: the key file's stem)")
+    p = app.add_parser("keygen", help="create a publisher's Ed25519 key pair")
+    p.add_argument("key_id", help="the key's id, as sites' trusted_publishers name it")
+    p.add_argument("--dir", type=Path, default=Path("keys"), help="where to write the keys")
+    for sp in app.choices.values():
+        sp.set_defaults(func=cmd_app)
 
     report = sub.add_parser("report", help="reports for people").add_subparsers(
         dest="report_cmd", required=True

@@ -16,7 +16,7 @@ Code ranges, one per component:
 5xx         security (``security/``): certificates, secure aggregation
 6xx         the site's long-running side (``supernode/``): patches of Flower internals
 7xx         test harnesses (``testing/``): the compose topology
-1001-1005   codes a site puts in an error *reply* (:data:`SITE_ERROR_CODES`); their public text
+1001-1006   codes a site puts in an error *reply* (:data:`SITE_ERROR_CODES`); their public text
             is fixed, details stay in the site's log
 ==========  ==================================================================================
 """
@@ -39,6 +39,7 @@ class ErrorCode(IntEnum):
     FEDERATION_FAILED = 202
     RUN_STOPPED = 203
     RUN_INCOMPLETE = 204
+    SITE_NOT_ENROLLED = 205
     # run storage
     CHECKPOINT_INVALID = 301
     # privacy
@@ -47,6 +48,8 @@ class ErrorCode(IntEnum):
     # security
     CERTIFICATE_INVALID = 501
     SECAGG_FAILED = 502
+    APP_NOT_APPROVED = 503
+    ENROLMENT_INVALID = 510
     # the site's long-running side
     PATCH_MISMATCH = 601
     SITE_EVENT_INVALID = 602
@@ -58,6 +61,7 @@ class ErrorCode(IntEnum):
     SITE_REFUSED_CONFIG = 1003
     SITE_REFUSED_BUDGET = 1004
     SITE_LEDGER = 1005
+    SITE_APP_REFUSED = 1006
 
 
 ERROR_HELP: dict[ErrorCode, str] = {
@@ -74,6 +78,9 @@ ERROR_HELP: dict[ErrorCode, str] = {
     "logs.",
     ErrorCode.RUN_INCOMPLETE: "The run ended before its last round; the run directory's "
     "manifest.json and the log above say where. Rerun with the same run_name to resume.",
+    ErrorCode.SITE_NOT_ENROLLED: "A reply came from a node whose key the operator has not "
+    "enrolled under a site name (or has revoked); it was refused. Enrol the site with `fedhealth "
+    "server enrol NAME --key auth.pub` on the coordinator host, or check `fedhealth server sites`.",
     ErrorCode.CHECKPOINT_INVALID: "A checkpoint is missing or its bytes no longer match its "
     "recorded sha256: restore it from a backup or start a new run_name.",
     ErrorCode.LEDGER_INVALID: "The site's privacy ledger is unreadable or fails its hash chain: "
@@ -84,6 +91,12 @@ ERROR_HELP: dict[ErrorCode, str] = {
     "certs check` lists expired and expiring ones.",
     ErrorCode.SECAGG_FAILED: "Secure aggregation could not complete this round (fewer sites than "
     "the threshold, or a malformed protocol reply); the global model stays as it was.",
+    ErrorCode.ENROLMENT_INVALID: "Enrol a site with its PUBLIC key only (auth.pub from `fedhealth "
+    "certs site NAME`, an OpenSSH ECDSA key on a NIST curve); one name per key and one key per "
+    "name: `fedhealth server revoke NAME` first to replace a site's key.",
+    ErrorCode.APP_NOT_APPROVED: "The app bundle (FAB) is not approved here: add the sha256 that "
+    "`fedhealth app build` prints to approved_apps (site.yaml or coordinator.yaml), or have a "
+    "trusted publisher sign it (`fedhealth app sign`) and list their key in trusted_publishers.",
     ErrorCode.PATCH_MISMATCH: "The installed Flower differs from the release fedhealth's "
     "SuperNode patches were written for; the SuperNode runs stock (slower, same results).",
     ErrorCode.SITE_EVENT_INVALID: "A ClientApp printed a site event whose fields are missing or "
@@ -98,6 +111,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.SITE_REFUSED_BUDGET: "site refused: training this round would exceed its privacy "
     "budget",
     ErrorCode.SITE_LEDGER: "site privacy ledger unreadable or corrupt: site stopped training",
+    ErrorCode.SITE_APP_REFUSED: "app not approved at the site: its code never ran there (the "
+    "site approves FAB hashes or trusted publishers in site.yaml)",
 }
 
 
@@ -202,6 +217,24 @@ class SecAggError(FedHealthError):
     code = ErrorCode.SECAGG_FAILED
 
 
+class SiteNotEnrolled(FedHealthError):
+    """A reply came from a node the coordinator has no enrolled site name for."""
+
+    code = ErrorCode.SITE_NOT_ENROLLED
+
+
+class EnrolmentError(FedHealthError):
+    """A site key cannot be enrolled or revoked: not a public key, or bound elsewhere."""
+
+    code = ErrorCode.ENROLMENT_INVALID
+
+
+class AppRefused(FedHealthError):
+    """An app bundle is not approved (hash not listed, signature missing or invalid)."""
+
+    code = ErrorCode.APP_NOT_APPROVED
+
+
 class PatchMismatch(FedHealthError):
     """The installed Flower's SuperNode internals are not those a patch was written for."""
 
@@ -230,6 +263,7 @@ SITE_ERROR_CODES: dict[int, str] = {
         ErrorCode.SITE_REFUSED_CONFIG,
         ErrorCode.SITE_REFUSED_BUDGET,
         ErrorCode.SITE_LEDGER,
+        ErrorCode.SITE_APP_REFUSED,
     )
 }
 BUDGET_REFUSAL = int(ErrorCode.SITE_REFUSED_BUDGET)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from flwr.clientapp.typing import Mod
 from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
@@ -49,6 +51,38 @@ def ensure_cohort(cfg: Config) -> Path:
     return root
 
 
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch (read when ``ray`` is imported) that, set to ``0``, makes its node address the
+loopback one; ``_node_ip_address="127.0.0.1"`` alone is turned into the host's reachable IP."""
+
+
+def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
+    """Return ``ray.init`` arguments under which every Ray server listens on 127.0.0.1 only.
+
+    Ray 2.55 binds its GCS, raylet, object manager and worker gRPC servers to the node's IP
+    address; by default that is the host's external address (and ``*`` for some), and it
+    replaces ``127.0.0.1`` given as ``_node_ip_address`` by that address unless Ray believes it
+    is not a cluster (:data:`RAY_LOOPBACK_ENV` ``=0``). This sets that switch for this process
+    and its Ray children (and in Ray's constants when ``ray`` is already imported), and turns
+    the dashboard off. Measured with ``ss -ltnp``: loopback only.
+
+    Parameters
+    ----------
+    num_cpus : int
+        CPUs Ray may use.
+
+    Returns
+    -------
+    dict of str to Any
+        For Flower's ``backend_config["init_args"]``.
+    """
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # imported earlier in this process: the switch was read already
+        constants.__dict__["ENABLE_RAY_CLUSTER"] = False
+    return {"num_cpus": num_cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+
+
 def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
     """Run the configured federation over ``cfg.sites`` virtual sites on Flower's simulation engine.
 
@@ -74,7 +108,7 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
     num_cpus = cfg.federation.ray_num_cpus or os.cpu_count() or 1
     backend: BackendConfig = {
         "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus, "include_dashboard": False},
+        "init_args": ray_loopback_args(num_cpus),
     }
     run_simulation(
         server_app=make_server_app(cfg, run_dir),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -77,6 +78,10 @@ def package_versions() -> dict[str, str]:
 class RunDir:
     """Create (or resume) and fill one run directory; the strategy calls it as rounds progress.
 
+    The run directory holds the global model and per-site metrics: it is created owner-only
+    (0700), and the process's umask is set to 077 so every file written into it (checkpoints,
+    metrics, reports) is owner-only too.
+
     Parameters
     ----------
     path : Path or str
@@ -92,7 +97,9 @@ class RunDir:
 
     def __init__(self, path: Path | str, cfg: Config) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        os.umask(0o077)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
         self.cfg = cfg
         self.metrics = self.path / "metrics.jsonl"
         self.privacy = self.path / "privacy.jsonl"

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs the
 log = logging.getLogger("fedhealth.coordinator")
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
+def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool = False) -> None:
     """Run the configured strategy's rounds; checkpoints and metrics go to ``run_dir``.
 
     A run directory left by a killed coordinator is resumed: the global model and the
@@ -42,6 +42,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         The resolved run config.
     run_dir : RunDir
         The run directory (new or resumed).
+    enrolled : bool, default False
+        Keyword-only. Deployment: file every reply under its node's enrolled site name
+        (:class:`~fedhealth.serverapp.enrolled.EnrolledGrid`); False (simulation): under the
+        name each site reports.
 
     Raises
     ------
@@ -77,6 +81,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir) -> None:
         log.warning("run %s: resuming after round %d of %d", run_dir.path.name, done, cfg.rounds)
     from fedhealth.serverapp.polling import PolledGrid
 
+    if enrolled:
+        from fedhealth.serverapp.enrolled import EnrolledGrid
+
+        grid = EnrolledGrid(grid)
     grid = PolledGrid(grid, interval=fed.reply_poll_interval)
     if fed.secure_aggregation:
         from fedhealth.serverapp.secure_grid import SecureGrid
@@ -144,8 +152,9 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
     Parameters
     ----------
     cfg : Config or None, default None
-        The run config; None reads it from the run config ``flwr run`` passes
-        (:func:`~fedhealth.serverapp.runconfig.config_from_run_config`).
+        The run config; None (deployment) reads it from the run config ``flwr run`` passes
+        (:func:`~fedhealth.serverapp.runconfig.config_from_run_config`) and files every reply
+        under its node's enrolled site name.
     run_dir : RunDir or None, default None
         The run directory; None opens ``<run_root>/<run_name>`` of the config.
 
@@ -162,6 +171,6 @@ def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) ->
         from fedhealth.serverapp.runconfig import config_from_run_config
 
         config = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        run_federation(grid, config, run_dir or RunDir.create(config))
+        run_federation(grid, config, run_dir or RunDir.create(config), enrolled=cfg is None)
 
     return app

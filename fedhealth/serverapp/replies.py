@@ -17,8 +17,9 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.app.message import make_message
 from flwr.app.typing import ConfigRecordValues, MetricRecordValues
+from flwr.common.constant import ErrorCode as FlowerErrorCode
 
-from fedhealth.errors import BUDGET_REFUSAL
+from fedhealth.errors import BUDGET_REFUSAL, ErrorCode
 from fedhealth.protocol import keys as K
 from fedhealth.runs.records import RoundLog, SiteMetrics
 
@@ -32,6 +33,9 @@ Phase = Literal["train", "evaluate"]
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ERROR_SITE = re.compile(r"^site ([A-Za-z0-9_.-]{1,64}): ")
+APP_REFUSALS = frozenset({int(ErrorCode.SITE_APP_REFUSED), int(FlowerErrorCode.INVALID_FAB)})
+"""Error codes of a site that refused the run's app: fedhealth's gate, and Flower's own
+``INVALID_FAB`` (a SuperNode with ``--trusted-entities``)."""
 
 
 def site_record(msg: Message) -> SiteRecord:
@@ -253,6 +257,15 @@ def sort_replies(
         named_in = _ERROR_SITE.match(msg.error.reason or "")
         if named_in and owner.setdefault(named_in.group(1), node) == node:
             node_names.setdefault(node, named_in.group(1))
+        if msg.error.code in APP_REFUSALS:
+            name = node_names.get(node, f"node-{node}")
+            rejected[name] = (
+                f"app not approved at site {name} (E{int(ErrorCode.SITE_APP_REFUSED):04d}): "
+                "its code did not run there; the site must approve this FAB's sha256"
+            )
+            entry.failed[phase] += 1
+            log.error("round %d %s: node %d: %s", server_round, phase, node, rejected[name])
+            continue
         if msg.error.code == BUDGET_REFUSAL and phase == "train":
             entry.refused.append(node_names.get(node, f"node-{node}"))
         else:

@@ -1,7 +1,7 @@
 """The coordinator's Control API through Flower's ``flwr`` CLI: connection, JSON calls, logs.
 
-Only the operator's host uses this: the Control API listens on the SuperLink's port, reached
-here at ``127.0.0.1`` (or the address the launcher is given), with the consortium CA.
+Only the operator's host uses this: the Control API listens on loopback
+(``control_host:control_port``, apart from the sites' gRPC Fleet API), with the consortium CA.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def write_connection(s: CoordinatorSettings, flwr_home: Path, address: str | Non
     flwr_home : Path
         The ``flwr`` CLI's home; ``config.toml`` is (over)written there.
     address : str, optional
-        ``host:port`` of the Control API (default None: ``127.0.0.1:<port>``).
+        ``host:port`` of the Control API (default None: ``control_host:control_port``).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    address = address or f"127.0.0.1:{s.port}"
+    address = address or f"{s.control_host}:{s.control_port}"
     transport = (
         "insecure = true"
         if s.insecure

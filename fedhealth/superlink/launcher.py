@@ -95,6 +95,8 @@ def launch(
     write_connection(s, home, address)
     env = flower_env(home, unbuffered=True)
     run_config = write_run_config(cfg, home / f"{cfg.run_name}.toml")
+    if s.app_signature:
+        add_signature(run_config, Path(s.app_signature), project_dir())
     timeout = timeout or cfg.rounds * (cfg.federation.round_timeout + 60) + 300
     deadline = time.monotonic() + timeout
     run_dir = Path(cfg.run_root) / cfg.run_name
@@ -160,6 +162,49 @@ def launch(
         and manifest.get("rounds_completed") == cfg.rounds
     )
     return 0 if completed else 1
+
+
+def add_signature(run_config: Path, signature: Path, project: Path) -> str:
+    """Add a publisher's signature of the project's FAB to a run-config file.
+
+    ``flwr run`` builds the FAB from ``project`` (the same bytes as ``fedhealth app build``);
+    the signature travels as the run-config value
+    :data:`~fedhealth.security.apps.SIGNATURE_KEY`, which each site verifies against the FAB
+    bytes it receives.
+
+    Parameters
+    ----------
+    run_config : Path
+        The run's TOML run config; rewritten with the signature added.
+    signature : Path
+        ``<fab>.sig`` from ``fedhealth app sign``.
+    project : Path
+        The Flower App project that ``flwr run`` builds.
+
+    Returns
+    -------
+    str
+        The sha256 of the FAB that will be submitted.
+
+    Raises
+    ------
+    ConfigError
+        The signature is unreadable, or signs another build (the tree changed since).
+    """
+    from fedhealth.io import atomic_write_text
+    from fedhealth.security.apps import SIGNATURE_KEY, build_fab, fab_sha256
+    from fedhealth.security.signing import read_signature
+
+    signed, sig = read_signature(signature)
+    built = fab_sha256(build_fab(project))
+    if built != signed:
+        raise ConfigError(
+            f"{signature}: signs FAB sha256 {signed[:16]}, but {project} now builds to "
+            f"{built[:16]}; rebuild and sign again (fedhealth app build, fedhealth app sign)"
+        )
+    text = run_config.read_text(encoding="utf-8").rstrip("\n")
+    atomic_write_text(run_config, f'{text}\n{SIGNATURE_KEY} = "{sig.to_text()}"\n')
+    return built
 
 
 def _rounds_completed(run_dir: Path) -> int:

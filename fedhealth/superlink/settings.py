@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,10 +20,15 @@ class CoordinatorSettings:
     Parameters
     ----------
     host : str
-        Where the SuperLink listens (default ``"0.0.0.0"``).
+        Where the Fleet API listens (default ``"0.0.0.0"``): the one port sites reach.
     port : int
-        Its one HTTP(S) port (default 9092): sites (Fleet API), ``flwr`` and the launcher
-        (Control API) and the ServerApp (Runtime API).
+        The Fleet API's port (default 9092): gRPC with TLS and SuperNode authentication.
+    control_host : str
+        Where the Control API (``flwr``, the launcher, enrolment) and the ServerApp's Runtime
+        API listen (default ``"127.0.0.1"``). Flower's open-source Control API has no user
+        authentication, so only a loopback address is accepted.
+    control_port : int
+        Their HTTPS port (default 9093).
     ca : str
         The consortium CA certificate (required unless ``insecure``).
     cert : str
@@ -39,10 +45,19 @@ class CoordinatorSettings:
         The longest wait between restarts, in seconds (default 60.0).
     insecure : bool
         Plaintext, any site may join: labs only (default False).
+    approved_apps : list of str
+        sha256 of the app bundles (FABs) whose ServerApp the coordinator runs, as ``fedhealth
+        app build`` prints them (default none: the FAB of the installed fedhealth project,
+        computed when the service starts; :mod:`fedhealth.superlink.appexec`).
+    app_signature : str
+        The launcher's ``<fab>.sig`` from ``fedhealth app sign``: sent with each run so that
+        sites trusting the publisher run it (default ``""``: unsigned).
     """
 
     host: str = "0.0.0.0"
     port: int = 9092
+    control_host: str = "127.0.0.1"
+    control_port: int = 9093
     ca: str = ""
     cert: str = ""
     key: str = ""
@@ -51,8 +66,17 @@ class CoordinatorSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     insecure: bool = False
+    approved_apps: list[str] = field(default_factory=list)
+    app_signature: str = ""
 
-    PATHS: ClassVar[tuple[str, ...]] = ("ca", "cert", "key", "enrolled", "state_dir")
+    PATHS: ClassVar[tuple[str, ...]] = (
+        "ca",
+        "cert",
+        "key",
+        "enrolled",
+        "state_dir",
+        "app_signature",
+    )
 
     def validate(self, role: str = "run") -> CoordinatorSettings:
         """Check the settings a role needs.
@@ -86,14 +110,54 @@ class CoordinatorSettings:
             for key in needed[:-1] if role == "run" else needed:
                 if not Path(getattr(self, key)).is_file():
                     raise ConfigError(f"coordinator config: {key}={getattr(self, key)}: not found")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"coordinator config: port={self.port}: not a port")
+        for key in ("port", "control_port"):
+            if not 0 < getattr(self, key) < 65536:
+                raise ConfigError(f"coordinator config: {key}={getattr(self, key)}: not a port")
+        if self.port == self.control_port:
+            raise ConfigError(
+                f"coordinator config: port={self.port} and control_port={self.control_port}: "
+                "the Fleet API (sites) and the Control API (operator) need their own ports"
+            )
+        if not is_loopback(self.control_host):
+            raise ConfigError(
+                f"coordinator config: control_host={self.control_host}: the Control API has no "
+                "user authentication in Flower's open-source SuperLink, so anyone who reaches it "
+                "could list, read, stop and start runs; it listens on loopback only "
+                "(127.0.0.1 or ::1). Operators reach it on the coordinator host (or from a "
+                "container in its network namespace)."
+            )
+        from fedhealth.security.apps import check_sha256
+
+        self.approved_apps = [
+            check_sha256(h, "coordinator config: approved_apps") for h in self.approved_apps
+        ]
         return self
 
     @property
     def state(self) -> Path:
         """The state directory (``state_dir``)."""
         return Path(self.state_dir)
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether ``host`` is a loopback address (``localhost``, 127.0.0.0/8, ``::1``).
+
+    Parameters
+    ----------
+    host : str
+        A host name or IP address.
+
+    Returns
+    -------
+    bool
+        True for ``localhost`` and loopback IP addresses; False for every other name.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def load(

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from fedhealth.errors import ConfigError
 from fedhealth.protocol import keys as K
+from fedhealth.security.apps import AppPolicy
 from fedhealth.service.process import flower_env
 from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging
 from fedhealth.supernode.settings import SiteSettings
 from fedhealth.supernode.sitestatus import DaemonEvent, watch_line
 
-__all__ = ["node_config", "run", "supernode_argv"]
+__all__ = ["check_app_gate", "node_config", "run", "supernode_argv"]
 
 log = logging.getLogger("fedhealth.site")
 
@@ -72,9 +73,11 @@ def supernode_argv(s: SiteSettings) -> list[str]:
     Returns
     -------
     list of str
-        ``python -m fedhealth.supernode.paced --pull-interval S -- <flower-supernode args>``:
-        TLS root and authentication key (or ``--insecure``), node config, ClientApp API port,
-        and ``--isolation process`` for warm ClientApps.
+        ``python -m fedhealth.supernode.paced --pull-interval S --enforce-approval <policy> --
+        <flower-supernode args>``: the site's app gate (approved hashes, trusted publishers,
+        ``apps.jsonl``; :mod:`fedhealth.supernode.approval`), TLS root and authentication key
+        (or ``--insecure``), node config, ClientApp API port, and ``--isolation process`` for
+        warm ClientApps.
     """
     argv = [
         sys.executable,
@@ -82,6 +85,17 @@ def supernode_argv(s: SiteSettings) -> list[str]:
         "fedhealth.supernode.paced",
         "--pull-interval",
         str(s.pull_interval),
+        "--enforce-approval",
+        "--site-name",
+        s.name,
+        "--apps-log",
+        str(s.apps_log.resolve()),
+        *(a for h in s.approved_apps for a in ("--approved-app", h)),
+        *(
+            ("--trusted-publishers", str(Path(s.trusted_publishers).resolve()))
+            if s.trusted_publishers
+            else ()
+        ),
         "--",
         "--superlink",
         s.coordinator,
@@ -104,11 +118,41 @@ def supernode_argv(s: SiteSettings) -> list[str]:
     return argv
 
 
+def check_app_gate(s: SiteSettings) -> AppPolicy:
+    """Load the site's app policy and check that the gate fits the installed Flower.
+
+    Parameters
+    ----------
+    s : SiteSettings
+        The site's settings.
+
+    Returns
+    -------
+    AppPolicy
+        What the site accepts (maybe nothing: then every app is refused).
+
+    Raises
+    ------
+    ConfigError
+        ``approved_apps`` or the trusted-publishers file is invalid.
+    PatchMismatch
+        The gate does not fit Flower's SuperNode loop: the daemon does not start.
+    """
+    import importlib
+
+    from fedhealth.supernode import approval
+
+    policy = AppPolicy.load(s.approved_apps, s.trusted_publishers, "site config")
+    approval.check_module(importlib.import_module(approval.MODULE))
+    return policy
+
+
 def run(s: SiteSettings) -> int:
     """Supervise the SuperNode (and the warm ClientApp executor) until SIGTERM.
 
     Every line they print goes through :func:`~fedhealth.supernode.sitestatus.watch_line`
     into ``<state_dir>/status.json``; the daemon's own log is ``<state_dir>/daemon.jsonl``.
+    The umask is 077: the ledger, state and logs it and its children create are owner-only.
 
     Parameters
     ----------
@@ -120,7 +164,9 @@ def run(s: SiteSettings) -> int:
     int
         0 after a clean stop.
     """
+    os.umask(0o077)
     state = s.state
+    policy = check_app_gate(s)  # fails closed: no gate, no SuperNode
     state.mkdir(parents=True, exist_ok=True)
     Path(s.ledger_dir).mkdir(parents=True, exist_ok=True)
     setup_json_logging(state / "daemon.jsonl")
@@ -160,6 +206,13 @@ def run(s: SiteSettings) -> int:
             str(max(1.0, s.stop_grace - 5)),
         ]
         sup.add(Child("clientapp-executor", argv, env, state, hook))
+    log.info(
+        "site %s app gate: %s; every decision in %s",
+        s.name,
+        policy.describe(),
+        s.apps_log,
+        extra={"fields": {"event": DaemonEvent.APP_GATE.value, "site": s.name}},
+    )
     log.info(
         "site %s: connecting to %s",
         s.name,

@@ -15,6 +15,11 @@ against the module's source first: if a Flower release changes the loop, the Sup
 and says so, rather than running a patch that no longer fits.
 
     python -m fedhealth.supernode.paced --pull-interval 0.5 -- <flower-supernode args>
+
+With ``--enforce-approval`` (the site daemon always gives it) it first installs the site's app
+gate (:mod:`fedhealth.supernode.approval`: only approved FABs are stored and run); that one fails
+closed: if it does not fit the installed Flower, the SuperNode does not start. Runtime dependency
+installation is refused then too.
 """
 
 from __future__ import annotations
@@ -165,6 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         "empty pull, 0.5 s while waiting for a reply)",
     )
     parser.add_argument(
+        "--enforce-approval",
+        action="store_true",
+        help="run only approved apps (fails closed; the site daemon always sets it)",
+    )
+    parser.add_argument("--site-name", default="site", help="the site's name, for refusals")
+    parser.add_argument(
+        "--approved-app", action="append", default=[], metavar="SHA256", help="approved FAB hash"
+    )
+    parser.add_argument(
+        "--trusted-publishers", default="", metavar="YAML", help="trusted publisher keys"
+    )
+    parser.add_argument("--apps-log", default="", metavar="JSONL", help="record of decisions")
+    parser.add_argument(
         "supernode_args",
         nargs=argparse.REMAINDER,
         help="flower-supernode's own arguments, after --",
@@ -181,11 +199,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if paced:
         log.info("SuperNode pull interval %.2f s", args.pull_interval)
+    if args.enforce_approval:
+        _gate(parser, args, rest)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()  # exits through flwr_exit
     return 0
+
+
+def _gate(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """Install the app gate or exit: the SuperNode never runs unapproved code."""
+    from pathlib import Path
+
+    from fedhealth.errors import FedHealthError
+    from fedhealth.security.apps import AppPolicy
+    from fedhealth.supernode import approval
+
+    if any(a.startswith("--allow-runtime") for a in rest):
+        parser.error("runtime dependency installation stays off at sites")
+    try:
+        policy = AppPolicy.load(args.approved_app, args.trusted_publishers, "site config")
+        approval.install(policy, args.site_name, Path(args.apps_log) if args.apps_log else None)
+    except FedHealthError as exc:
+        log.error("app gate not installed, the SuperNode does not start: %s", exc)
+        sys.exit(f"refusing to start: {exc.describe()}")
+    log.info("site %s app gate: %s", args.site_name, policy.describe())
 
 
 if __name__ == "__main__":

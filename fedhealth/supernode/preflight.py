@@ -19,7 +19,7 @@ class CheckItem:
     Parameters
     ----------
     name : str
-        What was checked: ``data``, ``ca``, ``auth_key``, ``keys``, ``ledger`` or
+        What was checked: ``data``, ``ca``, ``auth_key``, ``keys``, ``ledger``, ``apps`` or
         ``coordinator``.
     ok : bool
         Whether it passed.
@@ -33,7 +33,7 @@ class CheckItem:
 
 
 def check(s: SiteSettings, timeout: float = 10.0) -> list[CheckItem]:
-    """Run the preflight: data, keys, ledger, coordinator.
+    """Run the preflight: data, keys, ledger, approved apps, coordinator.
 
     Nothing is written into the site's data directory; the ledger is opened and verified
     (hash chain, recomputed epsilon) but not changed.
@@ -50,7 +50,31 @@ def check(s: SiteSettings, timeout: float = 10.0) -> list[CheckItem]:
     list of CheckItem
         One item per check, in the order above; each passes or says what is wrong.
     """
-    return [_check_data(s), *_check_keys(s), _check_ledger(s), _check_coordinator(s, timeout)]
+    return [
+        _check_data(s),
+        *_check_keys(s),
+        _check_ledger(s),
+        _check_apps(s),
+        _check_coordinator(s, timeout),
+    ]
+
+
+def _check_apps(s: SiteSettings) -> CheckItem:
+    from fedhealth.errors import FedHealthError
+    from fedhealth.supernode.daemon import check_app_gate
+
+    try:
+        policy = check_app_gate(s)
+    except FedHealthError as exc:
+        return CheckItem("apps", False, f"the site daemon will not start: {exc}")
+    if policy.empty:
+        return CheckItem(
+            "apps",
+            False,
+            "no approved_apps and no trusted_publishers in site.yaml: the site refuses EVERY "
+            "app; add the sha256 that `fedhealth app build` prints, or a trusted publisher",
+        )
+    return CheckItem("apps", True, f"{policy.describe()}; decisions recorded in {s.apps_log}")
 
 
 def _check_data(s: SiteSettings) -> CheckItem:

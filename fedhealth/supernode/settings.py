@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -57,6 +57,13 @@ class SiteSettings:
         Optional JSON-lines record of every reply sent (default ``""``: none).
     insecure : bool
         Plaintext, no authentication: labs only (default False).
+    approved_apps : list of str
+        sha256 of the app bundles (FABs) the site runs, as ``fedhealth app build`` prints
+        them (default none). Override as ``approved_apps=[HASH1,HASH2]``.
+    trusted_publishers : str
+        YAML mapping publisher key ids to ``ssh-ed25519`` public keys (Flower's
+        trusted-entities format): FABs they signed run too (default ``""``: none). With
+        neither set, the site refuses every app.
     """
 
     name: str = "???"
@@ -76,8 +83,11 @@ class SiteSettings:
     stop_grace: float = 30.0
     egress_log: str = ""
     insecure: bool = False
+    approved_apps: list[str] = field(default_factory=list)
+    trusted_publishers: str = ""
 
     PATHS: ClassVar[tuple[str, ...]] = (
+        "trusted_publishers",
         "ca",
         "auth_key",
         "data_dir",
@@ -120,7 +130,17 @@ class SiteSettings:
                 f"site config: pull_interval={self.pull_interval!r}: need "
                 f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
             )
+        from fedhealth.security.apps import check_sha256
+
+        self.approved_apps = [
+            check_sha256(h, "site config: approved_apps") for h in self.approved_apps
+        ]
         return self
+
+    @property
+    def apps_log(self) -> Path:
+        """The record of every app the site ran or refused, ``<state_dir>/apps.jsonl``."""
+        return self.state / "apps.jsonl"
 
     @property
     def state(self) -> Path:

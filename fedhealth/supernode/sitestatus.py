@@ -39,6 +39,8 @@ class DaemonEvent(StrEnum):
     INSECURE = "insecure"
     AUTH_REFUSED = "auth.refused"
     EVENT_UNREADABLE = "site.event.unreadable"
+    APP_GATE = "app.gate"
+    APP_REFUSED = "app.refused"
 
 
 class LastTrained(TypedDict):
@@ -102,6 +104,13 @@ def watch_line(sup: Supervisor, child: str, line: str) -> None:
         return
     if event is not None:
         apply_event(sup, event)
+    elif "APP REFUSED for run" in line:  # the app gate's own line (fedhealth.supernode.approval)
+        log.error(
+            "%s",
+            line.split("fedhealth.supernode: ", 1)[-1].strip(),
+            extra={"fields": {"event": DaemonEvent.APP_REFUSED.value}},
+        )
+        sup.set_status(last_refused_app=line.rsplit("FAB sha256 ", 1)[-1].split(" ", 1)[0])
     elif "SuperNode ID:" in line:
         sup.set_status(state="connected", node_id=line.rsplit(":", 1)[1].strip(), reason="")
     elif "Failed to activate SuperNode" in line or "not registered" in line.lower():

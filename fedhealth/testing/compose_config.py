@@ -219,3 +219,24 @@ def duration_seconds(value: Any, default: float) -> float:
         found = True
         total += float(num) * {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[unit]
     return total if found else default
+
+
+APP_VARIABLE = "FEDHEALTH_APP_SHA256"
+"""The compose variable the hospitals' ``approved_apps`` is made of."""
+
+
+def app_variables() -> dict[str, str]:
+    """Return :data:`APP_VARIABLE` set to the sha256 of this project's FAB.
+
+    That is what the launcher submits (``flwr run`` builds the same bytes), so the hospitals of
+    a local run approve it, as an operator sets it from ``fedhealth app build``.
+
+    Returns
+    -------
+    dict of str to str
+        ``{"FEDHEALTH_APP_SHA256": <hex>}``.
+    """
+    from fedhealth.security.apps import build_fab, fab_sha256
+    from fedhealth.superlink.launcher import project_dir
+
+    return {APP_VARIABLE: fab_sha256(build_fab(project_dir()))}

@@ -74,6 +74,11 @@ class Service:
         The networks it joins.
     dockerfile : Path or None
         The Dockerfile of its ``build``, if any.
+    ports : list of str, optional
+        Its published ports, as written (default: none).
+    network_mode : str, optional
+        Its ``network_mode`` (``"service:coordinator"`` shares that service's network
+        namespace; default ``""``: its own).
     """
 
     name: str
@@ -87,6 +92,8 @@ class Service:
     labels: dict[str, str]
     networks: list[str]
     dockerfile: Path | None
+    ports: list[str] = field(default_factory=list)
+    network_mode: str = ""
 
     @property
     def role(self) -> str:
@@ -252,6 +259,11 @@ def _service(name: str, spec: dict[str, Any], base: Path, volumes: list[str]) ->
         labels={str(k): str(v) for k, v in labels.items()},
         networks=[str(n) for n in networks],  # a list, or a mapping of name -> settings
         dockerfile=dockerfile,
+        ports=[
+            f"{p.get('published', '')}:{p.get('target', '')}" if isinstance(p, dict) else str(p)
+            for p in spec.get("ports") or []
+        ],
+        network_mode=str(spec.get("network_mode") or ""),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedhealth.errors import ComposeError
 from fedhealth.service.process import spawn, stop_groups
-from fedhealth.testing.compose_config import duration_seconds
+from fedhealth.testing.compose_config import app_variables, duration_seconds
 from fedhealth.testing.compose_file import Project, Service, load
 from fedhealth.testing.compose_isolation import assert_isolated
 from fedhealth.testing.compose_view import LocalView
@@ -358,7 +358,8 @@ def run(
     workdir : Path or str
         Where the volumes, service roots and logs go (created).
     variables : mapping of str to str, optional
-        Compose variables (ports: see :func:`fedhealth.testing.compose_file.port_variables`).
+        Compose variables (ports: see :func:`fedhealth.testing.compose_file.port_variables`);
+        ``FEDHEALTH_APP_SHA256`` defaults to this project's FAB (:func:`app_variables`).
     timeout : float, optional
         Seconds until every one-shot service must have exited 0 (default 600).
     use_compose : bool or None, optional
@@ -378,6 +379,7 @@ def run(
     start = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    variables = {**app_variables(), **(variables or {})}  # the sites approve this project
     project = load(path, variables, use_compose=use_compose)
     assert_isolated(project)
     topo = LocalTopology(project, workdir, start + timeout)

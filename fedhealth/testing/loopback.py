@@ -30,6 +30,7 @@ __all__ = [
     "round_costs",
     "run_to_completion",
     "start_tls_superlink",
+    "superlink_listen",
 ]
 
 
@@ -162,12 +163,41 @@ class Procs:
         stop_groups([proc for _, proc, _ in self.running], grace=timeout, kill_wait=5.0)
 
 
-def start_tls_superlink(
-    procs: Procs, keys: Path, port: int, flwr_home: Path, connection: str
-) -> None:
-    """Start a SuperLink with TLS and SuperNode authentication and wait for its port.
+def superlink_listen(fleet: int, control: int) -> list[str]:
+    """``flower-superlink`` arguments for its two listeners on loopback.
 
-    Also writes the ``flwr`` CLI's TLS connection to it into ``flwr_home/config.toml``.
+    Parameters
+    ----------
+    fleet : int
+        The gRPC Fleet API's port (sites connect here).
+    control : int
+        The Control and Runtime APIs' port (``flwr`` and the ServerApp connect here).
+
+    Returns
+    -------
+    list of str
+        ``--fleet-api-type grpc-rere --fleet-api-address 127.0.0.1:<fleet> --host 127.0.0.1
+        --port <control>``.
+    """
+    return [
+        "--fleet-api-type",
+        "grpc-rere",
+        "--fleet-api-address",
+        f"127.0.0.1:{fleet}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(control),
+    ]
+
+
+def start_tls_superlink(
+    procs: Procs, keys: Path, port: int, flwr_home: Path, connection: str, control: int
+) -> None:
+    """Start a SuperLink with TLS and SuperNode authentication and wait for its ports.
+
+    Also writes the ``flwr`` CLI's TLS connection to its Control API into
+    ``flwr_home/config.toml``.
 
     Parameters
     ----------
@@ -177,29 +207,28 @@ def start_tls_superlink(
         The directory of :mod:`fedhealth.security.certs` (``ca.crt``, ``server.crt``,
         ``server.key``).
     port : int
-        The Fleet API port on 127.0.0.1.
+        The gRPC Fleet API's port on 127.0.0.1 (sites).
     flwr_home : Path
         The ``flwr`` CLI's home (``FLWR_HOME`` of ``procs``' environment).
     connection : str
         The name of the connection in ``config.toml`` (``flwr ... <connection>``).
+    control : int
+        The Control and Runtime APIs' port on 127.0.0.1 (``flwr``, the ServerApp).
 
     Raises
     ------
     FederationError
-        The SuperLink exited, or its port did not open within 60 s.
+        The SuperLink exited, or a port did not open within 60 s.
     """
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{keys / "ca.crt"}"\n'
+        f'address = "127.0.0.1:{control}"\nroot-certificates = "{keys / "ca.crt"}"\n'
     )
     procs.start(
         "superlink",
         [
             "flower-superlink",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *superlink_listen(port, control),
             "--ssl-ca-certfile",
             str(keys / "ca.crt"),
             "--ssl-certfile",
@@ -211,6 +240,7 @@ def start_tls_superlink(
         ],
     )
     procs.wait_port(port)
+    procs.wait_port(control)
 
 
 def flwr(env: dict[str, str], args: list[str], cwd: Path, timeout: float) -> dict[str, Any]:

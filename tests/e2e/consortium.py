@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedhealth.security.apps import build_fab, fab_sha256
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.service.process import signal_group
 from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
@@ -28,8 +29,12 @@ class Consortium:
         self.names = [f"site-{i}" for i in range(sites)]
         for name in self.names:
             create_site_keys(self.certs, name)
-        self.port, *self.appio = free_ports(1 + sites)
+        self.port, self.control, *self.appio = free_ports(2 + sites)
         self.procs = Procs(root, flower_env(root / "flwr-home"))
+        from fedhealth.superlink.launcher import project_dir
+
+        # what `fedhealth server launch` submits: the sites and the coordinator approve it
+        self.fab_hash = fab_sha256(build_fab(project_dir()))
 
     # -- coordinator -------------------------------------------------------------------------
     def coordinator_args(self) -> list[str]:
@@ -43,8 +48,10 @@ class Consortium:
             f"enrolled={self.certs}",
             f"state_dir={self.root / 'coordinator'}",
             "host=127.0.0.1",
+            f"control_port={self.control}",
             f"port={self.port}",
             "backoff_initial=0.5",
+            f"approved_apps=[{self.fab_hash}]",
         ]
 
     def start_coordinator(self, name: str = "coordinator") -> subprocess.Popen[bytes]:
@@ -79,6 +86,7 @@ class Consortium:
             "backoff_initial=0.5",
             "backoff_max=4",
             "stop_grace=10",
+            f"approved_apps=[{self.fab_hash}]",
         ]
 
     def start_site(self, name: str) -> subprocess.Popen[bytes]:
@@ -106,7 +114,7 @@ class Consortium:
                 "--state-dir",
                 str(self.root / "launcher"),
                 "--address",
-                f"127.0.0.1:{self.port}",
+                f"127.0.0.1:{self.control}",
                 "--timeout",
                 str(timeout),
                 *overrides,

@@ -101,7 +101,13 @@ def test_docker_compose_config_validates_the_topology():
     assert coordinator.argv[:3] == ["fedhealth", "server", "run"]
     assert coordinator.healthcheck and not coordinator.one_shot
     assert not any(m.source.startswith("hospital-") for m in coordinator.mounts)
+    # one door: only the gRPC Fleet API is published; the Control API stays on the coordinator's
+    # loopback, reached by the launcher from inside the coordinator's network namespace
+    assert [p.rsplit(":", 1)[-1] for p in coordinator.ports] == ["9092"]
+    assert "control_port=9093" in coordinator.command
     launch = project.services["launch"]
+    assert launch.network_mode == "service:coordinator" and not launch.networks
+    assert "127.0.0.1:9093" in launch.command
     assert launch.argv[:3] == ["fedhealth", "server", "launch"]
     assert launch.depends_on == {
         "coordinator": "service_healthy",
@@ -127,14 +133,18 @@ def test_docker_compose_config_validates_the_topology():
     names = compose.port_variables(COMPOSE)
     assert set(names) == {
         "FEDHEALTH_PORT",
+        "FEDHEALTH_CONTROL_PORT",
         "FEDHEALTH_APPIO_PORT_A",
         "FEDHEALTH_APPIO_PORT_B",
         "FEDHEALTH_APPIO_PORT_C",
     }
-    moved = compose.load(COMPOSE, {"FEDHEALTH_PORT": "19092"}, use_compose=True)
+    moved = compose.load(
+        COMPOSE, {"FEDHEALTH_PORT": "19092", "FEDHEALTH_CONTROL_PORT": "19093"}, use_compose=True
+    )
     assert "coordinator=coordinator:19092" in moved.services["hospital-b"].command
     assert "port=19092" in moved.services["coordinator"].command
-    assert "coordinator:19092" in moved.services["launch"].command
+    assert "control_port=19093" in moved.services["coordinator"].command
+    assert "127.0.0.1:19093" in moved.services["launch"].command
 
     # the local reader (no docker-compose) sees the same services
     local = compose.load(COMPOSE, use_compose=False)
@@ -183,7 +193,7 @@ def test_rewriter_maps_container_paths_and_service_hosts(tmp_path):
     launch = project.services["launch"]
     rewrite, _, _ = topo.view.prepare(launch)
     argv = topo.view.argv(launch.argv, rewrite)
-    assert "127.0.0.1:9092" in argv
+    assert "127.0.0.1:9093" in argv
     assert f"{tmp_path}/volumes/launcher-ca/ca.crt" in argv  # the CA certificate only
 
 

@@ -11,7 +11,7 @@ from fedhealth.privacy.ledger import PrivacyLedger
 from fedhealth.runs.checkpoint import CheckpointStore
 from fedhealth.runs.rundir import read_jsonl, read_metrics
 from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
+from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports, superlink_listen
 
 pytestmark = pytest.mark.slow
 
@@ -21,23 +21,21 @@ PROJECT = Path(__file__).resolve().parents[2]
 def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
     env = flower_env(tmp_path / "flwr-home")
     procs = Procs(tmp_path, env)
-    link, *nodes = free_ports(3)
+    link, control, *nodes = free_ports(4)
     try:
         procs.start(
             "superlink",
             [
                 "flower-superlink",
                 "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
+                *superlink_listen(link, control),
                 "--database",
                 str(tmp_path / "state.db"),
                 "--disable-runtime-dependency-installation",
             ],
         )
         procs.wait_port(link)
+        procs.wait_port(control)
         for i, port in enumerate(nodes):
             procs.start(
                 f"supernode-{i}",
@@ -56,7 +54,7 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
         home = tmp_path / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
+            f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{control}"\n'
             "insecure = true\n"
         )
         cfg = compose(

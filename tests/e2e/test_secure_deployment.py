@@ -6,17 +6,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from flwr.proto.fleet_pb2 import PullMessagesRequest  # pylint: disable=E0611
+from flwr.proto.fleet_pb2_grpc import FleetStub
 
 from fedhealth.config import compose
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports
+from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports, superlink_listen
 
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[2]
+AUTH_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path):
@@ -29,11 +33,11 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
 
     env = flower_env(tmp_path / "flwr-home")
     procs = Procs(tmp_path, env)
-    link, *node_ports = free_ports(6)
+    link, control, *node_ports = free_ports(7)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{link}"\n'
+        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{control}"\n'
         f'root-certificates = "{keys / "ca.crt"}"\n'
     )
 
@@ -61,10 +65,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
             "superlink",
             [
                 "flower-superlink",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
+                *superlink_listen(link, control),
                 "--ssl-ca-certfile",
                 str(keys / "ca.crt"),
                 "--ssl-certfile",
@@ -78,6 +79,7 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
             ],
         )
         procs.wait_port(link)
+        procs.wait_port(control)
         for site in ("hospital-0", "hospital-1"):
             flwr(
                 env,
@@ -137,6 +139,13 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
         assert listing["runs"][0]["status"] == "finished:completed", procs.logs()
         assert foreign_ca.poll() is None or foreign_ca.returncode != 0
         assert plaintext.poll() is None or plaintext.returncode != 0
+        # The sites' door is gRPC: the port the SuperNodes trained through answers a gRPC call
+        # (Flower's Fleet service) with a gRPC status, refusing a caller without a node key.
+        creds = grpc.ssl_channel_credentials((keys / "ca.crt").read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{link}", creds) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                FleetStub(channel).PullMessages(PullMessagesRequest(), timeout=30)
+        assert refused.value.code() in AUTH_REFUSED, refused.value
     finally:
         procs.stop()
 

@@ -58,7 +58,22 @@ def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
     assert s.ca == str(tmp_path / "keys" / "ca.crt") and s.epsilon_cap == 3.5
     argv = daemon.supernode_argv(s)
     assert "--isolation" in argv
-    assert argv[1:6] == ["-m", "fedhealth.supernode.paced", "--pull-interval", "0.5", "--"]
+    assert argv[1:6] == [
+        "-m",
+        "fedhealth.supernode.paced",
+        "--pull-interval",
+        "0.5",
+        "--enforce-approval",
+    ]
+    gate = argv[: argv.index("--")]  # the app gate is the launcher's, before Flower's args
+    assert gate[gate.index("--apps-log") + 1] == str(Path(s.state_dir).resolve() / "apps.jsonl")
+    assert "--approved-app" not in gate  # nothing approved: every app is refused
+    approved = load(tmp_path / "site.yaml", [f"approved_apps=[{'AB' * 32}]"])
+    assert approved.approved_apps == ["ab" * 32]
+    argv = daemon.supernode_argv(approved)
+    assert argv[argv.index("--approved-app") + 1] == "ab" * 32
+    with pytest.raises(ConfigError, match="approved_apps"):
+        load(tmp_path / "site.yaml", ["approved_apps=[abc]"])
     assert argv[argv.index("--superlink") + 1] == "link.example.org:9092"
     with pytest.raises(ConfigError, match="pull_interval=5.0"):
         load(tmp_path / "site.yaml", ["pull_interval=5"])
@@ -111,8 +126,10 @@ def test_check_passes_on_a_ready_site(tmp_path, keys, cohort):
         ("ca", True),
         ("auth_key", True),
         ("ledger", True),
+        ("apps", False),  # nothing approved: the site would refuse every app
         ("coordinator", True),
     ], items
+    assert "refuses EVERY app" in items[4].detail
     assert "6 training scans" in items[0].detail and "certificate verified" in items[-1].detail
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fedhealth.supernode import paced as supernode
-from fedhealth.testing.loopback import BIN, flower_env, free_ports
+from fedhealth.testing.loopback import BIN, flower_env, free_ports, superlink_listen
 
 
 def _module_from(tmp_path, name: str, source: str):
@@ -94,7 +94,7 @@ def test_a_loop_the_patch_does_not_fit_is_left_alone(tmp_path):
 def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
     """The launcher starts the real SuperNode (its CLI arguments after ``--``), paced, and it
     registers with a SuperLink on loopback."""
-    link, appio = free_ports(2)
+    link, control, appio = free_ports(3)
     env = flower_env(tmp_path / "flwr-home")
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("superlink", "supernode")}
     procs = [
@@ -102,10 +102,7 @@ def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
             [
                 str(BIN / "flower-superlink"),
                 "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
+                *superlink_listen(link, control),
                 "--disable-runtime-dependency-installation",
             ],
             cwd=tmp_path,
