@@ -32,18 +32,65 @@ from fedhealth.errors import AppRefused, ConfigError
 from fedhealth.security.signing import Signature, check_sha256, load_trusted_publishers
 
 __all__ = [
+    "INSTALLED",
     "SIGNATURE_KEY",
     "AppPolicy",
     "Decision",
     "build_fab",
     "check_sha256",
     "fab_sha256",
+    "installed_sha256",
+    "project_dir",
     "record_decision",
     "write_fab",
 ]
 
+INSTALLED = "installed"
+"""An ``approved_apps`` entry meaning "the FAB of the fedhealth installed here" (its sha256 is
+computed at start, from this host's own source tree: the release its operators installed)."""
+
 SIGNATURE_KEY = "app-signature"
 """The run-config key carrying a FAB's publisher signature (declared empty in pyproject.toml)."""
+
+
+def project_dir() -> Path:
+    """Find the Flower app project (``pyproject.toml`` with ``[tool.flwr.app]``) of this package.
+
+    Returns
+    -------
+    Path
+        The source tree holding ``pyproject.toml``, ``server/`` and ``clients/``.
+
+    Raises
+    ------
+    ConfigError
+        fedhealth is not installed from its source tree (a wheel has no ``server/``).
+    """
+    import fedhealth
+
+    root = Path(fedhealth.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or not (root / "server" / "server_app.py").is_file():
+        raise ConfigError(
+            f"{root}: the fedhealth project (pyproject.toml, server/, clients/) is "
+            "not there; install fedhealth from its source tree (pip install -e .)"
+        )
+    return root
+
+
+def installed_sha256() -> str:
+    """Return the sha256 of the FAB of the fedhealth installed here (:func:`project_dir`).
+
+    Returns
+    -------
+    str
+        64 lowercase hex digits: what ``fedhealth app build`` prints on this host.
+
+    Raises
+    ------
+    ConfigError
+        No source tree to build (see :func:`project_dir`).
+    """
+    return fab_sha256(build_fab(project_dir()))
 
 
 def fab_sha256(fab: bytes) -> str:
@@ -161,7 +208,8 @@ class AppPolicy:
         Parameters
         ----------
         approved : list of str
-            sha256 digests (``approved_apps``).
+            sha256 digests (``approved_apps``); :data:`INSTALLED` stands for
+            :func:`installed_sha256`.
         publishers_file : str
             Path of the trusted-publishers YAML, or ``""`` for none.
         where : str
@@ -175,9 +223,13 @@ class AppPolicy:
         Raises
         ------
         ConfigError
-            A digest or the publishers file is invalid.
+            A digest or the publishers file is invalid, or ``installed`` is given without a
+            source tree to build.
         """
-        digests = frozenset(check_sha256(h, f"{where}: approved_apps") for h in approved)
+        digests = frozenset(
+            installed_sha256() if h == INSTALLED else check_sha256(h, f"{where}: approved_apps")
+            for h in approved
+        )
         keys = load_trusted_publishers(Path(publishers_file)) if publishers_file else {}
         return cls(digests, keys)
 

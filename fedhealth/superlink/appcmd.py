@@ -35,7 +35,7 @@ def app_command(cmd: str, args: dict[str, Any]) -> int:
         The project cannot be built, a key is unreadable or not Ed25519, a key file exists.
     """
     if cmd == "build":
-        from fedhealth.superlink.launcher import project_dir
+        from fedhealth.security.apps import project_dir
 
         path, digest = apps.write_fab(project_dir(), Path(args["out"]))
         print(f"{path}\nsha256 {digest}")

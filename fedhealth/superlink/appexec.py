@@ -42,7 +42,12 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
 from fedhealth.errors import ERROR_HELP, ConfigError, ErrorCode
-from fedhealth.security.apps import build_fab, check_sha256, fab_sha256, record_decision
+from fedhealth.security.apps import (
+    AppPolicy,
+    check_sha256,
+    installed_sha256,
+    record_decision,
+)
 
 __all__ = ["ApprovedExecutor", "default_approved", "main"]
 
@@ -60,16 +65,15 @@ def default_approved(approved: list[str]) -> frozenset[str]:
     Returns
     -------
     frozenset of str
-        ``approved`` when given; otherwise the sha256 of the installed fedhealth project's FAB
-        (what ``fedhealth server launch`` submits), or nothing (every run refused, with a
-        warning) when fedhealth is not installed from its source tree.
+        ``approved`` when given (``installed``: the installed project's FAB); otherwise the
+        sha256 of the installed fedhealth project's FAB (what ``fedhealth server launch``
+        submits), or nothing (every run refused, with a warning) when fedhealth is not
+        installed from its source tree.
     """
-    if approved:
-        return frozenset(approved)
-    from fedhealth.superlink.launcher import project_dir
-
+    if approved:  # "installed" stands for the installed project's FAB
+        return AppPolicy.load(approved, "", "coordinator config").approved
     try:
-        digest = fab_sha256(build_fab(project_dir()))
+        digest = installed_sha256()
     except ConfigError as exc:
         log.warning("no approved_apps and no project to build, every run is refused: %s", exc)
         return frozenset()

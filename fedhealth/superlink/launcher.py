@@ -14,35 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fedhealth.errors import ConfigError, FederationError
+from fedhealth.security.apps import project_dir
 from fedhealth.service.process import flower_env
 from fedhealth.superlink.control import CONNECTION, flwr_cli, server_log, write_connection
 from fedhealth.superlink.settings import CoordinatorSettings
 
 log = logging.getLogger("fedhealth.coordinator")
-
-
-def project_dir() -> Path:
-    """Find the Flower app project (``pyproject.toml`` with ``[tool.flwr.app]``) of this package.
-
-    Returns
-    -------
-    Path
-        The source tree holding ``pyproject.toml``, ``server/`` and ``clients/``.
-
-    Raises
-    ------
-    ConfigError
-        fedhealth is not installed from its source tree (a wheel has no ``server/``).
-    """
-    import fedhealth
-
-    root = Path(fedhealth.__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or not (root / "server" / "server_app.py").is_file():
-        raise ConfigError(
-            f"{root}: the fedhealth project (pyproject.toml, server/, clients/) is "
-            "not there; install fedhealth from its source tree (pip install -e .)"
-        )
-    return root
 
 
 def launch(

@@ -126,10 +126,11 @@ class CoordinatorSettings:
                 "(127.0.0.1 or ::1). Operators reach it on the coordinator host (or from a "
                 "container in its network namespace)."
             )
-        from fedhealth.security.apps import check_sha256
+        from fedhealth.security.apps import INSTALLED, check_sha256
 
         self.approved_apps = [
-            check_sha256(h, "coordinator config: approved_apps") for h in self.approved_apps
+            h if h == INSTALLED else check_sha256(h, "coordinator config: approved_apps")
+            for h in self.approved_apps
         ]
         return self
 

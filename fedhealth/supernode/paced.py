@@ -1,6 +1,6 @@
 """``flower-supernode`` with a configurable pull interval.
 
-Flower 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
+Flower 1.39's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
 whenever a pull from the SuperLink finds no message, and polls its own state every 0.5 s while it
 waits for the ClientApp's reply. A site that has just replied always finds nothing (the round's
 other sites are still training), so it picks up the next round's message up to 3 s after the

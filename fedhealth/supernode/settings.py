@@ -59,7 +59,8 @@ class SiteSettings:
         Plaintext, no authentication: labs only (default False).
     approved_apps : list of str
         sha256 of the app bundles (FABs) the site runs, as ``fedhealth app build`` prints
-        them (default none). Override as ``approved_apps=[HASH1,HASH2]``.
+        them (default none); ``installed``: the FAB of the fedhealth release installed at this
+        site, hashed at start. Override as ``approved_apps=[HASH1,HASH2]``.
     trusted_publishers : str
         YAML mapping publisher key ids to ``ssh-ed25519`` public keys (Flower's
         trusted-entities format): FABs they signed run too (default ``""``: none). With
@@ -130,10 +131,11 @@ class SiteSettings:
                 f"site config: pull_interval={self.pull_interval!r}: need "
                 f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
             )
-        from fedhealth.security.apps import check_sha256
+        from fedhealth.security.apps import INSTALLED, check_sha256
 
         self.approved_apps = [
-            check_sha256(h, "site config: approved_apps") for h in self.approved_apps
+            h if h == INSTALLED else check_sha256(h, "site config: approved_apps")
+            for h in self.approved_apps
         ]
         return self
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -49,7 +50,7 @@ RUN_NAME = "attack-suite"
 
 
 def _project() -> Path:
-    from fedhealth.superlink.launcher import project_dir
+    from fedhealth.security.apps import project_dir
 
     return project_dir()
 
@@ -113,7 +114,7 @@ def _wait_run_id(lab: Lab) -> int:
     raise RuntimeError(f"the real run was not submitted within 120s:\n{lab.procs.logs()}")
 
 
-def _real_run(lab: Lab, launcher: object, run_id: int) -> Row:
+def _real_run(lab: Lab, launcher: subprocess.Popen[bytes], run_id: int) -> Row:
     """Check the consortium's own run, attacked throughout: it must complete with both sites."""
     from fedhealth.runs.rundir import read_metrics
 
@@ -122,8 +123,9 @@ def _real_run(lab: Lab, launcher: object, run_id: int) -> Row:
         f"the consortium's run (Flower run {run_id}, `fedhealth server launch`) while the "
         "attacks above ran",
         "completes every round with exactly the two enrolled sites",
+        check=True,
     )
-    code = launcher.wait(timeout=480)  # type: ignore[attr-defined]
+    code = launcher.wait(timeout=480)
     status = next((r["status"] for r in operator_runs(lab) if int(r["run-id"]) == run_id), "?")
     try:
         lines = read_metrics(lab.runs / RUN_NAME)
@@ -161,10 +163,13 @@ def format_table(rows: list[Row], width: int = 110) -> str:
     str
         The table, ending with the verdict line.
     """
-    verdict = {True: "REFUSED", False: "NOT REFUSED", None: "NOT TRIED"}
+    verdicts = {
+        False: {True: "REFUSED", False: "NOT REFUSED", None: "NOT TRIED"},
+        True: {True: "HELD", False: "NOT HELD", None: "NOT TRIED"},
+    }
     out = []
     for i, row in enumerate(rows, 1):
-        out.append(f"{i:>2}. {row.attack:<32} [{verdict[row.refused]}]")
+        out.append(f"{i:>2}. {row.attack:<32} [{verdicts[row.check][row.refused]}]")
         for label, text in (("tried", row.tried), ("expected", row.expected)):
             out += textwrap.wrap(
                 text, width, initial_indent=f"    {label:<9}", subsequent_indent=" " * 13
@@ -176,10 +181,13 @@ def format_table(rows: list[Row], width: int = 110) -> str:
             out += textwrap.wrap(
                 item, width, initial_indent="    evidence ", subsequent_indent=" " * 13
             )
-    refused = sum(r.refused is True for r in rows)
+    attacks = [r for r in rows if not r.check]
+    checks = [r for r in rows if r.check]
+    refused = sum(r.refused is True for r in attacks)
+    held = sum(r.refused is True for r in checks)
     out.append(
-        f"\n{refused} of {len(rows)} attacks refused: "
-        + ("PASS" if refused == len(rows) else "FAIL")
+        f"\n{refused} of {len(attacks)} attacks refused, {held} of {len(checks)} checks held: "
+        + ("PASS" if refused + held == len(rows) else "FAIL")
     )
     return "\n".join(out)
 

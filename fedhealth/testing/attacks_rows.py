@@ -20,7 +20,7 @@ from typing import Any
 from fedhealth.service.process import BIN, stop_groups
 from fedhealth.superlink.service import wait_port
 from fedhealth.testing.attacks_lab import OPERATOR, Lab
-from fedhealth.testing.loopback import free_ports
+from fedhealth.testing.loopback import free_ports, superlink_listen
 
 ACTIVATED = "SuperNode ID:"  # Flower's SuperNode logs its node id once the SuperLink accepted it
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -43,7 +43,9 @@ class Row:
     evidence : list of str
         Observations backing ``happened``.
     refused : bool or None
-        True: refused as expected; False: not refused; None: could not be tried.
+        True: refused as expected (a check: held); False: not; None: could not be tried.
+    check : bool
+        A check that the consortium still works (the real run), not an attack (default False).
     """
 
     attack: str
@@ -52,6 +54,7 @@ class Row:
     happened: str = ""
     evidence: list[str] = field(default_factory=list)
     refused: bool | None = None
+    check: bool = False
 
 
 def flwr_try(
@@ -360,14 +363,7 @@ def foreign_ca(lab: Lab) -> Row:
         "impostor-superlink",
         [
             "flower-superlink",
-            "--fleet-api-type",
-            "grpc-rere",
-            "--fleet-api-address",
-            f"127.0.0.1:{fleet}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(control),
+            *superlink_listen(fleet, control),
             "--ssl-ca-certfile",
             str(lab.foreign / "ca.crt"),
             "--ssl-certfile",

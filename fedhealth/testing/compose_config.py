@@ -236,7 +236,6 @@ def app_variables() -> dict[str, str]:
     dict of str to str
         ``{"FEDHEALTH_APP_SHA256": <hex>}``.
     """
-    from fedhealth.security.apps import build_fab, fab_sha256
-    from fedhealth.superlink.launcher import project_dir
+    from fedhealth.security.apps import build_fab, fab_sha256, project_dir
 
     return {APP_VARIABLE: fab_sha256(build_fab(project_dir()))}

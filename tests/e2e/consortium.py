@@ -31,7 +31,7 @@ class Consortium:
             create_site_keys(self.certs, name)
         self.port, self.control, *self.appio = free_ports(2 + sites)
         self.procs = Procs(root, flower_env(root / "flwr-home"))
-        from fedhealth.superlink.launcher import project_dir
+        from fedhealth.security.apps import project_dir
 
         # what `fedhealth server launch` submits: the sites and the coordinator approve it
         self.fab_hash = fab_sha256(build_fab(project_dir()))

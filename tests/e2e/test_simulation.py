@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +112,71 @@ def test_a_site_with_a_corrupt_scan_fails_alone_and_the_run_goes_on(cohort, tmp_
         assert set(line["evaluate"]["sites"]) == {"site-0", "site-2"}
         assert line["train"]["failed"] == line["evaluate"]["failed"] == 1
     assert run.manifest["rounds_completed"] == 2 and run.manifest["finished"]
+
+
+def _address(hex_address: str) -> str:
+    """``/proc/net/tcp{,6}``'s ``0100007F:1F90`` -> ``127.0.0.1``."""
+    raw = bytes.fromhex(hex_address.split(":")[0])
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def _ray_listeners() -> list[tuple[str, str]]:
+    """(command line, local address) of every listening TCP socket a Ray process holds."""
+    listening = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                listening[fields[9]] = _address(fields[1])
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ray" not in cmdline and "gcs_server" not in cmdline:
+                continue
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in listening:
+                    found.append((cmdline[:80], listening[link[8:-1]]))
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def test_ray_listens_on_loopback_only(cohort, tmp_path):
+    """While a simulation runs, every socket Ray's processes listen on is a loopback address
+    (Ray's default binds the host's external address, and ``*`` for some servers)."""
+    seen = tmp_path / "listeners.json"
+
+    def record_listeners(msg, context, call_next):
+        if not seen.exists():
+            seen.write_text(json.dumps(_ray_listeners()))
+        return call_next(msg, context)
+
+    cfg = compose(
+        [
+            "sites=2",
+            "rounds=1",
+            "data.train_per_site=4",
+            "data.test_per_site=2",
+            "privacy=off",
+            "federation.secure_aggregation=false",
+            f"data.root={cohort}",
+            f"run_root={tmp_path / 'runs'}",
+            "run_name=ray-loopback",
+        ]
+    )
+    simulate(cfg, client_mods=[record_listeners])
+    listeners = json.loads(seen.read_text())
+    assert listeners, "no Ray listener found: the check would prove nothing"
+    exposed = [(cmd, addr) for cmd, addr in listeners if not _is_loopback(addr)]
+    assert not exposed, exposed

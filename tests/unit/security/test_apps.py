@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import stat
 
 import pytest
@@ -140,3 +141,24 @@ def test_decisions_are_recorded_owner_only(tmp_path):
     record_decision(path, {"sha256": "b", "decision": "approved"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_installed_stands_for_the_fab_of_this_source_tree(tmp_path):
+    from fedhealth.security.apps import INSTALLED, build_fab, fab_sha256, project_dir
+
+    built = fab_sha256(build_fab(project_dir()))
+    policy = AppPolicy.load([INSTALLED], "", "site config")
+    assert policy.approved == {built}
+    assert policy.decide(build_fab(project_dir())).approved
+    # any change to the app's code is another FAB, refused
+    copy = tmp_path / "app"
+    for part in ("pyproject.toml", "fedhealth", "server", "clients", "configs"):
+        src = project_dir() / part
+        if src.is_dir():
+            shutil.copytree(src, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            copy.mkdir(exist_ok=True)
+            shutil.copy(src, copy / part)
+    assert fab_sha256(build_fab(copy)) == built  # the FAB holds only these (fab-include)
+    (copy / "server" / "server_app.py").write_text("# changed\n", encoding="utf-8")
+    assert not policy.decide(build_fab(copy)).approved
