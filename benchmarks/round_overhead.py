@@ -255,7 +255,8 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                     str(keys / "sites" / f"site-{site}" / "auth.key"),
                     *(["--isolation", "process"] if mode == "ours" else []),
                     "--node-config",
-                    f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}'",
+                    f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}'"
+                    " require-dp=false",  # a privacy=off baseline: the sites opt out
                 ],
             )
             if mode == "ours":

@@ -98,7 +98,8 @@ def main() -> int:
                         str(key),
                         "--node-config",
                         f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
-                        f"egress-log='{work / f'egress-{site}.jsonl'}'",
+                        f"egress-log='{work / f'egress-{site}.jsonl'}' "
+                        "require-dp=false",  # a privacy=off benchmark: the sites opt out
                     ],
                 )
             for secure in (False, True):

@@ -274,7 +274,6 @@ SITE_KEYS = (
     "privacy.enabled",
     "privacy.max_grad_norm",
     "privacy.accountant",
-    "privacy.secure_rng",
     "privacy.noise_multiplier",
 )
 

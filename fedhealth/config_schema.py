@@ -203,10 +203,10 @@ class PrivacyConfig:
     """DP-SGD at every site (Opacus) and the site's budget.
 
     DP-SGD: Abadi et al. 2016, https://arxiv.org/abs/1607.00133. ``enabled``,
-    ``max_grad_norm``, ``accountant``, ``secure_rng`` and ``noise_multiplier`` are the
-    consortium's training settings, sent to sites each round. ``epsilon``, ``delta`` and
-    ``ledger_root`` are the site's own: in deployment each site sets them in its node config
-    (``epsilon-cap``, ``delta``, ``ledger-dir``) and the coordinator never sees them as inputs.
+    ``max_grad_norm``, ``accountant`` and ``noise_multiplier`` are the consortium's training
+    settings, sent to sites each round. ``epsilon``, ``delta`` and ``ledger_root`` are the
+    site's own: in deployment each site sets them in its node config (``epsilon-cap``,
+    ``delta``, ``ledger-dir``) and the coordinator never sees them as inputs.
 
     Parameters
     ----------
@@ -221,13 +221,18 @@ class PrivacyConfig:
     accountant : str, default "rdp"
         ``"rdp"`` (Mironov 2017, https://arxiv.org/abs/1702.07476) or ``"prv"`` (Gopi et al.
         2021, https://arxiv.org/abs/2106.02848).
-    secure_rng : bool, default False
-        Cryptographically secure noise (Opacus ``secure_mode``).
     noise_multiplier : float, default 0.0
         Fixed noise multiplier; 0 lets each site plan, once per run, the noise that fits its
         remaining rounds under its cap.
     ledger_root : str, default "ledgers"
         Simulation: directory holding each site's privacy ledger.
+
+    Notes
+    -----
+    No field sets the DP noise's randomness: each site draws its noise and Poisson sampling
+    from a generator seeded from its own OS entropy
+    (:func:`fedhealth.training.private.site_generator`), never from ``seed``. The former
+    ``secure_rng`` switch is gone: it needed ``torchcsprng``, which has no build.
     """
 
     enabled: bool = True
@@ -235,7 +240,6 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 0.5
     accountant: str = "rdp"
-    secure_rng: bool = False
     noise_multiplier: float = 0.0
     ledger_root: str = "ledgers"
 

@@ -16,7 +16,7 @@ Code ranges, one per component:
 5xx         security (``security/``): certificates, secure aggregation
 6xx         the site's long-running side (``supernode/``): patches of Flower internals
 7xx         test harnesses (``testing/``): the compose topology
-1001-1006   codes a site puts in an error *reply* (:data:`SITE_ERROR_CODES`); their public text
+1001-1007   codes a site puts in an error *reply* (:data:`SITE_ERROR_CODES`); their public text
             is fixed, details stay in the site's log
 ==========  ==================================================================================
 """
@@ -34,17 +34,21 @@ class ErrorCode(IntEnum):
     CONFIG_INVALID = 1
     # site data
     DATA_INVALID = 101
+    PRIVACY_UNIT_MISSING = 102
     # the coordinator's rounds
     UPDATE_REJECTED = 201
     FEDERATION_FAILED = 202
     RUN_STOPPED = 203
     RUN_INCOMPLETE = 204
     SITE_NOT_ENROLLED = 205
+    SITE_LEDGER_SHRANK = 206
     # run storage
     CHECKPOINT_INVALID = 301
     # privacy
     LEDGER_INVALID = 401
     BUDGET_EXHAUSTED = 402
+    LEDGER_TRUNCATED = 403
+    DP_REQUIRED = 404
     # security
     CERTIFICATE_INVALID = 501
     SECAGG_FAILED = 502
@@ -62,6 +66,7 @@ class ErrorCode(IntEnum):
     SITE_REFUSED_BUDGET = 1004
     SITE_LEDGER = 1005
     SITE_APP_REFUSED = 1006
+    SITE_REFUSED_POLICY = 1007
 
 
 ERROR_HELP: dict[ErrorCode, str] = {
@@ -69,6 +74,10 @@ ERROR_HELP: dict[ErrorCode, str] = {
     "rounds=5), site.yaml or coordinator.yaml. Unknown keys and wrong types are refused.",
     ErrorCode.DATA_INVALID: "Fix the named datalist or image file at the site; `fedhealth site "
     "check` opens every file and names each one that fails.",
+    ErrorCode.PRIVACY_UNIT_MISSING: "DP training needs a 'patient' id on every training entry "
+    "of the site's dataset.json (all of a patient's scans count as one record). Add the ids, or "
+    "declare `privacy_unit: scan` in site.yaml: each scan then counts as one record and the "
+    "privacy report says 'per scan, not per patient'.",
     ErrorCode.UPDATE_REJECTED: "A site's reply failed validation and was left out of the round; "
     "the reason names the site and field. Check that site's log and version.",
     ErrorCode.FEDERATION_FAILED: "The coordinator or a Flower command did not answer as needed; "
@@ -81,12 +90,24 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.SITE_NOT_ENROLLED: "A reply came from a node whose key the operator has not "
     "enrolled under a site name (or has revoked); it was refused. Enrol the site with `fedhealth "
     "server enrol NAME --key auth.pub` on the coordinator host, or check `fedhealth server sites`.",
+    ErrorCode.SITE_LEDGER_SHRANK: "A site reported a privacy ledger shorter than (or not "
+    "extending) the one it reported earlier in this run: it was truncated or replaced, so its "
+    "epsilon is under-counted. The coordinator takes no more updates from it in this run; the "
+    "site's privacy officer must restore the ledger from a backup.",
     ErrorCode.CHECKPOINT_INVALID: "A checkpoint is missing or its bytes no longer match its "
     "recorded sha256: restore it from a backup or start a new run_name.",
     ErrorCode.LEDGER_INVALID: "The site's privacy ledger is unreadable or fails its hash chain: "
     "training stops until the privacy officer restores it. Never delete a ledger of real data.",
+    ErrorCode.LEDGER_TRUNCATED: "The site's privacy ledger holds fewer entries than it once did "
+    "(its high-water mark, the .mark file beside it), or other ones: entries were deleted or the "
+    "file was replaced by an older copy, so its epsilon would be under-counted. Training stops "
+    "until the privacy officer restores the ledger from a backup; never delete the mark to go on.",
     ErrorCode.BUDGET_EXHAUSTED: "Training this round would take the site past its (epsilon, "
     "delta) cap. The site refuses; a new budget is the privacy officer's decision.",
+    ErrorCode.DP_REQUIRED: "The site's policy requires DP (site.yaml `require_dp`, default "
+    "true) and the run asked to train without it (privacy.enabled=false): the site refused "
+    "before training. Run with privacy.enabled=true; only the site can opt out "
+    "(`require_dp: false`), and its report then says so.",
     ErrorCode.CERTIFICATE_INVALID: "Create or rotate keys with `fedhealth certs`; `fedhealth "
     "certs check` lists expired and expiring ones.",
     ErrorCode.SECAGG_FAILED: "Secure aggregation could not complete this round (fewer sites than "
@@ -113,6 +134,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.SITE_LEDGER: "site privacy ledger unreadable or corrupt: site stopped training",
     ErrorCode.SITE_APP_REFUSED: "app not approved at the site: its code never ran there (the "
     "site approves FAB hashes or trusted publishers in site.yaml)",
+    ErrorCode.SITE_REFUSED_POLICY: "site refused by its own privacy policy before training "
+    "(DP required, or its datalist has no patient ids; see the site's log)",
 }
 
 
@@ -169,6 +192,12 @@ class UpdateRejected(FedHealthError):
     code = ErrorCode.UPDATE_REJECTED
 
 
+class LedgerShrank(UpdateRejected):
+    """A site's reported ledger is shorter than, or does not extend, what it reported before."""
+
+    code = ErrorCode.SITE_LEDGER_SHRANK
+
+
 class FederationError(FedHealthError):
     """A round or a Flower command cannot proceed: no answer, or too few sites, in time."""
 
@@ -199,10 +228,28 @@ class LedgerError(FedHealthError):
     code = ErrorCode.LEDGER_INVALID
 
 
+class LedgerTruncated(LedgerError):
+    """The site's ledger is shorter than its own high-water mark: truncated or replaced."""
+
+    code = ErrorCode.LEDGER_TRUNCATED
+
+
 class BudgetExhausted(FedHealthError):
     """Training this round would take the site past its (epsilon, delta) cap."""
 
     code = ErrorCode.BUDGET_EXHAUSTED
+
+
+class PrivacyUnitMissing(FedHealthError):
+    """DP training was asked for, but the site's training list names no patient for a scan."""
+
+    code = ErrorCode.PRIVACY_UNIT_MISSING
+
+
+class DPRequired(FedHealthError):
+    """The site's policy requires DP and the instruction asked to train without it."""
+
+    code = ErrorCode.DP_REQUIRED
 
 
 class CertError(FedHealthError):
@@ -264,6 +311,7 @@ SITE_ERROR_CODES: dict[int, str] = {
         ErrorCode.SITE_REFUSED_BUDGET,
         ErrorCode.SITE_LEDGER,
         ErrorCode.SITE_APP_REFUSED,
+        ErrorCode.SITE_REFUSED_POLICY,
     )
 }
 BUDGET_REFUSAL = int(ErrorCode.SITE_REFUSED_BUDGET)
@@ -280,11 +328,13 @@ def site_error_code(exc: BaseException) -> int:
     Returns
     -------
     int
-        A key of :data:`SITE_ERROR_CODES`: budget refusal, ledger, data, bad instruction, or
-        (anything else) training failed.
+        A key of :data:`SITE_ERROR_CODES`: budget refusal, policy refusal, ledger, data, bad
+        instruction, or (anything else) training failed.
     """
     if isinstance(exc, BudgetExhausted):
         return int(ErrorCode.SITE_REFUSED_BUDGET)
+    if isinstance(exc, DPRequired | PrivacyUnitMissing):
+        return int(ErrorCode.SITE_REFUSED_POLICY)
     if isinstance(exc, LedgerError):
         return int(ErrorCode.SITE_LEDGER)
     if isinstance(exc, DataError):

@@ -93,6 +93,14 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
     client_mods : list of Flower client mods, optional
         Wrapped around every site's ClientApp (tests use one to capture what a site sends).
 
+    Notes
+    -----
+    In simulation the researcher plays every site, so the sites' own privacy policy follows
+    the run: each virtual site requires DP exactly when ``cfg.privacy.enabled`` (a
+    ``privacy=off`` baseline trains, and its replies say DP was off by the site's choice), and
+    its privacy unit is the patient (the synthetic cohort names a patient per scan). See
+    :meth:`fedhealth.clientapp.instruction.Site.from_context`.
+
     Returns
     -------
     RunDir

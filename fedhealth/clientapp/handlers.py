@@ -30,11 +30,12 @@ from fedhealth.clientapp.global_model import check_outgoing, model_from, receive
 from fedhealth.clientapp.instruction import Instruction, Site, derive_seed, model_digest
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
-from fedhealth.data.loading import SiteData, load_site, make_loader
+from fedhealth.data.loading import SiteData, load_site, make_loader, require_patient_ids
 from fedhealth.errors import BudgetExhausted, ConfigError, LedgerError
 from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
 from fedhealth.privacy.ledger import Entry, PrivacyLedger
+from fedhealth.privacy.records import tag
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import is_packed, pack
 from fedhealth.protocol.replies import error_reply
@@ -92,7 +93,8 @@ class Update(NamedTuple):
         figures (``epsilon``, ``epsilon-cap``, ``delta``, ``noise-multiplier``, ...).
     accounting : dict of str to ConfigRecordValues
         With DP, the accountant and the site's whole DP history, so anyone can recompute the
-        reported epsilon; empty without DP.
+        reported epsilon, and the site's ``privacy-unit``; without DP, ``dp-off-by-site``
+        (:meth:`~fedhealth.clientapp.instruction.Site.reply_fields`).
     """
 
     arrays: ArrayRecord
@@ -121,8 +123,12 @@ def _reply(
 
 def _charge(
     msg: Message, site: str, budget: SiteBudget, data: SiteData, request: RoundRequest
-) -> tuple[Entry, list[tuple[float, float, int]]]:
-    """Charge the round to the site's ledger before training; emit BudgetRefused if over."""
+) -> tuple[Entry, list[tuple[float, float, int]], Metrics]:
+    """Charge the round before training, in one exclusive ledger transaction.
+
+    Emits BudgetRefused if over; returns the entry, history and the ledger's standing
+    (:data:`~fedhealth.protocol.keys.LEDGER_METRICS`).
+    """
     with PrivacyLedger(budget.ledger_path, site) as ledger:
         try:
             entry = charge_round(
@@ -137,7 +143,13 @@ def _charge(
             )
             emit(log, refused, "%s", exc, level=logging.WARNING)
             raise
-        return entry, ledger.history()
+        head = ledger.head()  # as of the charge's transaction
+        standing: Metrics = {
+            K.LEDGER_ENTRIES: head.entries,
+            K.LEDGER_HEAD: tag(head.hash),
+            K.LEDGER_HEAD_PREV: tag(head.prev_hash),
+        }
+        return entry, ledger.history(), standing
 
 
 def train_update(
@@ -191,6 +203,7 @@ def train_update(
     if not isinstance(loader.dataset, Sized):
         raise ConfigError(f"site {site.name}: the training set has no length")
     num_examples = len(loader.dataset)
+    model = model_from(msg, cfg)  # a model that does not fit is refused before any charge
     dp, entry, privacy, accounting = None, None, Metrics(), Accounting()
     if cfg.privacy.enabled:
         budget = site.budget
@@ -207,7 +220,7 @@ def train_update(
             accountant=cfg.privacy.accountant,
             fixed_noise=cfg.privacy.noise_multiplier,
         )
-        entry, history = _charge(msg, site.name, budget, data, request)
+        entry, history, standing = _charge(msg, site.name, budget, data, request)
         accounting = {
             K.ACCOUNTANT: cfg.privacy.accountant,
             K.HISTORY_NOISE: [h[0] for h in history],
@@ -218,8 +231,8 @@ def train_update(
             entry.noise_multiplier,
             cfg.privacy.max_grad_norm,
             accountant=cfg.privacy.accountant,
-            secure_rng=cfg.privacy.secure_rng,
             grad_sample_mode=DP_READY[cfg.model.name],
+            noise_seed=seed,  # until a retried round resends its stored update (issue 12)
         )
         privacy = {
             K.EPSILON: entry.epsilon_after,
@@ -229,8 +242,8 @@ def train_update(
             K.SAMPLE_RATE: sample_rate,
             K.DP_STEPS: steps,
             K.MAX_GRAD_NORM: cfg.privacy.max_grad_norm,
+            **standing,  # the ledger's length and head: the coordinator checks it only grows
         }
-    model = model_from(msg, cfg)
     started = time.perf_counter()
     lr = cfg.train.lr * cfg.train.lr_decay ** max(0, instruction.server_round - 1)
     result = train(
@@ -274,7 +287,7 @@ def train_update(
         K.TRAIN_SECONDS: time.perf_counter() - started,
         **privacy,
     }
-    return Update(arrays, metrics, accounting)
+    return Update(arrays, metrics, {**accounting, **site.reply_fields(cfg.privacy.enabled)})
 
 
 def prepare(
@@ -303,6 +316,14 @@ def prepare(
     -------
     Prepared
         Site, data, config, instruction and seed.
+
+    Raises
+    ------
+    DPRequired
+        Training without DP asked of a site whose policy requires DP (before its data is read).
+    PrivacyUnitMissing
+        DP training whose privacy unit is the patient, on a datalist whose training entries
+        lack patient ids (before anything is trained or charged).
     """
     site = Site.from_context(context, data_root, privacy)
     instruction = Instruction.from_message(msg)
@@ -316,7 +337,18 @@ def prepare(
         server_round,
         phase,
     )
+    train_phase, dp = phase == "train", cfg.privacy.enabled
+    if train_phase:
+        site.check_dp(dp)  # the site's policy, before any data is read or budget charged
     data = load_site(site.data_dir / "dataset.json")
+    if train_phase and dp:
+        require_patient_ids(data, site.privacy_unit, site.name)
+    elif train_phase:
+        log.warning(
+            "site %s round %d: training WITHOUT DP (site.yaml require_dp: false)",
+            site.name,
+            server_round,
+        )
     seed = derive_seed(cfg.seed, site.name, server_round, phase)
     seed_everything(seed, cfg.train.num_threads)
     return Prepared(site, data, cfg, instruction, seed)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecordValues, Context, Message
 
 from fedhealth.config import PrivacyConfig
 from fedhealth.data.synth import site_dir
-from fedhealth.errors import ConfigError
+from fedhealth.errors import ConfigError, DPRequired
 from fedhealth.privacy.budget import SiteBudget
 from fedhealth.protocol import keys as K
 
@@ -30,11 +30,55 @@ class Site:
     budget : SiteBudget, optional
         The site's epsilon cap, delta and ledger (default None: the site keeps no ledger and
         refuses DP training).
+    privacy_unit : str, optional
+        What one DP record is, ``"patient"`` (default) or ``"scan"`` (node config
+        ``privacy-unit``, from site.yaml).
+    require_dp : bool, optional
+        Refuse training without DP (default True; node config ``require-dp``).
     """
 
     name: str
     data_dir: Path
     budget: SiteBudget | None = None
+    privacy_unit: str = K.PRIVACY_UNITS[0]
+    require_dp: bool = True
+
+    def check_dp(self, dp: bool) -> None:
+        """Refuse a train instruction without DP when the site's policy requires DP.
+
+        Parameters
+        ----------
+        dp : bool
+            The instruction's ``privacy.enabled``.
+
+        Raises
+        ------
+        DPRequired
+            ``dp`` is False and the site requires DP; the message names the field and the
+            site's policy.
+        """
+        if not dp and self.require_dp:
+            raise DPRequired(
+                f"site {self.name}: refused before training: the instruction sets "
+                "privacy.enabled=false, and this site's policy requires DP (site.yaml "
+                "require_dp: true, the default). Nothing was trained or charged."
+            )
+
+    def reply_fields(self, dp: bool) -> dict[str, ConfigRecordValues]:
+        """Return what a train reply's ``site`` record says about the site's privacy policy.
+
+        Parameters
+        ----------
+        dp : bool
+            Whether this round trained with DP.
+
+        Returns
+        -------
+        dict of str to ConfigRecordValues
+            With DP, ``privacy-unit``; without, ``dp-off-by-site`` (True: the site's own
+            ``require_dp: false``; a site that requires DP never trains without it).
+        """
+        return {K.PRIVACY_UNIT: self.privacy_unit} if dp else {K.DP_OFF_BY_SITE: True}
 
     @classmethod
     def from_context(
@@ -46,11 +90,14 @@ class Site:
         ----------
         context : Context
             Flower's context. Deployment: node config ``data-dir``, ``site-name``,
-            ``ledger-dir``, ``epsilon-cap``, ``delta``. Simulation: ``partition-id``.
+            ``ledger-dir``, ``epsilon-cap``, ``delta``, ``privacy-unit``, ``require-dp``.
+            Simulation: ``partition-id`` (and ``privacy-unit`` when set).
         data_root : str, optional
             Simulation only: the synthetic cohort's root (default None).
         privacy : PrivacyConfig, optional
             Simulation only: every site's budget and ledger root (default None: no ledger).
+            A simulated site requires DP exactly when ``privacy.enabled``: in simulation the
+            researcher plays every site, so the run's own switch is the sites' policy.
 
         Returns
         -------
@@ -60,10 +107,18 @@ class Site:
         Raises
         ------
         ConfigError
-            The node config names no data directory (nor a partition with ``data_root``), or
-            a ledger directory without an epsilon cap.
+            The node config names no data directory (nor a partition with ``data_root``), a
+            ledger directory without an epsilon cap, or a bad ``privacy-unit``/``require-dp``.
         """
         node = context.node_config
+        unit = str(node.get(K.NODE_PRIVACY_UNIT, K.PRIVACY_UNITS[0]))
+        if unit not in K.PRIVACY_UNITS:
+            raise ConfigError(
+                f"node config: {K.NODE_PRIVACY_UNIT}={unit!r}: one of {K.PRIVACY_UNITS}"
+            )
+        require = node.get(K.NODE_REQUIRE_DP, True)
+        if not isinstance(require, bool):
+            raise ConfigError(f"node config: {K.NODE_REQUIRE_DP}={require!r}: true or false")
         if K.NODE_DATA_DIR in node:
             data_dir = Path(str(node[K.NODE_DATA_DIR]))
             budget = None
@@ -77,7 +132,8 @@ class Site:
                     float(node.get(K.NODE_DELTA, 1e-5)),
                     Path(str(node[K.NODE_LEDGER_DIR])) / "ledger.sqlite",
                 )
-            return cls(str(node.get(K.NODE_SITE_NAME, data_dir.name)), data_dir, budget)
+            name = str(node.get(K.NODE_SITE_NAME, data_dir.name))
+            return cls(name, data_dir, budget, unit, require)
         if data_root is not None and K.NODE_PARTITION_ID in node:
             index = int(node[K.NODE_PARTITION_ID])
             budget = None
@@ -87,7 +143,8 @@ class Site:
                     privacy.delta,
                     Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite",
                 )
-            return cls(f"site-{index}", site_dir(data_root, index), budget)
+            require = privacy is not None and privacy.enabled
+            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, require)
         raise ConfigError(
             f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
         )

@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import TypedDict
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data.dataloader import DataLoader
@@ -31,11 +31,15 @@ from monai.transforms.intensity.dictionary import NormalizeIntensityd
 from monai.transforms.io.dictionary import LoadImaged
 from monai.transforms.spatial.dictionary import RandFlipd, Spacingd
 from monai.transforms.utility.dictionary import EnsureChannelFirstd, EnsureTyped
-from nibabel.spatialimages import SpatialImage
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from fedhealth.data.checks import check_pair, require_patient_ids
 from fedhealth.errors import DataError
+
+__all__ = ["check_pair", "load_site", "make_loader", "read_datalist", "require_patient_ids"]
+
+log = logging.getLogger("fedhealth.site")
 
 SPLITS = {"train": "training", "test": "test"}
 """Our split name -> the Decathlon datalist key that holds it."""
@@ -57,8 +61,8 @@ class DatalistItem(TypedDict):
     label : str
         Path of the binary label NIfTI file, on the image's voxel grid.
     patient : str
-        The privacy unit the volume belongs to; ``"<list key>-<index>"`` when the datalist
-        names none.
+        The patient the volume belongs to; ``"<list key>-<index>"`` when the datalist names
+        none (then each scan is its own record: :attr:`SiteData.unidentified`).
     """
 
     image: str
@@ -78,11 +82,18 @@ class SiteData:
         The ``training`` list: never empty.
     test : list of DatalistItem
         The ``test`` list; may be empty.
+    unidentified : tuple of int, default ()
+        Indices of ``training`` entries without a ``patient`` id.
+    shared : tuple of str, default ()
+        Patient ids (as the datalist names them) found in both lists, sorted: their test
+        scores are not scores on unseen patients.
     """
 
     dataset_json: Path
     train: list[DatalistItem]
     test: list[DatalistItem]
+    unidentified: tuple[int, ...] = ()
+    shared: tuple[str, ...] = ()
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -168,7 +179,8 @@ def read_datalist(dataset_json: Path | str, *, check_files: bool = True) -> Site
     -------
     SiteData
         Both lists with absolute paths; an entry without ``patient`` gets
-        ``"<list key>-<index>"``.
+        ``"<list key>-<index>"``. A patient in both lists is logged as a warning naming the
+        ids (site log only) and listed in :attr:`SiteData.shared`.
 
     Raises
     ------
@@ -185,6 +197,7 @@ def read_datalist(dataset_json: Path | str, *, check_files: bool = True) -> Site
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     lists: dict[str, list[DatalistItem]] = {}
+    declared: dict[str, list[str | None]] = {}
     for split, key in SPLITS.items():
         try:
             items = (
@@ -197,6 +210,7 @@ def read_datalist(dataset_json: Path | str, *, check_files: bool = True) -> Site
         for i, item in enumerate(items):
             if not {"image", "label"} <= item.keys():
                 raise DataError(f"{path}: entry {i} of '{key}' needs 'image' and 'label'")
+        declared[split] = [None if "patient" not in it else str(it["patient"]) for it in items]
         lists[split] = [
             {
                 "image": str(it["image"]),
@@ -207,54 +221,21 @@ def read_datalist(dataset_json: Path | str, *, check_files: bool = True) -> Site
         ]
     if not lists["train"]:
         raise DataError(f"{path}: the 'training' list is empty")
-    site = SiteData(path, lists["train"], lists["test"])
+    unidentified = tuple(i for i, p in enumerate(declared["train"]) if p is None)
+    shared = tuple(sorted({p for p in declared["train"] if p} & set(declared["test"]) - {None}))
+    if shared:
+        log.warning(
+            "%s: %d patient(s) in both the training and the test list: %s (their test scores "
+            "are not on unseen patients)",
+            path,
+            len(shared),
+            ", ".join(shared),
+        )
+    site = SiteData(path, lists["train"], lists["test"], unidentified, shared)
     if check_files:
         for volume in site.train + site.test:
             check_pair(Path(volume["image"]), Path(volume["label"]))
     return site
-
-
-def _load_nifti(path: Path) -> SpatialImage:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        # nibabel's loader is typed as any image; a non-spatial one fails get_fdata below
-        img = cast(SpatialImage, nib.load(str(path)))
-        img.get_fdata(dtype=np.float32)  # forces a full read: truncated gzip fails here
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise DataError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
-    return img
-
-
-def check_pair(image_path: Path, label_path: Path) -> None:
-    """Check that an image and its label are readable, finite and on the same grid.
-
-    Each file is read in full; the affines must agree within 1e-3 and every label voxel must
-    be 0 or 1.
-
-    Parameters
-    ----------
-    image_path : Path
-        The image NIfTI file.
-    label_path : Path
-        Its label NIfTI file.
-
-    Raises
-    ------
-    DataError
-        Naming the file that is missing or unreadable, whose shape or affine differs, whose
-        voxels are not finite (image) or not binary (label).
-    """
-    image, label = _load_nifti(image_path), _load_nifti(label_path)
-    if image.shape != label.shape:
-        raise DataError(f"{label_path}: label shape {label.shape} != image shape {image.shape}")
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise DataError(f"{label_path}: label affine differs from its image {image_path}")
-    if not np.isfinite(image.get_fdata(dtype=np.float32)).all():
-        raise DataError(f"{image_path}: image contains NaN or infinite voxels")
-    values = np.unique(np.asarray(label.dataobj))
-    if not set(values.tolist()) <= {0, 1}:
-        raise DataError(f"{label_path}: label values {values.tolist()[:5]} are not binary 0/1")
 
 
 def transforms(roi: int, target_spacing: float, *, train: bool) -> Compose:

@@ -4,7 +4,10 @@ Before each round's training the site (1) plans, once per run, the smallest nois
 that keeps its epsilon within its cap for all the run's remaining rounds, given everything its
 ledger says it has already spent; (2) computes the epsilon this round would bring it to and
 refuses if that exceeds the cap; (3) records the round in its ledger, durably, before any
-training happens.
+training happens. All three happen inside one exclusive ledger transaction
+(:meth:`~fedhealth.privacy.ledger.PrivacyLedger.exclusive`): a run charging at the same time in
+another process waits, then re-reads the history this one recorded, and is refused if it no
+longer fits. A refusal rolls the transaction back: nothing is charged, not even the plan.
 """
 
 from __future__ import annotations
@@ -114,75 +117,77 @@ def charge_round(
         (:func:`fedhealth.privacy.accounting.plan_noise`), or this round would take epsilon
         past the cap; nothing is recorded.
     LedgerError
-        The ledger could not record the round.
+        The ledger could not be locked in time, failed its checks, or could not record.
     """
-    if model_sha256:
-        prior = ledger.release(req.run, req.server_round, model_sha256)
-        if prior is not None:
+    with ledger.exclusive():  # check and write are one transaction across processes
+        if model_sha256:
+            prior = ledger.release(req.run, req.server_round, model_sha256)
+            if prior is not None:
+                log.info(
+                    "site %s: round %d of run %s replayed with the same global model and seed: "
+                    "no new privacy spend (epsilon stays %.3f)",
+                    site,
+                    req.server_round,
+                    req.run,
+                    ledger.entries[-1].epsilon_after,
+                )
+                return prior
+        history = ledger.history()
+        spent = epsilon(history, budget.delta, req.accountant)
+        plan = ledger.plan(req.run)
+        if plan is None:
+            rounds_left = max(1, req.rounds_total - req.server_round + 1)
+            planned_steps = req.steps * rounds_left
+            sigma = req.fixed_noise or plan_noise(
+                history,
+                req.sample_rate,
+                planned_steps,
+                budget.epsilon_cap,
+                budget.delta,
+                req.accountant,
+            )
+            if sigma is None:
+                raise BudgetExhausted(
+                    f"site {site}: {spent:.3f} of epsilon cap {budget.epsilon_cap} spent; "
+                    f"{rounds_left} more round(s) of {req.steps} steps cannot fit at any noise "
+                    "level"
+                )
+            planned = epsilon(
+                [*history, (sigma, req.sample_rate, planned_steps)], budget.delta, req.accountant
+            )
+            plan = Plan(req.run, sigma, req.sample_rate, req.steps, rounds_left, planned)
+            ledger.save_plan(plan)
             log.info(
-                "site %s: round %d of run %s replayed with the same global model and seed: "
-                "no new privacy spend (epsilon stays %.3f)",
+                "site %s: privacy plan for run %s: noise multiplier %.3f, sample rate %.4f, "
+                "%d rounds x %d steps; epsilon %.3f spent before, %.3f planned after, cap %.3f "
+                "(delta %.1e, %s accountant)",
                 site,
-                req.server_round,
                 req.run,
-                ledger.entries[-1].epsilon_after,
+                sigma,
+                req.sample_rate,
+                rounds_left,
+                req.steps,
+                spent,
+                planned,
+                budget.epsilon_cap,
+                budget.delta,
+                req.accountant,
             )
-            return prior
-    history = ledger.history()
-    spent = epsilon(history, budget.delta, req.accountant)
-    plan = ledger.plan(req.run)
-    if plan is None:
-        rounds_left = max(1, req.rounds_total - req.server_round + 1)
-        planned_steps = req.steps * rounds_left
-        sigma = req.fixed_noise or plan_noise(
-            history,
-            req.sample_rate,
-            planned_steps,
-            budget.epsilon_cap,
-            budget.delta,
-            req.accountant,
-        )
-        if sigma is None:
+        phase = (plan.noise_multiplier, req.sample_rate, req.steps)
+        would = epsilon([*history, phase], budget.delta, req.accountant)
+        if would > budget.epsilon_cap:
             raise BudgetExhausted(
-                f"site {site}: {spent:.3f} of epsilon cap {budget.epsilon_cap} spent; "
-                f"{rounds_left} more round(s) of {req.steps} steps cannot fit at any noise level"
+                f"site {site}: round {req.server_round} would bring epsilon to {would:.3f}, over "
+                f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
             )
-        planned = epsilon(
-            [*history, (sigma, req.sample_rate, planned_steps)], budget.delta, req.accountant
-        )
-        plan = Plan(req.run, sigma, req.sample_rate, req.steps, rounds_left, planned)
-        ledger.save_plan(plan)
-        log.info(
-            "site %s: privacy plan for run %s: noise multiplier %.3f, sample rate %.4f, "
-            "%d rounds x %d steps; epsilon %.3f spent before, %.3f planned after, cap %.3f "
-            "(delta %.1e, %s accountant)",
-            site,
+        return ledger.record(
             req.run,
-            sigma,
-            req.sample_rate,
-            rounds_left,
-            req.steps,
-            spent,
-            planned,
-            budget.epsilon_cap,
-            budget.delta,
+            req.server_round,
+            phase,
+            req.max_grad_norm,
             req.accountant,
+            budget.delta,
+            budget.epsilon_cap,
+            fingerprint,
+            model_sha256,
         )
-    phase = (plan.noise_multiplier, req.sample_rate, req.steps)
-    would = epsilon([*history, phase], budget.delta, req.accountant)
-    if would > budget.epsilon_cap:
-        raise BudgetExhausted(
-            f"site {site}: round {req.server_round} would bring epsilon to {would:.3f}, over "
-            f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
-        )
-    return ledger.record(
-        req.run,
-        req.server_round,
-        phase,
-        req.max_grad_norm,
-        req.accountant,
-        budget.delta,
-        budget.epsilon_cap,
-        fingerprint,
-        model_sha256,
-    )

@@ -2,10 +2,15 @@
 
 SQLite in WAL mode with ``synchronous=FULL``: an entry is on disk when :meth:`record` returns,
 and the site records *before* it trains, so a crash can only over-count, never under-count.
+Several ClientApp processes may hold the ledger open at once: a charge reads the history, checks
+the cap and writes the entry inside one exclusive transaction (:meth:`exclusive`), so two
+concurrent runs can never both pass the cap on the same history.
 Each entry carries the sha256 of the previous one (a hash chain), and opening the ledger checks
 SQLite's integrity, the chain, and that each stored epsilon is what the accountant computes
 from the stored parameters. Any failure is a :class:`LedgerError`: the site stops instead of
-starting again from zero.
+starting again from zero. A high-water mark beside the file (``ledger.sqlite.mark``: the most
+entries the ledger ever held and the last one's hash) makes a ledger that lost its last rows,
+or was replaced by an older copy, a :class:`LedgerTruncated` error instead of a smaller epsilon.
 
 One ledger per site; it outlives runs. It is keyed to the site's dataset fingerprint: entries
 record the fingerprint they were spent on, and spending continues to accumulate when the
@@ -14,40 +19,31 @@ dataset changes (patients still present keep their past loss).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fedhealth.errors import LedgerError
 from fedhealth.privacy.accounting import Phase, epsilon
-from fedhealth.privacy.records import GENESIS, Entry, Plan
+from fedhealth.privacy.records import (
+    GENESIS,
+    SCHEMA,
+    Entry,
+    Head,
+    Plan,
+    check_mark,
+    mark_path,
+    read_mark,
+    write_mark,
+)
 
-__all__ = ["GENESIS", "SCHEMA_VERSION", "Entry", "Plan", "PrivacyLedger"]
+__all__ = ["GENESIS", "SCHEMA_VERSION", "Entry", "Head", "Plan", "PrivacyLedger"]
 
 SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY,
-    run TEXT NOT NULL, round INTEGER NOT NULL,
-    noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
-    max_grad_norm REAL NOT NULL, accountant TEXT NOT NULL,
-    delta REAL NOT NULL, epsilon_after REAL NOT NULL, epsilon_cap REAL NOT NULL,
-    dataset_fingerprint TEXT NOT NULL, accountant_state TEXT NOT NULL,
-    created TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS plans (
-    run TEXT PRIMARY KEY, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
-    steps_per_round INTEGER NOT NULL, rounds INTEGER NOT NULL, epsilon_planned REAL NOT NULL,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS releases (
-    run TEXT NOT NULL, round INTEGER NOT NULL, model_sha256 TEXT NOT NULL,
-    entry_hash TEXT NOT NULL, PRIMARY KEY (run, round, model_sha256)
-);
-"""
 REL_TOL = 1e-6
 
 
@@ -65,16 +61,19 @@ class PrivacyLedger:
     ------
     LedgerError
         The file is unreadable, or fails :meth:`verify`.
+    LedgerTruncated
+        It holds fewer (or other) entries than its high-water mark says it once held.
     """
 
     def __init__(self, path: Path | str, site: str = "site") -> None:
         self.path = Path(path)
+        self.mark = mark_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
+            self.db.executescript(SCHEMA)
             self.db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
@@ -108,7 +107,10 @@ class PrivacyLedger:
         LedgerError
             Naming the file, and the entry that breaks the chain or whose stored accountant
             state or epsilon differs from what the recorded phases give.
+        LedgerTruncated
+            Fewer entries than the high-water mark, or another entry where it points.
         """
+        mark = read_mark(self.mark)  # before the rows: a mark is written after its commit
         try:
             status = self.db.execute("PRAGMA integrity_check").fetchone()[0]
             schema = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -146,7 +148,78 @@ class PrivacyLedger:
                     f"{self.path}: stored epsilon {last.epsilon_after:.6f} != "
                     f"{recomputed:.6f} recomputed from the recorded phases"
                 )
+        if mark is not None:
+            check_mark(self.path, mark, [e.hash for e in entries])
         return entries
+
+    def head(self) -> Head:
+        """Return where the ledger stands: entry count, last hash, and the hash it extends.
+
+        Returns
+        -------
+        Head
+            ``Head(0, GENESIS, GENESIS)`` when empty.
+        """
+        if not self.entries:
+            return Head(0, GENESIS, GENESIS)
+        return Head(len(self.entries), self.entries[-1].hash, self.entries[-1].prev_hash)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[PrivacyLedger]:
+        """Hold the ledger's write lock: re-read it, then commit or roll back as one.
+
+        ``BEGIN IMMEDIATE`` takes SQLite's write lock across processes (waiting up to the
+        connection's 30 s timeout); the entries are then re-read and verified, so a check made
+        inside sees every charge committed before it and no other process charges until the
+        block ends. Nested use joins the outer block. The high-water mark follows the commit.
+
+        Yields
+        ------
+        PrivacyLedger
+            This ledger, its :attr:`entries` fresh.
+
+        Raises
+        ------
+        LedgerError
+            The lock could not be taken in time, the ledger fails :meth:`verify`, or the commit
+            failed (rolled back: nothing is recorded). Any error inside the block rolls back.
+        """
+        if self.db.in_transaction:  # nested: the outer block commits
+            yield self
+            return
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: could not lock the privacy ledger ({exc})") from exc
+        try:
+            self.entries = self.verify()
+            before = list(self.entries)
+            try:
+                yield self
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.entries = before
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: privacy ledger transaction failed ({exc})") from exc
+        finally:
+            self._rollback()
+        self._raise_mark()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # after a failure: nothing of the block stays
+            self.db.execute("ROLLBACK")
+
+    def _raise_mark(self) -> None:
+        """Raise the high-water mark to the ledger's length (never lower it)."""
+        mark = read_mark(self.mark)
+        if self.entries and (mark is None or mark.entries < len(self.entries)):
+            try:
+                write_mark(self.mark, self.head())
+            except OSError as exc:
+                raise LedgerError(
+                    f"{self.mark}: could not write the high-water mark ({exc})"
+                ) from exc
 
     def history(self) -> list[Phase]:
         """Return every recorded phase, in order (an Opacus accountant history).
@@ -284,45 +357,42 @@ class PrivacyLedger:
         LedgerError
             The transaction failed (it is rolled back: nothing is recorded).
         """
-        history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
-        entry = Entry(
-            run=run,
-            round=server_round,
-            noise_multiplier=float(phase[0]),
-            sample_rate=float(phase[1]),
-            steps=int(phase[2]),
-            max_grad_norm=max_grad_norm,
-            accountant=accountant,
-            delta=delta,
-            epsilon_after=epsilon(history, delta, accountant),
-            epsilon_cap=cap,
-            dataset_fingerprint=fingerprint,
-            accountant_state=json.dumps([list(p) for p in history]),
-            created=_now(),
-            prev_hash=self.entries[-1].hash if self.entries else GENESIS,
-        )
-        entry = Entry(**{**asdict(entry), "hash": entry.digest()})
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
-                "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
-                "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                tuple(asdict(entry).values()),
+        with self.exclusive():  # or inside the caller's: history and chain are fresh
+            history = [*self.history(), (float(phase[0]), float(phase[1]), int(phase[2]))]
+            entry = Entry(
+                run=run,
+                round=server_round,
+                noise_multiplier=float(phase[0]),
+                sample_rate=float(phase[1]),
+                steps=int(phase[2]),
+                max_grad_norm=max_grad_norm,
+                accountant=accountant,
+                delta=delta,
+                epsilon_after=epsilon(history, delta, accountant),
+                epsilon_cap=cap,
+                dataset_fingerprint=fingerprint,
+                accountant_state=json.dumps([list(p) for p in history]),
+                created=_now(),
+                prev_hash=self.entries[-1].hash if self.entries else GENESIS,
             )
-            if model_sha256:
+            entry = Entry(**{**asdict(entry), "hash": entry.digest()})
+            try:
                 self.db.execute(
-                    "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?)",
-                    (run, server_round, model_sha256, entry.hash),
+                    "INSERT INTO entries (run, round, noise_multiplier, sample_rate, "
+                    "steps, max_grad_norm, accountant, delta, epsilon_after, epsilon_cap, "
+                    "dataset_fingerprint, accountant_state, created, prev_hash, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    tuple(asdict(entry).values()),
                 )
-            self.db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise LedgerError(f"{self.path}: could not record privacy spend ({exc})") from exc
-        self.entries.append(entry)
-        return entry
+                if model_sha256:
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?)",
+                        (run, server_round, model_sha256, entry.hash),
+                    )
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"{self.path}: could not record privacy spend ({exc})") from exc
+            self.entries.append(entry)
+            return entry
 
 
 def _now() -> str:

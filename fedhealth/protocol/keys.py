@@ -63,6 +63,15 @@ PRIVACY_METRICS: Final = (
     MAX_GRAD_NORM,
 )
 """The DP metrics a site reports with every DP-trained update."""
+LEDGER_ENTRIES: Final = "ledger-entries"
+"""int: how many entries the site's privacy ledger holds after charging the round."""
+LEDGER_HEAD: Final = "ledger-head"
+"""int: the ledger's last entry hash, its first 60 bits (:func:`fedhealth.privacy.records.tag`)."""
+LEDGER_HEAD_PREV: Final = "ledger-head-prev"
+"""int: the hash that last entry extends (its ``prev_hash``), first 60 bits."""
+LEDGER_METRICS: Final = (LEDGER_ENTRIES, LEDGER_HEAD, LEDGER_HEAD_PREV)
+"""Where a DP site's ledger stands, reported with every DP-trained update: the coordinator stops
+taking updates from a site whose ledger got shorter or was replaced within a run."""
 
 # -- the reply's ``site`` record ------------------------------------------------------------------
 SITE_NAME: Final = "name"
@@ -71,6 +80,10 @@ HISTORY_NOISE: Final = "history-noise"
 HISTORY_RATE: Final = "history-rate"
 HISTORY_STEPS: Final = "history-steps"
 """The ledger's phases (noise, sampling rate, steps) behind the reported epsilon."""
+PRIVACY_UNIT: Final = "privacy-unit"
+"""str: with DP, what one DP record is at the site: ``"patient"`` or ``"scan"``."""
+DP_OFF_BY_SITE: Final = "dp-off-by-site"
+"""bool: True when the site trained without DP by its own policy (``require_dp: false``)."""
 SECAGG_MARKER_PREFIX: Final = "secagg"
 """Markers below are set only by the coordinator's own :class:`SecureGrid`; a site's are dropped."""
 SECAGG_SUM: Final = "secagg-sum"
@@ -116,5 +129,11 @@ NODE_LEDGER_DIR: Final = "ledger-dir"
 NODE_EPSILON_CAP: Final = "epsilon-cap"
 NODE_DELTA: Final = "delta"
 NODE_EGRESS_LOG: Final = "egress-log"
+NODE_PRIVACY_UNIT: Final = "privacy-unit"
+"""str: the site's privacy unit, ``"patient"`` (default) or ``"scan"`` (site.yaml only)."""
+NODE_REQUIRE_DP: Final = "require-dp"
+"""bool: the site refuses to train without DP (default True; site.yaml only)."""
+PRIVACY_UNITS: Final = ("patient", "scan")
+"""The values of :data:`NODE_PRIVACY_UNIT`; the first is the default."""
 NODE_PARTITION_ID: Final = "partition-id"
 """Simulation only: the virtual site's index under ``data.root``."""

@@ -23,6 +23,9 @@ from fedhealth.runs.rundir import read_jsonl
 
 MAX_ROUNDS_LEFT = 10_000
 """The largest "rounds left" the report computes; more is shown as this number."""
+DP_OFF = "dp off by the site's own choice"
+"""Row status of a site that trained without DP under its own ``require_dp: false`` (the
+coordinator's :data:`fedhealth.serverapp.checks.DP_OFF_STATUS`)."""
 
 
 @dataclass
@@ -88,10 +91,15 @@ class SiteSummary:
         How many more phases like the last trained one fit under the cap (see
         :func:`rounds_left`); None without a trained phase and its history.
     status : str
-        ``"within budget"``, ``"OVER BUDGET"`` or ``"budget exhausted: site refused to
-        train"``.
+        ``"within budget"``, ``"OVER BUDGET"``, ``"budget exhausted: site refused to
+        train"`` or ``"DP off by the site's own choice"`` (no DP-trained phase).
     rows : list of Row, default []
         The site's phases, in order.
+    privacy_unit : str, default "patient"
+        What one DP record was at the site, as it reported: ``"patient"``, ``"scan"`` or
+        ``"unstated"``.
+    dp_off : bool, default False
+        The site trained at least one round without DP, by its own policy.
     """
 
     site: str
@@ -102,6 +110,8 @@ class SiteSummary:
     rounds_left: int | None
     status: str
     rows: list[Row] = field(default_factory=list)
+    privacy_unit: str = "patient"
+    dp_off: bool = False
 
 
 @dataclass
@@ -192,12 +202,15 @@ def _summarize(
             raise FedHealthError(f"site {site}: trained phase {last.step} has no DP parameters")
         left = rounds_left(history, (noise, rate, steps), cap, delta, accountant)
     refused = any(r.status == "refused" for r in rows)
+    dp_off = any(r.status == DP_OFF for r in rows)
     status = (
         "budget exhausted: site refused to train"
         if refused
         else ("within budget" if spent <= cap else "OVER BUDGET")
     )
-    return SiteSummary(site, accountant, delta, cap, spent, left, status, rows)
+    if dp_off and not trained:
+        status = "DP off by the site's own choice"
+    return SiteSummary(site, accountant, delta, cap, spent, left, status, rows, dp_off=dp_off)
 
 
 def _check(row: Row, history: list[Phase], delta: float, accountant: str) -> None:
@@ -261,9 +274,11 @@ def from_run_dir(run_dir: Path) -> PrivacyReport:
             else:
                 row = Row(i + 1, run_dir.name, line["round"], line["status"], spent)
             rows.append(row)
-        sites.append(
-            _summarize(site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history)
+        summary = _summarize(
+            site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history
         )
+        summary.privacy_unit = str(meta.get("privacy_unit", "unstated"))
+        sites.append(summary)
     return PrivacyReport(str(run_dir), "run", _now(), sites)
 
 

@@ -77,7 +77,7 @@ def explanation(report: PrivacyReport) -> str:
     -------
     str
         One paragraph, quoting ``exp(epsilon)`` as the bound on how much more or less likely
-        any outcome is with or without one patient's scans.
+        any outcome is with or without one patient's scans; then :func:`unit_sentences`.
 
     Raises
     ------
@@ -89,8 +89,9 @@ def explanation(report: PrivacyReport) -> str:
     return (
         "What these numbers mean for patients. Each hospital trained the shared model with "
         "differential privacy, counting each patient as one record (all of a patient's scans "
-        "together). Epsilon measures the most that any one patient's presence in the training "
-        "data can change what the shared model reveals: the smaller, the stronger the protection. "
+        "together) unless said below. Epsilon measures the most that any one patient's presence "
+        "in the training data can change what the shared model reveals: the smaller, the "
+        "stronger the protection. "
         f"With a cap of epsilon = {eps:g} and delta = {delta:g}, anything an outsider could learn "
         "from the model is at most about "
         f"{_factor(eps)} times more (or less) likely whether or not a given patient's scans were "
@@ -100,8 +101,49 @@ def explanation(report: PrivacyReport) -> str:
         "to train once the next round would take it past its cap. 'Rounds left' is how many more "
         "rounds like the last one fit under the cap. The images themselves never leave the "
         "hospital; only model parameters and summary metrics do. Evaluation scores computed on "
-        "the hospital's test patients are not covered by this budget."
+        "the hospital's test patients are not covered by this budget." + unit_sentences(report)
     )
+
+
+def unit_sentences(report: PrivacyReport) -> str:
+    """Say which sites protect less than "each patient as one record", and why.
+
+    Parameters
+    ----------
+    report : PrivacyReport
+        The report.
+
+    Returns
+    -------
+    str
+        ``""`` when every site's privacy unit is the patient; otherwise one sentence per case,
+        each starting with a space: sites whose unit is the scan ("per scan, not per
+        patient"), sites that trained without DP by their own choice, sites whose reply did
+        not state their unit.
+    """
+    by_unit = {
+        unit: [s.site for s in report.sites if s.privacy_unit == unit and not s.dp_off]
+        for unit in ("scan", "unstated")
+    }
+    out = ""
+    if by_unit["scan"]:
+        out += (
+            f" At {', '.join(by_unit['scan'])}, each scan counted as one record (the site "
+            "declared privacy_unit: scan): the guarantee there is per scan, not per patient, "
+            "and a patient's k scans together are covered only at up to about k times that epsilon."
+        )
+    if off := [s.site for s in report.sites if s.dp_off]:
+        out += (
+            f" {', '.join(off)} trained at least one round without differential privacy: DP "
+            "off by the site's own choice (site.yaml require_dp: false); nothing in this report "
+            "protects the patients of those rounds."
+        )
+    if by_unit["unstated"] and report.kind == "run":
+        out += (
+            f" {', '.join(by_unit['unstated'])} did not state its privacy unit; assume it "
+            "counted each scan as one record unless its site.yaml says otherwise."
+        )
+    return out
 
 
 def _factor(eps: float) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import NotRequired, TypedDict
 
 from fedhealth.protocol.keys import NUM_EXAMPLES
+from fedhealth.runs.ledgers import LedgerWatch
 
 SiteMetrics = dict[str, float | int]
 """One site's validated metrics of one round (``loss``, ``num-examples``, ``dice``, ...)."""
@@ -127,6 +128,9 @@ class RoundLog:
         Sites that refused the round (budget).
     failed : dict[str, int], default {"train": 0, "evaluate": 0}
         Error replies per phase, other than refusals.
+    ledgers : LedgerWatch, default a new one
+        The run's watch over the sites' ledgers, shared by every round's log
+        (:meth:`fedhealth.runs.rundir.RunDir.log`).
     """
 
     train: dict[str, SiteMetrics] = field(default_factory=dict)
@@ -136,3 +140,4 @@ class RoundLog:
     privacy: dict[str, PrivacyRow] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
+    ledgers: LedgerWatch = field(default_factory=LedgerWatch, repr=False, compare=False)

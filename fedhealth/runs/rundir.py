@@ -34,6 +34,7 @@ from fedhealth.config import Config, to_yaml
 from fedhealth.errors import ConfigError
 from fedhealth.io import append_line, atomic_write_text
 from fedhealth.runs.checkpoint import CheckpointStore
+from fedhealth.runs.ledgers import LedgerWatch
 from fedhealth.runs.records import (
     Manifest,
     MetricsLine,
@@ -105,6 +106,7 @@ class RunDir:
         self.privacy = self.path / "privacy.jsonl"
         self.checkpoints = CheckpointStore(self.path / "checkpoints")
         self.rounds: dict[int, RoundLog] = {}
+        self.ledgers = LedgerWatch()  # each site's ledger as reported: it may only grow
         self.started = time.time()
         config_text = to_yaml(cfg)
         config_sha = hashlib.sha256(config_text.encode()).hexdigest()
@@ -127,6 +129,7 @@ class RunDir:
                 # a pending round's line may have been written just before the coordinator died:
                 # it is dropped and written again when the repeated evaluation arrives
                 self._drop_lines_after(self.resumed_from, pending=self.pending is not None)
+                self.ledgers.load(read_jsonl(self.privacy))
                 self.manifest.setdefault("resumed", []).append(
                     {"at": _now(), "after_round": self.resumed_from}
                 )
@@ -184,7 +187,9 @@ class RunDir:
 
     def log(self, server_round: int) -> RoundLog:
         """Return round ``server_round``'s log, created empty on first use."""
-        return self.rounds.setdefault(server_round, RoundLog())
+        if server_round not in self.rounds:
+            self.rounds[server_round] = RoundLog(ledgers=self.ledgers)
+        return self.rounds[server_round]
 
     def end_round(
         self, server_round: int, arrays: dict[str, np.ndarray], *, defer_evaluate: bool = False

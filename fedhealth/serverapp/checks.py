@@ -13,8 +13,9 @@ from typing import Final
 
 from flwr.app import ArrayRecord, Message
 
-from fedhealth.errors import UpdateRejected
+from fedhealth.errors import LedgerShrank, UpdateRejected
 from fedhealth.protocol import keys as K
+from fedhealth.runs.ledgers import ledger_fields
 from fedhealth.runs.records import PrivacyRow, RoundLog, SiteMetrics
 from fedhealth.security.validation import validate_accounting, validate_metrics, validate_update
 from fedhealth.serverapp.replies import (
@@ -34,6 +35,8 @@ EVALUATE_METRICS: Final = (K.NUM_EXAMPLES, K.DICE, K.LOSS)
 """What an evaluation (its own reply, or folded into a train reply) must report."""
 EVALUATE_BOUNDS: Final = {K.DICE: (0.0, 1.0)}
 """Closed ranges of evaluation metrics; a value outside is rejected."""
+DP_OFF_STATUS: Final = "dp off by the site's own choice"
+"""Privacy-table status of a site that trained without DP under its ``require_dp: false``."""
 
 
 def _numbers(about: SiteRecord, key: str) -> list[int | float]:
@@ -56,10 +59,15 @@ def privacy_row(metrics: SiteMetrics, about: SiteRecord) -> PrivacyRow:
     -------
     dict
         The DP metrics of :data:`~fedhealth.protocol.keys.PRIVACY_METRICS` under snake_case
-        names, the ``accountant`` and the ``history`` as ``[noise, sample rate, steps]`` rows.
+        names, the ``accountant``, the site's ``privacy_unit`` (``"patient"``, ``"scan"`` or
+        ``"unstated"``) and the ``history`` as ``[noise, sample rate, steps]`` rows.
     """
     row: PrivacyRow = {k.replace("-", "_"): metrics[k] for k in K.PRIVACY_METRICS if k in metrics}
     row["accountant"] = str(about.get(K.ACCOUNTANT, ""))
+    if all(k in metrics for k in K.LEDGER_METRICS):  # checked by check_ledger
+        row.update(ledger_fields(metrics, "?"))
+    unit = about.get(K.PRIVACY_UNIT)
+    row["privacy_unit"] = unit if isinstance(unit, str) and unit in K.PRIVACY_UNITS else "unstated"
     history = zip(  # lengths checked equal by validate_accounting
         _numbers(about, K.HISTORY_NOISE),
         _numbers(about, K.HISTORY_RATE),
@@ -70,8 +78,39 @@ def privacy_row(metrics: SiteMetrics, about: SiteRecord) -> PrivacyRow:
     return row
 
 
+def check_ledger(entry: RoundLog, name: str, metrics: Metrics, server_round: int) -> None:
+    """Check a train reply's ledger report: the site's ledger may only grow within a run.
+
+    Parameters
+    ----------
+    entry : RoundLog
+        The round's log (its :class:`~fedhealth.runs.ledgers.LedgerWatch` is the run's).
+    name : str
+        The site's name.
+    metrics : dict[str, MetricRecordValues]
+        Its validated train metrics; with ``epsilon`` they must carry
+        :data:`~fedhealth.protocol.keys.LEDGER_METRICS`.
+    server_round : int
+        The round (run-wide).
+
+    Raises
+    ------
+    UpdateRejected
+        A DP reply without its ledger report.
+    LedgerShrank
+        The site's ledger got shorter or was replaced, now or earlier in the run.
+    """
+    if K.EPSILON in metrics:
+        entry.ledgers.check(name, server_round, ledger_fields(metrics, name))
+    elif name in entry.ledgers.stopped:
+        raise LedgerShrank(f"{entry.ledgers.stopped[name]}; no update of site {name} is taken")
+
+
 def record_site(entry: RoundLog, name: str, metrics: SiteMetrics, about: SiteRecord) -> None:
     """Record a site's accepted train metrics, and its privacy row when it reports epsilon.
+
+    A site that trained without DP by its own policy (``dp-off-by-site``) gets a privacy row
+    whose status is :data:`DP_OFF_STATUS`.
 
     Parameters
     ----------
@@ -87,6 +126,8 @@ def record_site(entry: RoundLog, name: str, metrics: SiteMetrics, about: SiteRec
     entry.train[name] = metrics
     if K.EPSILON in metrics:
         entry.privacy[name] = privacy_row(metrics, about)
+    elif about.get(K.DP_OFF_BY_SITE) is True:
+        entry.privacy[name] = {"status": DP_OFF_STATUS}
 
 
 def check_metrics_only(
@@ -119,6 +160,7 @@ def check_metrics_only(
         validate_metrics(metrics, max_examples, name, TRAIN_METRICS)
         if K.EPSILON in metrics:
             validate_accounting(about, name)
+        check_ledger(entry, name, metrics, server_round)
     except UpdateRejected as exc:
         log.warning(
             "round %d: metrics not recorded (the update is in the secure sum): %s",
@@ -179,6 +221,8 @@ def check_update(
         validate_update(reference, msg.content, bound, name, TRAIN_METRICS)
         if K.EPSILON in metrics:
             validate_accounting(about, name)
+        if not about.get(K.SECAGG_SUM):
+            check_ledger(entry, name, metrics, server_round)
     except UpdateRejected as exc:
         log.warning("round %d: rejected update: %s", server_round, exc)
         entry.rejected[name] = str(exc)

@@ -39,27 +39,39 @@ def node_config(s: SiteSettings) -> str:
     Returns
     -------
     str
-        ``site-name='...' data-dir='...' ledger-dir='...' epsilon-cap=... delta=...`` (and
-        ``egress-log``), paths absolute.
+        ``site-name='...' data-dir='...' ledger-dir='...' epsilon-cap=... delta=...
+        privacy-unit='...' require-dp=true|false`` (and ``egress-log``), paths absolute. The
+        site's policy keys travel only here: the coordinator's run config cannot set them.
 
     Raises
     ------
     ConfigError
         A value holds a quote or a newline (it could not be quoted for Flower).
     """
-    items: dict[str, str | float] = {
+    items: dict[str, str | float | bool] = {
         K.NODE_SITE_NAME: s.name,
         K.NODE_DATA_DIR: str(Path(s.data_dir).resolve()),
         K.NODE_LEDGER_DIR: str(Path(s.ledger_dir).resolve()),
         K.NODE_EPSILON_CAP: s.epsilon_cap,
         K.NODE_DELTA: s.delta,
+        K.NODE_PRIVACY_UNIT: s.privacy_unit,
+        K.NODE_REQUIRE_DP: s.require_dp,
     }
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())
     for key, value in items.items():
         if isinstance(value, str) and ("'" in value or "\n" in value):
             raise ConfigError(f"site config: {key}={value!r} may not contain quotes or newlines")
-    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v!r}" for k, v in items.items())
+    return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
+
+
+def _toml(value: str | float | bool) -> str:
+    """Write one node-config value as Flower parses it (TOML): quoted, ``true``, or a number."""
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 def supernode_argv(s: SiteSettings) -> list[str]:

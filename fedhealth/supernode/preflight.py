@@ -78,22 +78,27 @@ def _check_apps(s: SiteSettings) -> CheckItem:
 
 
 def _check_data(s: SiteSettings) -> CheckItem:
-    from fedhealth.data.loading import read_datalist
-    from fedhealth.errors import DataError
+    from fedhealth.data.loading import read_datalist, require_patient_ids
+    from fedhealth.errors import DataError, PrivacyUnitMissing
 
     path = Path(s.data_dir) / "dataset.json"
     try:
         data = read_datalist(path)  # every image/label pair opened and checked
-    except DataError as exc:
+        require_patient_ids(data, s.privacy_unit, s.name)
+    except (DataError, PrivacyUnitMissing) as exc:
         return CheckItem("data", False, str(exc))
     patients = {i["patient"] for i in data.train}
-    return CheckItem(
-        "data",
-        True,
-        f"{path}: {len(data.train)} training scans of "
-        f"{len(patients)} patients, {len(data.test)} test scans, "
-        "every file readable and consistent",
+    unit = "patients" if s.privacy_unit == "patient" else "records (privacy unit: scan)"
+    detail = (
+        f"{path}: {len(data.train)} training scans of {len(patients)} {unit}, "
+        f"{len(data.test)} test scans, every file readable and consistent"
     )
+    if data.shared:
+        detail += (
+            f"; WARNING: {len(data.shared)} patient(s) in both the training and the test "
+            f"list: {', '.join(data.shared)} (their test scores are not on unseen patients)"
+        )
+    return CheckItem("data", True, detail)
 
 
 def _check_keys(s: SiteSettings) -> list[CheckItem]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fedhealth.errors import ConfigError
+from fedhealth.protocol.keys import PRIVACY_UNITS
 from fedhealth.service.settings import load_settings
 from fedhealth.supernode.paced import MAX_INTERVAL
 
@@ -38,6 +39,15 @@ class SiteSettings:
         The site's own cap on epsilon (default 8.0).
     delta : float
         The site's delta, in (0, 1) (default 1e-5).
+    privacy_unit : str
+        What one DP record is: ``"patient"`` (default: every training entry of
+        ``dataset.json`` needs a ``patient`` id, and all of a patient's scans count as one
+        record) or ``"scan"`` (each scan is one record; the privacy report says "per scan, not
+        per patient"). Site-local: the coordinator cannot set it.
+    require_dp : bool
+        Refuse any train instruction without DP (default True). ``false`` is the site's
+        explicit opt-out; its replies and the report then say "DP off by the site's own
+        choice". Site-local: the coordinator cannot set it.
     appio_port : int
         The SuperNode's local ClientApp API port (default 9094).
     isolation : str
@@ -76,6 +86,8 @@ class SiteSettings:
     state_dir: str = "state"
     epsilon_cap: float = 8.0
     delta: float = 1e-5
+    privacy_unit: str = "patient"
+    require_dp: bool = True
     appio_port: int = 9094
     isolation: str = "warm"
     pull_interval: float = 0.5
@@ -123,6 +135,10 @@ class SiteSettings:
             raise ConfigError(
                 f"site config: epsilon_cap={self.epsilon_cap}, delta={self.delta}: "
                 "need epsilon_cap > 0 and 0 < delta < 1"
+            )
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(
+                f"site config: privacy_unit={self.privacy_unit!r}: one of {PRIVACY_UNITS}"
             )
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")

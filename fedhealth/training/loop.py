@@ -34,6 +34,11 @@ class DPSettings:
     ``noise_multiplier * max_grad_norm`` is added to their sum, and records are drawn by
     Poisson sampling. The optimizer stepping on the noisy gradient is Adam.
 
+    The noise and the sampling are the site's secret: see ``noise_seed``. There is no
+    "secure RNG" switch: Opacus's ``secure_mode`` needs the ``torchcsprng`` package, which has
+    no build here. The generator is torch's Mersenne Twister seeded from the OS CSPRNG: its
+    seed is unpredictable, but the generator itself is not a CSPRNG.
+
     Parameters
     ----------
     noise_multiplier : float
@@ -44,9 +49,14 @@ class DPSettings:
         Keyword-only. Opacus accountant: ``"rdp"`` (Rényi DP, Mironov 2017,
         https://arxiv.org/abs/1702.07476) or ``"prv"`` (privacy random variables, Gopi et al.
         2021, https://arxiv.org/abs/2106.02848).
-    secure_rng : bool, default False
-        Keyword-only. Cryptographically secure noise (Opacus ``secure_mode``, needs the
-        ``torchcsprng`` package).
+    noise_seed : int or None, default None
+        Keyword-only. None: the noise and the Poisson sampling draw from a generator seeded
+        from the site's operating-system entropy
+        (:func:`~fedhealth.training.private.site_generator`), independent of the run's seed,
+        never sent nor logged. An int makes DP training deterministic (tests, debugging):
+        only site-local code may set it, from the site's own settings (site.yaml), never from
+        the run configuration or the instruction; whoever knows it can reproduce the noise,
+        so the site's report must flag it.
     grad_sample_mode : str, default "hooks"
         Keyword-only. Opacus's per-sample gradient mode; see
         :data:`fedhealth.models.DP_READY`.
@@ -56,7 +66,7 @@ class DPSettings:
     max_grad_norm: float
     _: KW_ONLY
     accountant: str = "rdp"
-    secure_rng: bool = False
+    noise_seed: int | None = None
     grad_sample_mode: str = "hooks"
 
 
@@ -169,8 +179,10 @@ def train(
     The FedProx gradient ``mu * (w - w_global)`` (Li et al. 2020,
     https://arxiv.org/abs/1812.06127) depends on no record, so under DP it is added after
     clipping and noise (post-processing), not through the per-sample gradients. With DP,
-    Opacus replaces ``loader`` by a Poisson-sampling one; a batch that draws no record still
-    takes a noise-only step.
+    ``loader`` is replaced by a Poisson-sampling one
+    (:func:`~fedhealth.training.private.poisson_loader`) and the noise and the sampling draw
+    from the site's secret generator, not from the run's seed; a batch that draws no record
+    still takes a noise-only step, counted by the accountant.
 
     Parameters
     ----------
@@ -195,11 +207,6 @@ def train(
         The mean loss and record count of the last epoch, the step count and, with DP, the
         accountant's history.
 
-    Raises
-    ------
-    ConfigError
-        If ``dp.secure_rng`` is set and Opacus's secure mode cannot start (``torchcsprng``
-        missing); nothing is trained then.
     """
     criterion = loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -209,24 +216,21 @@ def train(
     if dp is not None:
         from opacus import PrivacyEngine
 
-        try:
-            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
-        except ImportError as exc:  # Opacus's secure mode needs the torchcsprng package
-            from fedhealth.errors import ConfigError
+        from fedhealth.training.private import poisson_loader, site_generator
 
-            raise ConfigError(
-                "privacy.secure_rng=true needs Opacus's secure mode and the torchcsprng package, "
-                f"which is not installed ({exc}); no noise was drawn and nothing was trained"
-            ) from exc
+        secret = site_generator(dp.noise_seed)  # never sent, never logged
+        engine = PrivacyEngine(accountant=dp.accountant)
         model, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=poisson_loader(loader, secret),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # already Poisson, from the site's generator
+            noise_generator=secret,
             grad_sample_mode=dp.grad_sample_mode,
         )
+        model.forbid_grad_accumulation()  # type: ignore[operator]  # as poisson_sampling=True
     model.train()
     steps, seen, last_epoch_loss = 0, 0, 0.0
     for _ in range(epochs):

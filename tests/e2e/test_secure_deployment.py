@@ -56,7 +56,8 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
                 *transport,
                 *auth,
                 "--node-config",
-                f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'",
+                f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'"
+                " require-dp=false",  # privacy=off below: these sites opt out of DP
             ],
         )
 

@@ -57,3 +57,40 @@ def test_missing_file_and_missing_list(site):
     (site / "dataset.json").write_text(json.dumps({"test": []}))
     with pytest.raises(DataError, match="training"):
         read_datalist(site / "dataset.json")
+
+
+def test_a_patient_in_train_and_test_is_flagged_at_load(site, caplog):
+    path = site / "dataset.json"
+    raw = json.loads(path.read_text())
+    leaked = raw["training"][1]["patient"]
+    raw["test"][0]["patient"] = leaked  # one patient's scans on both sides of the split
+    path.write_text(json.dumps(raw))
+    with caplog.at_level("WARNING", logger="fedhealth.site"):
+        data = read_datalist(path)
+    assert data.shared == (leaked,)
+    assert any(leaked in r.getMessage() and "both" in r.getMessage() for r in caplog.records)
+
+
+def test_disjoint_splits_and_declared_ids_are_not_flagged(site, caplog):
+    with caplog.at_level("WARNING", logger="fedhealth.site"):
+        data = read_datalist(site / "dataset.json")
+    assert data.shared == () and data.unidentified == ()
+    assert not caplog.records
+
+
+def test_entries_without_patient_ids_are_named_and_refused_for_the_patient_unit(site):
+    from fedhealth.data.loading import require_patient_ids
+    from fedhealth.errors import PrivacyUnitMissing
+
+    path = site / "dataset.json"
+    raw = json.loads(path.read_text())
+    for i in (0, 3):
+        del raw["training"][i]["patient"]
+    for entry in raw["test"]:  # default ids of both lists never count as one shared patient
+        del entry["patient"]
+    path.write_text(json.dumps(raw))
+    data = read_datalist(path)
+    assert data.unidentified == (0, 3) and data.shared == ()
+    with pytest.raises(PrivacyUnitMissing, match=r"site-x: .*dataset\.json: 2 of 6.*entries 0, 3"):
+        require_patient_ids(data, "patient", "site-x")
+    require_patient_ids(data, "scan", "site-x")  # declared: each scan is a record

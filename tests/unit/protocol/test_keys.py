@@ -61,12 +61,16 @@ def _site_reply(keys: types.ModuleType | types.SimpleNamespace, ins: Message) ->
         keys.SAMPLE_RATE: 0.25,
         keys.DP_STEPS: 4,
         keys.MAX_GRAD_NORM: 0.5,
+        keys.LEDGER_ENTRIES: 2,
+        keys.LEDGER_HEAD: 0xABC,
+        keys.LEDGER_HEAD_PREV: 0x123,
     }
     accounting = {
         keys.ACCOUNTANT: "rdp",
         keys.HISTORY_NOISE: HISTORY["noise"],
         keys.HISTORY_RATE: HISTORY["rate"],
         keys.HISTORY_STEPS: HISTORY["steps"],
+        keys.PRIVACY_UNIT: "scan",
     }
     site = handlers.Site(name=SITE, data_dir=Path("/nonexistent"))
     return handlers._reply(ins, site, metrics, _model(1), accounting)
@@ -91,7 +95,11 @@ EXPECTED_PRIVACY = {
     "sample_rate": 0.25,
     "dp_steps": 4,
     "max_grad_norm": 0.5,
+    "ledger_entries": 2,
+    "ledger_head": "000000000000abc",
+    "ledger_head_prev": "000000000000123",
     "accountant": "rdp",
+    "privacy_unit": "scan",
     "history": [list(h) for h in zip(*HISTORY.values(), strict=True)],
 }
 
@@ -187,6 +195,7 @@ def _constants(prefix: str = "") -> dict[str, str]:
 RECORD_NAMES = ["ARRAYS", "METRICS", "CONFIG", "SITE", "SECAGG", "MASKED"]
 INSTRUCTION_KEYS = ["SERVER_ROUND", "EVALUATE_ROUND", "RUN_KEY", "PROXIMAL_MU"]
 METRIC_KEYS = ["NUM_EXAMPLES", "LOSS", "DICE", "STEPS", "TRAIN_SECONDS"]
+LEDGER_KEYS = ["LEDGER_ENTRIES", "LEDGER_HEAD", "LEDGER_HEAD_PREV"]
 PRIVACY_KEYS = [
     "EPSILON",
     "EPSILON_CAP",
@@ -196,7 +205,15 @@ PRIVACY_KEYS = [
     "DP_STEPS",
     "MAX_GRAD_NORM",
 ]
-SITE_RECORD_KEYS = ["SITE_NAME", "ACCOUNTANT", "HISTORY_NOISE", "HISTORY_RATE", "HISTORY_STEPS"]
+SITE_RECORD_KEYS = [
+    "SITE_NAME",
+    "ACCOUNTANT",
+    "HISTORY_NOISE",
+    "HISTORY_RATE",
+    "HISTORY_STEPS",
+    "PRIVACY_UNIT",
+    "DP_OFF_BY_SITE",
+]
 SECAGG_MARKERS = ["SECAGG_SUM", "SECAGG_SITES", "SECAGG_METRICS_ONLY"]
 SECAGG_FIELDS = [
     "SECAGG_SITE_ID",
@@ -252,17 +269,19 @@ def test_every_public_constant_is_in_a_checked_group_or_a_tuple_of_them():
         "STAGE_MASK",
         "STAGE_UNMASK",
         *PRIVACY_KEYS,
+        *LEDGER_KEYS,
     }
     prefixes = {"FOLDED_PREFIX", "SECAGG_MARKER_PREFIX"}
     values = {"SECURE_SUM_NAME", "RUN_CONFIG"}
     assert set(_constants()) == checked | prefixes | values
     assert set(K.STAGES) == {K.STAGE_ADVERTISE, K.STAGE_SHARE, K.STAGE_MASK, K.STAGE_UNMASK}
     assert K.PRIVACY_METRICS == tuple(getattr(K, n) for n in PRIVACY_KEYS)
+    assert K.LEDGER_METRICS == tuple(getattr(K, n) for n in LEDGER_KEYS)
 
 
 def test_prefixes_separate_what_they_must():
     """Folded evaluation metrics and secure-aggregation markers are told apart by prefix."""
-    own_metrics = [getattr(K, n) for n in [*METRIC_KEYS, *PRIVACY_KEYS]]
+    own_metrics = [getattr(K, n) for n in [*METRIC_KEYS, *PRIVACY_KEYS, *LEDGER_KEYS]]
     assert not any(m.startswith(K.FOLDED_PREFIX) for m in own_metrics)
     markers = [getattr(K, n) for n in SECAGG_MARKERS]
     assert all(m.startswith(K.SECAGG_MARKER_PREFIX) for m in markers)

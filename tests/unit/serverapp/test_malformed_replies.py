@@ -851,6 +851,7 @@ def test_unusual_but_valid_replies_are_aggregated_like_the_others(
         metrics = {"loss": loss, "num-examples": count}
         if i == 0:
             metrics["epsilon"] = 0.5  # a site with DP on among sites without
+            metrics.update({"ledger-entries": 1, "ledger-head": 0xABC, "ledger-head-prev": 0})
         if i == 1:
             big = max(arr, key=lambda k: arr[k].ndim)
             record[big] = Array(

@@ -128,25 +128,3 @@ def test_a_patient_with_several_scans_is_one_record(cohort, tmp_path):
     seed_everything(0, 2)
     result = train(build_model(_config("unet")), loader, 1, 1e-3, dp=DPSettings(1.0, 1.0))
     assert result.history[0][1] == pytest.approx(1 / 4), "sampling rate is per patient"
-
-
-def test_secure_rng_without_its_package_is_a_clear_error(cohort):
-    pytest.importorskip("opacus")
-    try:
-        import torchcsprng  # noqa: F401
-
-        pytest.skip("torchcsprng installed: secure mode works")
-    except ImportError:
-        pass
-    from fedhealth.errors import ConfigError
-
-    data = read_datalist(cohort / "site-0" / "dataset.json")
-    loader = make_loader(data.train, 32, 1.0, 2, train=True, seed=0)
-    with pytest.raises(ConfigError, match="secure_rng.*torchcsprng"):
-        train(
-            build_model(_config("unet")),
-            loader,
-            1,
-            1e-3,
-            dp=DPSettings(1.0, 1.0, secure_rng=True, grad_sample_mode="functorch"),
-        )
