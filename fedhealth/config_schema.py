@@ -226,6 +226,10 @@ class PrivacyConfig:
         remaining rounds under its cap.
     ledger_root : str, default "ledgers"
         Simulation: directory holding each site's privacy ledger.
+    simulated_noise_seed : int, default -1
+        Simulation only: a seed (>= 0) the simulated sites use for deterministic DP noise
+        (tests that compare runs). Negative: OS entropy, as at real sites. Real sites never
+        read it: theirs is site.yaml ``dp_noise_seed``, which the coordinator cannot set.
 
     Notes
     -----
@@ -242,6 +246,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     noise_multiplier: float = 0.0
     ledger_root: str = "ledgers"
+    simulated_noise_seed: int = -1
 
 
 @dataclass

@@ -9,7 +9,6 @@ reported to its daemon as site events (:mod:`fedhealth.clientapp.events`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sized
 from typing import NamedTuple
 
@@ -25,21 +24,21 @@ from flwr.app import (
 )
 
 from fedhealth.clientapp.evaluation import Metrics, evaluate_model, folded_evaluation
-from fedhealth.clientapp.events import BudgetRefused, RoundStarted, Trained
+from fedhealth.clientapp.events import RoundStarted, Trained
 from fedhealth.clientapp.global_model import check_outgoing, model_from, received
-from fedhealth.clientapp.instruction import Instruction, Site, derive_seed, model_digest
+from fedhealth.clientapp.instruction import Instruction, Site, derive_seed
+from fedhealth.clientapp.local_round import charge, train_once
+from fedhealth.clientapp.releases import ReleaseStore
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
 from fedhealth.data.loading import SiteData, load_site, make_loader, require_patient_ids
-from fedhealth.errors import BudgetExhausted, ConfigError, LedgerError
+from fedhealth.errors import ConfigError, LedgerError
 from fedhealth.models import DP_READY
-from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
-from fedhealth.privacy.ledger import Entry, PrivacyLedger
-from fedhealth.privacy.records import tag
+from fedhealth.privacy.budget import RoundRequest
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import is_packed, pack
 from fedhealth.protocol.replies import error_reply
-from fedhealth.training import DPSettings, seed_everything, train
+from fedhealth.training import DPSettings, seed_everything
 
 __all__ = [
     "Prepared",
@@ -121,37 +120,6 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
-def _charge(
-    msg: Message, site: str, budget: SiteBudget, data: SiteData, request: RoundRequest
-) -> tuple[Entry, list[tuple[float, float, int]], Metrics]:
-    """Charge the round before training, in one exclusive ledger transaction.
-
-    Emits BudgetRefused if over; returns the entry, history and the ledger's standing
-    (:data:`~fedhealth.protocol.keys.LEDGER_METRICS`).
-    """
-    with PrivacyLedger(budget.ledger_path, site) as ledger:
-        try:
-            entry = charge_round(
-                ledger, budget, request, data.fingerprint, site, model_digest(received(msg))
-            )
-        except BudgetExhausted as exc:
-            refused = BudgetRefused(
-                site=site,
-                round=request.server_round,
-                epsilon=ledger.spent(budget.delta, request.accountant),
-                epsilon_cap=budget.epsilon_cap,
-            )
-            emit(log, refused, "%s", exc, level=logging.WARNING)
-            raise
-        head = ledger.head()  # as of the charge's transaction
-        standing: Metrics = {
-            K.LEDGER_ENTRIES: head.entries,
-            K.LEDGER_HEAD: tag(head.hash),
-            K.LEDGER_HEAD_PREV: tag(head.prev_hash),
-        }
-        return entry, ledger.history(), standing
-
-
 def train_update(
     msg: Message,
     context: Context,
@@ -204,7 +172,7 @@ def train_update(
         raise ConfigError(f"site {site.name}: the training set has no length")
     num_examples = len(loader.dataset)
     model = model_from(msg, cfg)  # a model that does not fit is refused before any charge
-    dp, entry, privacy, accounting = None, None, Metrics(), Accounting()
+    dp, entry, privacy, accounting, stored = None, None, Metrics(), Accounting(), None
     if cfg.privacy.enabled:
         budget = site.budget
         if budget is None:
@@ -220,7 +188,7 @@ def train_update(
             accountant=cfg.privacy.accountant,
             fixed_noise=cfg.privacy.noise_multiplier,
         )
-        entry, history, standing = _charge(msg, site.name, budget, data, request)
+        entry, history, standing = charge(msg, site.name, budget, data, request)
         accounting = {
             K.ACCOUNTANT: cfg.privacy.accountant,
             K.HISTORY_NOISE: [h[0] for h in history],
@@ -232,8 +200,10 @@ def train_update(
             cfg.privacy.max_grad_norm,
             accountant=cfg.privacy.accountant,
             grad_sample_mode=DP_READY[cfg.model.name],
-            noise_seed=seed,  # until a retried round resends its stored update (issue 12)
+            noise_seed=site.round_noise_seed(cfg.seed, instruction.server_round),
         )
+        releases = ReleaseStore(budget.ledger_path)
+        stored = releases.load(request.run, request.server_round, entry)
         privacy = {
             K.EPSILON: entry.epsilon_after,
             K.EPSILON_CAP: budget.epsilon_cap,
@@ -244,30 +214,27 @@ def train_update(
             K.MAX_GRAD_NORM: cfg.privacy.max_grad_norm,
             **standing,  # the ledger's length and head: the coordinator checks it only grows
         }
-    started = time.perf_counter()
-    lr = cfg.train.lr * cfg.train.lr_decay ** max(0, instruction.server_round - 1)
-    result = train(
-        model,
-        loader,
-        cfg.train.local_epochs,
-        lr,
-        weight_decay=cfg.train.weight_decay,
-        proximal_mu=instruction.proximal_mu,
-        dp=dp,
-    )
-    if entry is not None and list(result.history) != [entry.phase]:
-        raise LedgerError(
-            f"site {site.name}: Opacus ran {result.history}, the ledger recorded "
-            f"{entry.phase}: refusing to send the update"
+    if stored is not None:  # released before: the same bytes again, nothing new leaves
+        kept, done = stored
+        if set(kept) != set(model.state_dict()):
+            raise LedgerError(f"site {site.name}: the stored release does not fit the model")
+        state = {key: kept[key] for key in model.state_dict()}  # the model's order, for pack()
+        log.info(
+            "site %s round %d: resending the update released before (charged once)",
+            site.name,
+            instruction.server_round,
         )
+    else:
+        state, done = train_once(model, loader, cfg, instruction, dp, entry, site.name)
+        if entry is not None:  # stored before it is sent: a retry resends it
+            releases.save(request.run, request.server_round, entry, state, done)
     # the update goes back in the form the global model came in
-    state = model.state_dict()
     arrays = pack(state) if is_packed(received(msg)) else ArrayRecord(state)
     check_outgoing(arrays, msg, site.name)
     trained = Trained(
         site=site.name,
         round=instruction.server_round,
-        loss=result.loss,
+        loss=done[K.LOSS],
         epsilon=None if entry is None else entry.epsilon_after,
         epsilon_cap=None if site.budget is None or entry is None else site.budget.epsilon_cap,
     )
@@ -277,16 +244,10 @@ def train_update(
         "site %s round %d: trained, loss %.4f%s",
         site.name,
         instruction.server_round,
-        result.loss,
+        done[K.LOSS],
         "" if entry is None else f", epsilon {trained.epsilon:.3f} of {trained.epsilon_cap}",
     )
-    metrics: Metrics = {
-        K.LOSS: result.loss,
-        K.NUM_EXAMPLES: num_examples,
-        K.STEPS: result.steps,
-        K.TRAIN_SECONDS: time.perf_counter() - started,
-        **privacy,
-    }
+    metrics: Metrics = {**done, K.NUM_EXAMPLES: num_examples, **privacy}
     return Update(arrays, metrics, {**accounting, **site.reply_fields(cfg.privacy.enabled)})
 
 

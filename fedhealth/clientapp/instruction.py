@@ -35,6 +35,10 @@ class Site:
         ``privacy-unit``, from site.yaml).
     require_dp : bool, optional
         Refuse training without DP (default True; node config ``require-dp``).
+    noise_seed : int, optional
+        The site's own seed for deterministic DP noise (node config ``dp-noise-seed`` from
+        site.yaml ``dp_noise_seed``; simulation: ``privacy.simulated_noise_seed``). Default
+        None: the noise comes from the site's OS entropy. Never read from the run config.
     """
 
     name: str
@@ -42,6 +46,28 @@ class Site:
     budget: SiteBudget | None = None
     privacy_unit: str = K.PRIVACY_UNITS[0]
     require_dp: bool = True
+    noise_seed: int | None = None
+
+    def round_noise_seed(self, run_seed: int, server_round: int) -> int | None:
+        """Seed the round's DP noise from the site's own seed, if the site set one.
+
+        Parameters
+        ----------
+        run_seed : int
+            The run's seed (with the site's secret seed, runs stay apart).
+        server_round : int
+            The server round.
+
+        Returns
+        -------
+        int or None
+            None (the default): noise from the OS entropy
+            (:func:`fedhealth.training.private.site_generator`); otherwise a seed derived from
+            the site's seed, the run's seed, the site's name and the round.
+        """
+        if self.noise_seed is None:
+            return None
+        return derive_seed(run_seed, f"{self.name}/{self.noise_seed}", server_round, "dp-noise")
 
     def check_dp(self, dp: bool) -> None:
         """Refuse a train instruction without DP when the site's policy requires DP.
@@ -75,10 +101,14 @@ class Site:
         Returns
         -------
         dict of str to ConfigRecordValues
-            With DP, ``privacy-unit``; without, ``dp-off-by-site`` (True: the site's own
-            ``require_dp: false``; a site that requires DP never trains without it).
+            With DP, ``privacy-unit`` (and ``dp-noise-seeded`` when the site fixed its noise
+            seed); without, ``dp-off-by-site`` (True: the site's own ``require_dp: false``; a
+            site that requires DP never trains without it).
         """
-        return {K.PRIVACY_UNIT: self.privacy_unit} if dp else {K.DP_OFF_BY_SITE: True}
+        if not dp:
+            return {K.DP_OFF_BY_SITE: True}
+        seeded = {K.DP_NOISE_SEEDED: True} if self.noise_seed is not None else {}
+        return {K.PRIVACY_UNIT: self.privacy_unit, **seeded}
 
     @classmethod
     def from_context(
@@ -119,6 +149,9 @@ class Site:
         require = node.get(K.NODE_REQUIRE_DP, True)
         if not isinstance(require, bool):
             raise ConfigError(f"node config: {K.NODE_REQUIRE_DP}={require!r}: true or false")
+        noise_seed = node.get(K.NODE_NOISE_SEED)
+        if noise_seed is not None and not isinstance(noise_seed, int):
+            raise ConfigError(f"node config: {K.NODE_NOISE_SEED}={noise_seed!r}: an integer")
         if K.NODE_DATA_DIR in node:
             data_dir = Path(str(node[K.NODE_DATA_DIR]))
             budget = None
@@ -133,7 +166,7 @@ class Site:
                     Path(str(node[K.NODE_LEDGER_DIR])) / "ledger.sqlite",
                 )
             name = str(node.get(K.NODE_SITE_NAME, data_dir.name))
-            return cls(name, data_dir, budget, unit, require)
+            return cls(name, data_dir, budget, unit, require, noise_seed)
         if data_root is not None and K.NODE_PARTITION_ID in node:
             index = int(node[K.NODE_PARTITION_ID])
             budget = None
@@ -144,7 +177,12 @@ class Site:
                     Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite",
                 )
             require = privacy is not None and privacy.enabled
-            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, require)
+            seed = (
+                None
+                if privacy is None or privacy.simulated_noise_seed < 0
+                else (privacy.simulated_noise_seed)
+            )
+            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, require, seed)
         raise ConfigError(
             f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
         )

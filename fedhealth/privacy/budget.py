@@ -87,8 +87,9 @@ def charge_round(
     """Plan (once per run), check the cap, and record the round before any training.
 
     A round asked again with the same global model (a coordinator that resumed a run after a
-    crash) is a replay: the site trains with the same seed, so the same noise, and releases the
-    same update again, which costs nothing more; the ledger keeps its one entry for it.
+    crash, or one that tries another seed) is a retry: the site resends the update it stored
+    when it first released it (:mod:`fedhealth.clientapp.releases`), which costs nothing more;
+    the ledger keeps its one entry for it.
 
     Parameters
     ----------
@@ -124,7 +125,7 @@ def charge_round(
             prior = ledger.release(req.run, req.server_round, model_sha256)
             if prior is not None:
                 log.info(
-                    "site %s: round %d of run %s replayed with the same global model and seed: "
+                    "site %s: round %d of run %s asked again with the same global model: "
                     "no new privacy spend (epsilon stays %.3f)",
                     site,
                     req.server_round,

@@ -100,6 +100,9 @@ class SiteSummary:
         ``"unstated"``.
     dp_off : bool, default False
         The site trained at least one round without DP, by its own policy.
+    noise_seeded : bool, default False
+        The site drew its DP noise from its own fixed seed (``dp_noise_seed``) in at least
+        one round: reproducible by whoever knows that seed.
     """
 
     site: str
@@ -112,6 +115,7 @@ class SiteSummary:
     rows: list[Row] = field(default_factory=list)
     privacy_unit: str = "patient"
     dp_off: bool = False
+    noise_seeded: bool = False
 
 
 @dataclass
@@ -278,6 +282,7 @@ def from_run_dir(run_dir: Path) -> PrivacyReport:
             site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history
         )
         summary.privacy_unit = str(meta.get("privacy_unit", "unstated"))
+        summary.noise_seeded = any(line.get("noise_seeded") is True for line in lines)
         sites.append(summary)
     return PrivacyReport(str(run_dir), "run", _now(), sites)
 

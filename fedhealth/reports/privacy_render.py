@@ -138,6 +138,12 @@ def unit_sentences(report: PrivacyReport) -> str:
             "off by the site's own choice (site.yaml require_dp: false); nothing in this report "
             "protects the patients of those rounds."
         )
+    if seeded := [s.site for s in report.sites if s.noise_seeded]:
+        out += (
+            f" {', '.join(seeded)} drew its DP noise from a fixed seed of its own "
+            "(site.yaml dp_noise_seed, a testing setting): whoever knows that seed can "
+            "reproduce the noise, so the guarantee holds only against those who do not."
+        )
     if by_unit["unstated"] and report.kind == "run":
         out += (
             f" {', '.join(by_unit['unstated'])} did not state its privacy unit; assume it "

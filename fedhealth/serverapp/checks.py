@@ -60,7 +60,8 @@ def privacy_row(metrics: SiteMetrics, about: SiteRecord) -> PrivacyRow:
     dict
         The DP metrics of :data:`~fedhealth.protocol.keys.PRIVACY_METRICS` under snake_case
         names, the ``accountant``, the site's ``privacy_unit`` (``"patient"``, ``"scan"`` or
-        ``"unstated"``) and the ``history`` as ``[noise, sample rate, steps]`` rows.
+        ``"unstated"``), ``noise_seeded`` when the site fixed its noise seed, and the
+        ``history`` as ``[noise, sample rate, steps]`` rows.
     """
     row: PrivacyRow = {k.replace("-", "_"): metrics[k] for k in K.PRIVACY_METRICS if k in metrics}
     row["accountant"] = str(about.get(K.ACCOUNTANT, ""))
@@ -68,6 +69,8 @@ def privacy_row(metrics: SiteMetrics, about: SiteRecord) -> PrivacyRow:
         row.update(ledger_fields(metrics, "?"))
     unit = about.get(K.PRIVACY_UNIT)
     row["privacy_unit"] = unit if isinstance(unit, str) and unit in K.PRIVACY_UNITS else "unstated"
+    if about.get(K.DP_NOISE_SEEDED) is True:
+        row["noise_seeded"] = True
     history = zip(  # lengths checked equal by validate_accounting
         _numbers(about, K.HISTORY_NOISE),
         _numbers(about, K.HISTORY_RATE),

@@ -48,7 +48,7 @@ def node_config(s: SiteSettings) -> str:
     ConfigError
         A value holds a quote or a newline (it could not be quoted for Flower).
     """
-    items: dict[str, str | float | bool] = {
+    items: dict[str, str | float | bool | int] = {
         K.NODE_SITE_NAME: s.name,
         K.NODE_DATA_DIR: str(Path(s.data_dir).resolve()),
         K.NODE_LEDGER_DIR: str(Path(s.ledger_dir).resolve()),
@@ -59,6 +59,8 @@ def node_config(s: SiteSettings) -> str:
     }
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())
+    if s.dp_noise_seed is not None:
+        items[K.NODE_NOISE_SEED] = s.dp_noise_seed
     for key, value in items.items():
         if isinstance(value, str) and ("'" in value or "\n" in value):
             raise ConfigError(f"site config: {key}={value!r} may not contain quotes or newlines")

@@ -48,6 +48,9 @@ class SiteSettings:
         Refuse any train instruction without DP (default True). ``false`` is the site's
         explicit opt-out; its replies and the report then say "DP off by the site's own
         choice". Site-local: the coordinator cannot set it.
+    dp_noise_seed : int or None
+        Deterministic DP noise from this seed (default None: the OS's entropy). For tests
+        that compare runs only: whoever knows it can reproduce the site's noise. Site-local.
     appio_port : int
         The SuperNode's local ClientApp API port (default 9094).
     isolation : str
@@ -88,6 +91,7 @@ class SiteSettings:
     delta: float = 1e-5
     privacy_unit: str = "patient"
     require_dp: bool = True
+    dp_noise_seed: int | None = None
     appio_port: int = 9094
     isolation: str = "warm"
     pull_interval: float = 0.5

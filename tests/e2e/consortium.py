@@ -21,8 +21,16 @@ from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 
 
 class Consortium:
-    def __init__(self, root: Path, cohort: Path, sites: int, isolation: str = "warm") -> None:
+    def __init__(
+        self,
+        root: Path,
+        cohort: Path,
+        sites: int,
+        isolation: str = "warm",
+        site_settings: tuple[str, ...] = (),
+    ) -> None:
         self.root, self.cohort, self.isolation = root, cohort, isolation
+        self.site_settings = site_settings  # extra site.yaml keys for every site
         self.certs = root / "certs"
         ca = create_ca(self.certs)
         create_server_cert(ca, self.certs, ["localhost", "127.0.0.1"])
@@ -87,6 +95,7 @@ class Consortium:
             "backoff_max=4",
             "stop_grace=10",
             f"approved_apps=[{self.fab_hash}]",
+            *self.site_settings,
         ]
 
     def start_site(self, name: str) -> subprocess.Popen[bytes]:

@@ -111,8 +111,8 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
     assert victim_rounds.count(3) == 1
 
     # The secure aggregate of round 2 equals the numpy weighted average of the three sites'
-    # updates. Each update is recomputed here from the round-1 model: the site's ledger treats it
-    # as a replay (same run, round and model: no new spend) and the same seed gives the same noise.
+    # updates. Each site is asked again here with the round-1 model: a retry (same run, round and
+    # model) resends the update the site stored when it sent it, with no new spend.
     cfg = compose(overrides)
     store = CheckpointStore(run_dir / "checkpoints")
     before, after = store.load(1), store.load(2)
@@ -153,6 +153,8 @@ def test_coordinator_killed_at_round_3_resumes_at_round_4(cohort, tmp_path):
 
     # The uninterrupted run with the same seed and fresh ledgers, on Flower's simulation engine:
     # same sites (site-0..2 on the same data), same code path for training and aggregation.
+    # DP noise comes from each site's secret randomness; to compare two runs, both sets of sites
+    # fix their own noise seed (site.yaml dp_noise_seed; privacy.simulated_noise_seed).
     reference = simulate(
         compose(
             [
@@ -161,13 +163,14 @@ def test_coordinator_killed_at_round_3_resumes_at_round_4(cohort, tmp_path):
                 f"run_root={tmp_path / 'runs'}",
                 "run_name=reference",
                 f"privacy.ledger_root={tmp_path / 'reference-ledgers'}",
+                "privacy.simulated_noise_seed=7",
             ]
         )
     )
     assert reference.manifest["rounds_completed"] == 6
 
     def consortium(name: str) -> Consortium:
-        c = Consortium(tmp_path / name, cohort, sites=3)
+        c = Consortium(tmp_path / name, cohort, sites=3, site_settings=("dp_noise_seed=7",))
         c.start_coordinator()
         for site in c.names:
             c.start_site(site)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedhealth.clientapp import handlers
+from fedhealth.clientapp import handlers, local_round
 from fedhealth.config import compose, site_settings
 from fedhealth.errors import DPRequired, ErrorCode, PrivacyUnitMissing
 from fedhealth.models import build_model
@@ -68,7 +68,7 @@ def no_training(monkeypatch):
     def train(*args, **kwargs):
         raise AssertionError("the site trained although it should have refused")
 
-    monkeypatch.setattr(handlers, "train", train)
+    monkeypatch.setattr(local_round, "train", train)
 
 
 def _ledger_rows(ledger: Path) -> int:

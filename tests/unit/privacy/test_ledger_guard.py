@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedhealth.clientapp import handlers
+from fedhealth.clientapp import local_round
 from fedhealth.errors import BudgetExhausted, LedgerError, LedgerTruncated
 from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
 from fedhealth.privacy.independent import agrees, independent_epsilon
@@ -108,10 +108,10 @@ def test_a_budget_refusal_leaves_the_ledger_unchanged(tmp_path, instruction):
     _near_cap(path)
     budget = SiteBudget(CAP, DELTA, path)
     data = SimpleNamespace(fingerprint="fp")
-    handlers._charge(instruction, "site-a", budget, data, _request("run-x"))  # 7.46: fits
+    local_round.charge(instruction, "site-a", budget, data, _request("run-x"))  # 7.46: fits
     before, mark = _dump(path), read_mark(mark_path(path))
     with pytest.raises(BudgetExhausted, match="over the cap"):
-        handlers._charge(instruction, "site-a", budget, data, _request("run-y"))
+        local_round.charge(instruction, "site-a", budget, data, _request("run-y"))
     assert _dump(path) == before, "no entry, no plan, no release"
     assert read_mark(mark_path(path)) == mark
 
@@ -130,7 +130,7 @@ def test_the_charge_reports_where_the_ledger_stands(tmp_path, instruction):
     path = tmp_path / "ledger.sqlite"
     _near_cap(path)
     budget = SiteBudget(CAP, DELTA, path)
-    entry, history, standing = handlers._charge(
+    entry, history, standing = local_round.charge(
         instruction, "site-a", budget, SimpleNamespace(fingerprint="fp"), _request("run-x")
     )
     with PrivacyLedger(path) as ledger:
@@ -143,7 +143,7 @@ def test_the_charge_reports_where_the_ledger_stands(tmp_path, instruction):
     assert all(0 <= v < 2**60 for v in standing.values())
     assert len(history) == 2
     # a replay of the same round reports the same standing and charges nothing
-    again = handlers._charge(
+    again = local_round.charge(
         instruction, "site-a", budget, SimpleNamespace(fingerprint="fp"), _request("run-x")
     )
     assert again[0] == entry and again[2] == standing
@@ -166,7 +166,7 @@ def test_deleting_the_last_row_makes_the_site_refuse(tmp_path, instruction):
         PrivacyLedger(path)
     budget = SiteBudget(CAP, DELTA, path)
     with pytest.raises(LedgerError, match="truncated"):  # the site trains nothing
-        handlers._charge(
+        local_round.charge(
             instruction, "site-a", budget, SimpleNamespace(fingerprint="fp"), _request("run-2")
         )
     assert len(_dump_entries(path)) == 2, "nothing charged on top of the shortened ledger"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedhealth.clientapp import handlers
+from fedhealth.clientapp import handlers, local_round
 from fedhealth.config import compose, site_settings
 from fedhealth.errors import BudgetExhausted, UpdateRejected
 from fedhealth.protocol import keys as K
@@ -160,7 +160,8 @@ SITE_SIDE_KEYS = [
 @pytest.mark.parametrize("key", SITE_SIDE_KEYS)
 def test_a_key_renamed_on_the_site_side_only_is_caught(reference, monkeypatch, key):
     renamed = types.SimpleNamespace(**{**vars(K), key: f"{getattr(K, key)}-v2"})
-    monkeypatch.setattr(handlers, "K", renamed)  # the site's module sees the new name only
+    monkeypatch.setattr(handlers, "K", renamed)  # the site's modules see the new name only
+    monkeypatch.setattr(local_round, "K", renamed)
     reply = _site_reply(renamed, _instruction(reference))
     try:
         read = _coordinator_reads(reference, reply)
@@ -172,7 +173,7 @@ def test_a_key_renamed_on_the_site_side_only_is_caught(reference, monkeypatch, k
 def test_the_site_reply_builder_uses_the_protocol_module():
     """The monkeypatch above only bites if the site reads the names from the module at call
     time, as ``K.<NAME>``; a copy taken at import (``from keys import ARRAYS``) would not."""
-    assert handlers.K is K
+    assert handlers.K is K and local_round.K is K
 
 
 def test_an_error_reply_is_attributed_to_the_site_that_sent_it(flower_identity):
@@ -213,6 +214,7 @@ SITE_RECORD_KEYS = [
     "HISTORY_STEPS",
     "PRIVACY_UNIT",
     "DP_OFF_BY_SITE",
+    "DP_NOISE_SEEDED",
 ]
 SECAGG_MARKERS = ["SECAGG_SUM", "SECAGG_SITES", "SECAGG_METRICS_ONLY"]
 SECAGG_FIELDS = [

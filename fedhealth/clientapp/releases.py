@@ -1,0 +1,136 @@
+"""Updates a site already released: a retried round resends them instead of training again.
+
+With the DP noise drawn from the site's own secret randomness, training a round twice gives two
+different noisy updates: two releases. The ledger charges a round once per (run, round, global
+model) (:meth:`fedhealth.privacy.ledger.PrivacyLedger.release`), so a coordinator that asks for
+the same round again (after its own restart, or on purpose, with another seed or learning rate)
+would get a second release for free and could average the noise down. Instead, the site stores
+every update it is about to send, keyed by the ledger entry that charged it, and a retried round
+resends those exact bytes. The update is stored before it is sent: if the site dies before
+storing, nothing left the site, and training again is a first release.
+
+Stored in safetensors (no pickle) beside the ledger, ``<ledger dir>/releases/``, owner-only;
+only the last two rounds of a run are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedhealth.errors import LedgerError
+from fedhealth.privacy.ledger import Entry
+
+__all__ = ["ReleaseStore"]
+
+log = logging.getLogger("fedhealth.site")
+
+KEEP_ROUNDS = 2  # a retry asks for the round in flight, or at most the one before
+
+
+class ReleaseStore:
+    """The updates a site has released, by the ledger entry that charged them.
+
+    Parameters
+    ----------
+    ledger_path : Path
+        The site's ``ledger.sqlite``; releases live in ``releases/`` beside it.
+    """
+
+    def __init__(self, ledger_path: Path) -> None:
+        self.root = Path(ledger_path).parent / "releases"
+
+    def _path(self, run: str, server_round: int, entry: Entry) -> Path:
+        run_tag = hashlib.sha256(run.encode()).hexdigest()[:16]
+        return self.root / f"{run_tag}-r{server_round:06d}-{entry.hash[:16]}.safetensors"
+
+    def load(
+        self, run: str, server_round: int, entry: Entry
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+        """Return the update released under ``entry``, if it was stored.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+        server_round : int
+            The server round.
+        entry : Entry
+            The ledger entry that charged the round.
+
+        Returns
+        -------
+        tuple of (dict of str to Tensor, dict of str to float) or None
+            The state dict and the training metrics sent with it; None when nothing was
+            stored for that entry (never released).
+
+        Raises
+        ------
+        LedgerError
+            The stored file exists but cannot be read (the site must not train again then:
+            that would be a second release).
+        """
+        path = self._path(run, server_round, entry)
+        if not path.is_file():
+            return None
+        try:
+            state = load_file(str(path))
+            with open(path, "rb") as fh:  # safetensors header: 8-byte length, then JSON
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            metrics = json.loads(header["__metadata__"]["metrics"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise LedgerError(
+                f"{path}: the update released for round {server_round} cannot be read ({exc}); "
+                "refusing to train the round again (it would be a second release)"
+            ) from exc
+        return state, {str(k): float(v) for k, v in metrics.items()}
+
+    def save(
+        self,
+        run: str,
+        server_round: int,
+        entry: Entry,
+        state: dict[str, torch.Tensor],
+        metrics: dict[str, float],
+    ) -> Path:
+        """Store an update durably before it is sent; keep only the run's last rounds.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+        server_round : int
+            The server round.
+        entry : Entry
+            The ledger entry that charged the round.
+        state : dict of str to Tensor
+            The update (the model's state dict after local training).
+        metrics : dict of str to float
+            The training metrics sent with it (loss, examples, steps, seconds).
+
+        Returns
+        -------
+        Path
+            The stored file (mode 0600, written atomically and fsynced).
+        """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._path(run, server_round, entry)
+        tmp = path.with_suffix(".tmp")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp), metadata={"metrics": json.dumps(metrics)})
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        prefix = path.name.split("-r", 1)[0]
+        for old in self.root.glob(f"{prefix}-r*.safetensors"):
+            kept_round = int(old.name.split("-r", 1)[1].split("-", 1)[0])
+            if kept_round <= server_round - KEEP_ROUNDS:
+                old.unlink(missing_ok=True)
+        return path

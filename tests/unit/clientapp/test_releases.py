@@ -1,0 +1,107 @@
+"""Every release charged: the site's noise is its own, and a retried round resends its bytes.
+
+A DP update is noise the coordinator cannot reproduce (the site's OS entropy), so training the
+same round twice would be two releases. The ledger charges a (run, round, global model) once;
+the site therefore stores what it sends and a retried round, whatever else the coordinator
+changes (seed, learning rate), gets the stored bytes back, with nothing new charged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedhealth.clientapp import handlers
+from fedhealth.config import compose, site_settings
+from fedhealth.models import build_model
+from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.protocol import keys as K
+
+TINY = ["model.channels=[2,4]", "model.strides=[2]", "rounds=3", "train.local_epochs=1"]
+
+
+def _train(cohort: Path, ledger: Path, *overrides: str, server_round: int = 1, **node):
+    cfg = compose([*TINY, *overrides])
+    settings = {**site_settings(cfg), K.SERVER_ROUND: server_round, K.RUN_KEY: "release-test"}
+    torch_model = build_model(compose(TINY).model)  # the same global model every time
+    content = RecordDict(
+        {K.ARRAYS: ArrayRecord(torch_model.state_dict()), K.CONFIG: ConfigRecord(settings)}
+    )
+    config = {
+        K.NODE_DATA_DIR: str(cohort / "site-0"),
+        K.NODE_SITE_NAME: "hospital-a",
+        K.NODE_LEDGER_DIR: str(ledger),
+        K.NODE_EPSILON_CAP: 8.0,
+        K.NODE_DELTA: 1e-5,
+        **node,
+    }
+    context = Context(run_id=1, node_id=0, node_config=config, state=RecordDict(), run_config={})
+    reply = handlers.handle(Message(content, 0, "train"), context, "train")
+    assert not reply.has_error(), reply.error
+    arrays = reply.content[K.ARRAYS]
+    vector = np.concatenate([a.numpy().ravel() for a in arrays.values()])
+    return vector, reply
+
+
+def _entries(ledger: Path) -> int:
+    with PrivacyLedger(ledger / "ledger.sqlite") as db:
+        return len(db.entries)
+
+
+def test_a_retried_round_resends_the_stored_update_whatever_else_changed(
+    cohort, tmp_path, flower_identity
+):
+    import torch
+
+    torch.manual_seed(0)  # the model init: the same global model in every call
+    first, _ = _train(cohort, tmp_path / "ledger")
+    assert _entries(tmp_path / "ledger") == 1
+    for changed in ([], ["seed=123"], ["train.lr=0.05"]):
+        torch.manual_seed(0)
+        again, _ = _train(cohort, tmp_path / "ledger", *changed)
+        assert again.tobytes() == first.tobytes(), changed  # the same release, byte for byte
+    assert _entries(tmp_path / "ledger") == 1  # charged once
+    assert len(list((tmp_path / "ledger" / "releases").glob("*.safetensors"))) == 1
+
+
+def test_the_same_instruction_in_two_rounds_gives_different_noise(
+    cohort, tmp_path, flower_identity
+):
+    """The coordinator knows the seed, the data order and the model: not the noise."""
+    import torch
+
+    torch.manual_seed(0)
+    one, _ = _train(cohort, tmp_path / "a")
+    torch.manual_seed(0)
+    two, _ = _train(cohort, tmp_path / "b")  # another site's ledger: a fresh release
+    assert one.tobytes() != two.tobytes()
+    assert np.abs(one - two).max() > 0
+
+
+def test_a_site_seed_makes_the_noise_deterministic_and_the_reply_says_so(
+    cohort, tmp_path, flower_identity
+):
+    import torch
+
+    torch.manual_seed(0)
+    one, reply = _train(cohort, tmp_path / "a", **{K.NODE_NOISE_SEED: 7})
+    torch.manual_seed(0)
+    two, _ = _train(cohort, tmp_path / "b", **{K.NODE_NOISE_SEED: 7})
+    assert one.tobytes() == two.tobytes()
+    assert reply.content[K.SITE][K.DP_NOISE_SEEDED] is True
+    torch.manual_seed(0)
+    _, secret = _train(cohort, tmp_path / "c")
+    assert K.DP_NOISE_SEEDED not in secret.content[K.SITE]
+
+
+def test_only_the_last_rounds_of_a_run_are_kept(cohort, tmp_path, flower_identity):
+    import torch
+
+    for server_round in (1, 2, 3):
+        torch.manual_seed(0)
+        _train(cohort, tmp_path / "ledger", server_round=server_round)
+    kept = sorted(p.name.split("-r")[1][:6] for p in (tmp_path / "ledger" / "releases").iterdir())
+    assert kept == ["000002", "000003"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "ledger" / "releases").iterdir())
