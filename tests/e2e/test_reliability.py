@@ -149,7 +149,16 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
 
 
 def test_coordinator_killed_at_round_3_resumes_at_round_4(cohort, tmp_path):
-    overrides = [*DP_RUN, "sites=3", "rounds=6", "federation.secure_aggregation=false"]
+    overrides = [
+        *DP_RUN,
+        "sites=3",
+        "rounds=6",
+        "federation.secure_aggregation=false",
+        # after the restart each site re-activates, and may still be finishing the round the
+        # killed coordinator sent: on 2 busy cores that can take longer than the defaults
+        "federation.round_timeout=240",
+        "federation.rejoin_wait=120",
+    ]
 
     # The uninterrupted run with the same seed and fresh ledgers, on Flower's simulation engine:
     # same sites (site-0..2 on the same data), same code path for training and aggregation.
