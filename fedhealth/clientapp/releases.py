@@ -21,8 +21,10 @@ import logging
 import os
 from pathlib import Path
 
+import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fedhealth.errors import LedgerError
 from fedhealth.privacy.ledger import Entry
@@ -80,11 +82,10 @@ class ReleaseStore:
         if not path.is_file():
             return None
         try:
-            state = load_file(str(path))
-            with open(path, "rb") as fh:  # safetensors header: 8-byte length, then JSON
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            metrics = json.loads(header["__metadata__"]["metrics"])
-        except (OSError, ValueError, KeyError) as exc:
+            with safe_open(str(path), framework="pt") as stored:
+                state = {key: stored.get_tensor(key) for key in stored.keys()}  # noqa: SIM118
+                metrics = json.loads((stored.metadata() or {})["metrics"])
+        except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
             raise LedgerError(
                 f"{path}: the update released for round {server_round} cannot be read ({exc}); "
                 "refusing to train the round again (it would be a second release)"
