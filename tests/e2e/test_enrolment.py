@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.service.process import stop_groups
 from fedhealth.testing.loopback import BIN, Procs, flower_env, free_ports
 
 pytestmark = pytest.mark.slow
@@ -105,8 +106,10 @@ def test_enrol_sites_revoke_on_a_running_coordinator(tmp_path: Path) -> None:
         assert f"node {row['node_id']} unregistered" in out, out
         assert not (tmp_path / "enrolled" / "sites" / "site-0").exists()
         assert json.loads(server("sites", options=("--json",))) == []
-        node.terminate()
-        node.wait(30)
+        # Flower's SuperNode may sit in its reconnect back-off once its key is gone; how it
+        # stops is not the claim here, so SIGKILL it if SIGTERM is not enough
+        stop_groups([node], grace=30, kill_wait=10)
+        assert node.poll() is not None
         again = supernode("supernode-again")  # the revoked key no longer gets in
         wait(lambda: again.poll() is not None, 90, "revoked supernode refused")
         assert again.returncode != 0
