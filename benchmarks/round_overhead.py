@@ -61,6 +61,7 @@ from fedhealth.testing.loopback import (
     flower_env,
     flwr,
     free_ports,
+    node_policy,
     round_costs,
     run_to_completion,
     start_tls_superlink,
@@ -255,8 +256,11 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                     str(keys / "sites" / f"site-{site}" / "auth.key"),
                     *(["--isolation", "process"] if mode == "ours" else []),
                     "--node-config",
-                    f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}'"
-                    " require-dp=false",  # a privacy=off baseline: the sites opt out
+                    f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
+                    # a privacy=off baseline of plain rounds: the sites opt out of DP and SecAgg
+                    + node_policy(
+                        require_dp=False, require_secure_aggregation=False, min_secagg_sites=2
+                    ),
                 ],
             )
             if mode == "ours":

@@ -30,6 +30,7 @@ from fedhealth.testing.loopback import (
     flower_env,
     flwr,
     free_ports,
+    node_policy,
     round_costs,
     run_to_completion,
     start_tls_superlink,
@@ -99,7 +100,10 @@ def main() -> int:
                         "--node-config",
                         f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
                         f"egress-log='{work / f'egress-{site}.jsonl'}' "
-                        "require-dp=false",  # a privacy=off benchmark: the sites opt out
+                        # a privacy=off benchmark of plain vs secure rounds: the sites allow both
+                        + node_policy(
+                            require_dp=False, require_secure_aggregation=False, min_secagg_sites=2
+                        ),
                     ],
                 )
             for secure in (False, True):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -230,7 +230,8 @@ def unflatten(flat: dict[str, Any]) -> Config:
     Parameters
     ----------
     flat : dict of str to Any
-        Dotted keys; a comma-separated string for a list field becomes a list of int.
+        Dotted keys; a comma-separated string for a list field (of a section or a nested
+        section) becomes a list of its item type.
 
     Returns
     -------
@@ -244,22 +245,32 @@ def unflatten(flat: dict[str, Any]) -> Config:
     ValueError
         If a list field's string holds a non-integer item.
     """
-    list_fields = {
-        f"{section}.{f.name}"
-        for section, schema in SECTIONS.items()
-        for f in fields(schema)
-        if str(f.type).startswith("list")
-    }
+    list_fields = dict(
+        item for section, schema in SECTIONS.items() for item in _list_fields(schema, section)
+    )
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         if key in list_fields and isinstance(value, str):
-            value = [int(v) for v in value.split(",") if v]
+            value = [list_fields[key](v) for v in value.split(",") if v]
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
     return validate(tree)
+
+
+def _list_fields(schema: type, prefix: str) -> list[tuple[str, type]]:
+    """Dotted names of ``schema``'s list fields (nested sections too) and their item types."""
+    hints = get_type_hints(schema)
+    out: list[tuple[str, type]] = []
+    for f in fields(schema):
+        hint = hints[f.name]
+        if get_origin(hint) is list:
+            out.append((f"{prefix}.{f.name}", get_args(hint)[0]))
+        elif is_dataclass(hint):
+            out.extend(_list_fields(cast(type, hint), f"{prefix}.{f.name}"))
+    return out
 
 
 # What a site needs to train: sent by the coordinator as plain scalars in every instruction.

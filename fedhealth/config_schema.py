@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedhealth.privacy.policy import SitePolicy
+
 
 @dataclass
 class ModelConfig:
@@ -230,6 +232,10 @@ class PrivacyConfig:
         Simulation only: a seed (>= 0) the simulated sites use for deterministic DP noise
         (tests that compare runs). Negative: OS entropy, as at real sites. Real sites never
         read it: theirs is site.yaml ``dp_noise_seed``, which the coordinator cannot set.
+    site_policy : SitePolicy
+        Simulation only: every simulated site's own privacy policy, the block a hospital
+        writes under ``policy:`` in its site.yaml (:class:`fedhealth.privacy.policy.SitePolicy`).
+        Never sent to a site: a real site's policy is its own.
 
     Notes
     -----
@@ -247,6 +253,7 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     ledger_root: str = "ledgers"
     simulated_noise_seed: int = -1
+    site_policy: SitePolicy = field(default_factory=SitePolicy)
 
 
 @dataclass

@@ -49,6 +49,7 @@ class ErrorCode(IntEnum):
     BUDGET_EXHAUSTED = 402
     LEDGER_TRUNCATED = 403
     DP_REQUIRED = 404
+    POLICY_REFUSED = 405
     # security
     CERTIFICATE_INVALID = 501
     SECAGG_FAILED = 502
@@ -108,6 +109,11 @@ ERROR_HELP: dict[ErrorCode, str] = {
     "true) and the run asked to train without it (privacy.enabled=false): the site refused "
     "before training. Run with privacy.enabled=true; only the site can opt out "
     "(`require_dp: false`), and its report then says so.",
+    ErrorCode.POLICY_REFUSED: "The run asks for more than the site's privacy policy allows "
+    "(site.yaml `policy:`: secure aggregation required, sites per secure sum, epsilon or rounds "
+    "per run, noise ceiling, bounds on clip norm, epochs, learning rate, model): the site "
+    "refused before training and charged nothing. Change the run within the site's limits; "
+    "only the site's privacy officer changes its policy.",
     ErrorCode.CERTIFICATE_INVALID: "Create or rotate keys with `fedhealth certs`; `fedhealth "
     "certs check` lists expired and expiring ones.",
     ErrorCode.SECAGG_FAILED: "Secure aggregation could not complete this round (fewer sites than "
@@ -135,7 +141,8 @@ ERROR_HELP: dict[ErrorCode, str] = {
     ErrorCode.SITE_APP_REFUSED: "app not approved at the site: its code never ran there (the "
     "site approves FAB hashes or trusted publishers in site.yaml)",
     ErrorCode.SITE_REFUSED_POLICY: "site refused by its own privacy policy before training "
-    "(DP required, or its datalist has no patient ids; see the site's log)",
+    "(DP required, secure aggregation required, a limit of its policy, or its datalist has no "
+    "patient ids); nothing was trained or charged",
 }
 
 
@@ -252,6 +259,25 @@ class DPRequired(FedHealthError):
     code = ErrorCode.DP_REQUIRED
 
 
+class PolicyRefused(FedHealthError):
+    """The instruction asks for more than the site's privacy policy allows.
+
+    Parameters
+    ----------
+    message : str
+        What was asked and the site's limit (stays in the site's log).
+    field : str
+        The policy field refused (:class:`fedhealth.privacy.policy.SitePolicy`); the only
+        detail an error reply carries to the coordinator.
+    """
+
+    code = ErrorCode.POLICY_REFUSED
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class CertError(FedHealthError):
     """A key or certificate is missing, expired, or would be silently overwritten."""
 
@@ -333,7 +359,7 @@ def site_error_code(exc: BaseException) -> int:
     """
     if isinstance(exc, BudgetExhausted):
         return int(ErrorCode.SITE_REFUSED_BUDGET)
-    if isinstance(exc, DPRequired | PrivacyUnitMissing):
+    if isinstance(exc, DPRequired | PrivacyUnitMissing | PolicyRefused):
         return int(ErrorCode.SITE_REFUSED_POLICY)
     if isinstance(exc, LedgerError):
         return int(ErrorCode.SITE_LEDGER)

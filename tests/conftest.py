@@ -8,6 +8,7 @@ import pytest
 
 from fedhealth.config import Config, compose
 from fedhealth.data.synth import write_cohort
+from fedhealth.privacy.policy import SitePolicy
 
 SMALL = ["sites=3", "data.train_per_site=6", "data.test_per_site=3", "train.local_epochs=1"]
 
@@ -32,3 +33,7 @@ def flower_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+PLAIN_TRAIN_POLICY = SitePolicy(require_secure_aggregation=False).to_json()
+"""A node config ``site-policy`` that allows a plain ``train`` instruction (tests of one site)."""

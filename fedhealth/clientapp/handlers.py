@@ -37,7 +37,7 @@ from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import is_packed, pack
-from fedhealth.protocol.replies import error_reply
+from fedhealth.protocol.replies import error_reply, node_site_name
 from fedhealth.training import DPSettings, seed_everything
 
 __all__ = [
@@ -188,7 +188,7 @@ def train_update(
             accountant=cfg.privacy.accountant,
             fixed_noise=cfg.privacy.noise_multiplier,
         )
-        entry, history, standing = charge(msg, site.name, budget, data, request)
+        entry, history, standing = charge(msg, site.name, budget, data, request, site.policy)
         accounting = {
             K.ACCOUNTANT: cfg.privacy.accountant,
             K.HISTORY_NOISE: [h[0] for h in history],
@@ -257,6 +257,7 @@ def prepare(
     phase: str,
     data_root: str | None,
     privacy: PrivacyConfig | None,
+    secure: bool = False,
 ) -> Prepared:
     """Read who the site is, its data, the instruction's run config, and seed this phase.
 
@@ -272,6 +273,9 @@ def prepare(
         Simulation only: the synthetic cohort's root.
     privacy : PrivacyConfig or None
         Simulation only: the sites' budgets.
+    secure : bool, optional
+        The instruction is secure aggregation's mask stage (default False: a plain ``train``,
+        refused when the site's policy requires secure aggregation).
 
     Returns
     -------
@@ -282,6 +286,9 @@ def prepare(
     ------
     DPRequired
         Training without DP asked of a site whose policy requires DP (before its data is read).
+    PolicyRefused
+        The instruction breaks another limit of the site's policy
+        (:meth:`fedhealth.privacy.policy.SitePolicy.check_instruction`; before its data is read).
     PrivacyUnitMissing
         DP training whose privacy unit is the patient, on a datalist whose training entries
         lack patient ids (before anything is trained or charged).
@@ -299,14 +306,24 @@ def prepare(
         phase,
     )
     train_phase, dp = phase == "train", cfg.privacy.enabled
-    if train_phase:
-        site.check_dp(dp)  # the site's policy, before any data is read or budget charged
+    if train_phase:  # the site's policy, before any data is read or budget charged
+        site.policy.check_instruction(
+            site.name,
+            dp=dp,
+            secure=secure,
+            rounds=cfg.rounds,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            local_epochs=cfg.train.local_epochs,
+            lr=cfg.train.lr,
+            model=cfg.model.name,
+            noise_multiplier=cfg.privacy.noise_multiplier,
+        )
     data = load_site(site.data_dir / "dataset.json")
     if train_phase and dp:
         require_patient_ids(data, site.privacy_unit, site.name)
     elif train_phase:
         log.warning(
-            "site %s round %d: training WITHOUT DP (site.yaml require_dp: false)",
+            "site %s round %d: training WITHOUT DP (site.yaml policy.require_dp: false)",
             site.name,
             server_round,
         )
@@ -343,7 +360,7 @@ def handle(
         The reply: metrics (and the update, for training), or a catalogued error that names
         no file, patient or stack frame.
     """
-    name, server_round = "unknown", None
+    name, server_round = node_site_name(context.node_config), None
     try:
         site, data, cfg, instruction, seed = prepare(msg, context, phase, data_root, privacy)
         name, server_round = site.name, instruction.server_round

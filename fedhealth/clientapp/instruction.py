@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecordValues, Context, Message
 
 from fedhealth.config import PrivacyConfig
 from fedhealth.data.synth import site_dir
-from fedhealth.errors import ConfigError, DPRequired
+from fedhealth.errors import ConfigError
 from fedhealth.privacy.budget import SiteBudget
+from fedhealth.privacy.policy import SitePolicy, node_policy
 from fedhealth.protocol import keys as K
 
 Settings = dict[str, ConfigRecordValues]
@@ -33,8 +34,10 @@ class Site:
     privacy_unit : str, optional
         What one DP record is, ``"patient"`` (default) or ``"scan"`` (node config
         ``privacy-unit``, from site.yaml).
-    require_dp : bool, optional
-        Refuse training without DP (default True; node config ``require-dp``).
+    policy : SitePolicy, optional
+        The site's privacy policy (node config ``site-policy``; simulation:
+        ``privacy.site_policy``). Default: :class:`~fedhealth.privacy.policy.SitePolicy`'s
+        defaults (DP and secure aggregation required).
     noise_seed : int, optional
         The site's own seed for deterministic DP noise (node config ``dp-noise-seed`` from
         site.yaml ``dp_noise_seed``; simulation: ``privacy.simulated_noise_seed``). Default
@@ -45,7 +48,7 @@ class Site:
     data_dir: Path
     budget: SiteBudget | None = None
     privacy_unit: str = K.PRIVACY_UNITS[0]
-    require_dp: bool = True
+    policy: SitePolicy = field(default_factory=SitePolicy)
     noise_seed: int | None = None
 
     def round_noise_seed(self, run_seed: int, server_round: int) -> int | None:
@@ -69,27 +72,6 @@ class Site:
             return None
         return derive_seed(run_seed, f"{self.name}/{self.noise_seed}", server_round, "dp-noise")
 
-    def check_dp(self, dp: bool) -> None:
-        """Refuse a train instruction without DP when the site's policy requires DP.
-
-        Parameters
-        ----------
-        dp : bool
-            The instruction's ``privacy.enabled``.
-
-        Raises
-        ------
-        DPRequired
-            ``dp`` is False and the site requires DP; the message names the field and the
-            site's policy.
-        """
-        if not dp and self.require_dp:
-            raise DPRequired(
-                f"site {self.name}: refused before training: the instruction sets "
-                "privacy.enabled=false, and this site's policy requires DP (site.yaml "
-                "require_dp: true, the default). Nothing was trained or charged."
-            )
-
     def reply_fields(self, dp: bool) -> dict[str, ConfigRecordValues]:
         """Return what a train reply's ``site`` record says about the site's privacy policy.
 
@@ -102,7 +84,7 @@ class Site:
         -------
         dict of str to ConfigRecordValues
             With DP, ``privacy-unit`` (and ``dp-noise-seeded`` when the site fixed its noise
-            seed); without, ``dp-off-by-site`` (True: the site's own ``require_dp: false``; a
+            seed); without, ``dp-off-by-site`` (True: the site's own ``policy.require_dp: false``; a
             site that requires DP never trains without it).
         """
         if not dp:
@@ -120,14 +102,14 @@ class Site:
         ----------
         context : Context
             Flower's context. Deployment: node config ``data-dir``, ``site-name``,
-            ``ledger-dir``, ``epsilon-cap``, ``delta``, ``privacy-unit``, ``require-dp``.
+            ``ledger-dir``, ``epsilon-cap``, ``delta``, ``privacy-unit``, ``site-policy``.
             Simulation: ``partition-id`` (and ``privacy-unit`` when set).
         data_root : str, optional
             Simulation only: the synthetic cohort's root (default None).
         privacy : PrivacyConfig, optional
             Simulation only: every site's budget and ledger root (default None: no ledger).
-            A simulated site requires DP exactly when ``privacy.enabled``: in simulation the
-            researcher plays every site, so the run's own switch is the sites' policy.
+            A simulated site's policy is ``privacy.site_policy``: in simulation the researcher
+            plays every site.
 
         Returns
         -------
@@ -138,7 +120,7 @@ class Site:
         ------
         ConfigError
             The node config names no data directory (nor a partition with ``data_root``), a
-            ledger directory without an epsilon cap, or a bad ``privacy-unit``/``require-dp``.
+            ledger directory without an epsilon cap, or a bad ``privacy-unit``/``site-policy``.
         """
         node = context.node_config
         unit = str(node.get(K.NODE_PRIVACY_UNIT, K.PRIVACY_UNITS[0]))
@@ -146,9 +128,7 @@ class Site:
             raise ConfigError(
                 f"node config: {K.NODE_PRIVACY_UNIT}={unit!r}: one of {K.PRIVACY_UNITS}"
             )
-        require = node.get(K.NODE_REQUIRE_DP, True)
-        if not isinstance(require, bool):
-            raise ConfigError(f"node config: {K.NODE_REQUIRE_DP}={require!r}: true or false")
+        policy = node_policy(node, None if privacy is None else privacy.site_policy)
         noise_seed = node.get(K.NODE_NOISE_SEED)
         if noise_seed is not None and not isinstance(noise_seed, int):
             raise ConfigError(f"node config: {K.NODE_NOISE_SEED}={noise_seed!r}: an integer")
@@ -166,7 +146,7 @@ class Site:
                     Path(str(node[K.NODE_LEDGER_DIR])) / "ledger.sqlite",
                 )
             name = str(node.get(K.NODE_SITE_NAME, data_dir.name))
-            return cls(name, data_dir, budget, unit, require, noise_seed)
+            return cls(name, data_dir, budget, unit, policy, noise_seed)
         if data_root is not None and K.NODE_PARTITION_ID in node:
             index = int(node[K.NODE_PARTITION_ID])
             budget = None
@@ -176,13 +156,12 @@ class Site:
                     privacy.delta,
                     Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite",
                 )
-            require = privacy is not None and privacy.enabled
             seed = (
                 None
                 if privacy is None or privacy.simulated_noise_seed < 0
                 else (privacy.simulated_noise_seed)
             )
-            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, require, seed)
+            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, policy, seed)
         raise ConfigError(
             f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
         )

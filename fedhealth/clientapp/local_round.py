@@ -22,6 +22,7 @@ from fedhealth.data.loading import SiteData
 from fedhealth.errors import BudgetExhausted, LedgerError
 from fedhealth.privacy.budget import RoundRequest, SiteBudget, charge_round
 from fedhealth.privacy.ledger import Entry, PrivacyLedger
+from fedhealth.privacy.policy import SitePolicy
 from fedhealth.privacy.records import tag
 from fedhealth.protocol import keys as K
 from fedhealth.training import DPSettings, train
@@ -32,7 +33,12 @@ log = logging.getLogger("fedhealth.site")
 
 
 def charge(
-    msg: Message, site: str, budget: SiteBudget, data: SiteData, request: RoundRequest
+    msg: Message,
+    site: str,
+    budget: SiteBudget,
+    data: SiteData,
+    request: RoundRequest,
+    policy: SitePolicy | None = None,
 ) -> tuple[Entry, list[tuple[float, float, int]], Metrics]:
     """Charge the round before training, in one exclusive ledger transaction.
 
@@ -48,6 +54,9 @@ def charge(
         The site's data (its fingerprint is recorded).
     request : RoundRequest
         The round asked for.
+    policy : SitePolicy, optional
+        The site's policy, whose per-run limits and noise ceiling are checked in the same
+        transaction (default None: the cap only).
 
     Returns
     -------
@@ -59,11 +68,19 @@ def charge(
     ------
     BudgetExhausted
         Over the cap (a BudgetRefused site event is emitted); nothing recorded.
+    PolicyRefused
+        Over a per-run limit or the noise ceiling of ``policy``; nothing recorded.
     """
     with PrivacyLedger(budget.ledger_path, site) as ledger:
         try:
             entry = charge_round(
-                ledger, budget, request, data.fingerprint, site, model_digest(received(msg))
+                ledger,
+                budget,
+                request,
+                data.fingerprint,
+                site,
+                model_digest(received(msg)),
+                policy,
             )
         except BudgetExhausted as exc:
             refused = BudgetRefused(

@@ -27,9 +27,10 @@ from flwr.app import (
 
 from fedhealth.clientapp.sitelog import emit_failure
 from fedhealth.errors import ConfigError
+from fedhealth.privacy.policy import node_policy
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import flatten
-from fedhealth.protocol.replies import error_reply
+from fedhealth.protocol.replies import error_reply, node_site_name
 from fedhealth.security.secagg import SecAggParams, SecAggSite
 
 if TYPE_CHECKING:
@@ -67,12 +68,18 @@ def handle_stage(
     Returns
     -------
     Message
-        The stage's reply, or a catalogued error reply (no secret, file or stack frame).
+        The stage's reply, or a catalogued error reply (no secret, file or stack frame). The
+        site's ``policy.min_secagg_sites`` is checked against the sum's announced size
+        (advertise) and its survivors (unmask): below it, the site refuses (reply 1007).
     """
     name = "unknown"
     try:
         rec = _record(msg.content.config_records.get(K.SECAGG), K.SECAGG)
-        if stage == K.STAGE_ADVERTISE:
+        node = context.node_config
+        name = node_site_name(node)
+        policy = node_policy(node, None if privacy is None else privacy.site_policy)
+        if stage == K.STAGE_ADVERTISE:  # the sum's size, before any key exists or data is read
+            policy.check_secure_sum(name, _int(rec, K.SECAGG_SIZE), stage)
             params = SecAggParams(
                 _int(rec, K.SECAGG_THRESHOLD),
                 _float(rec, K.SECAGG_CLIP),
@@ -104,13 +111,12 @@ def handle_stage(
                     }
                 )
             elif stage == K.STAGE_MASK:
-                from fedhealth.clientapp.instruction import Site  # torch-free, but Opacus
-
-                name = Site.from_context(context, data_root, privacy).name
                 reply = _mask(msg, context, agent, rec, data_root, privacy)
             else:
                 dropped = [d for d in _ints(rec, K.SECAGG_DROPPED) if d]
-                shares = agent.unmask(_ints(rec, K.SECAGG_SURVIVORS), dropped)
+                survivors = _ints(rec, K.SECAGG_SURVIVORS)
+                policy.check_secure_sum(name, len(set(survivors)), stage)  # before reveals
+                shares = agent.unmask(survivors, dropped)
                 reply = RecordDict(
                     {
                         K.SECAGG: ConfigRecord(
@@ -139,7 +145,9 @@ def _mask(
     """Train, then mask the update for the secure sum (the only stage that trains)."""
     from fedhealth.clientapp import handlers  # torch, MONAI, Opacus: mask stage only
 
-    site, data, cfg, instruction, seed = handlers.prepare(msg, context, "train", data_root, privacy)
+    site, data, cfg, instruction, seed = handlers.prepare(
+        msg, context, "train", data_root, privacy, secure=True
+    )
     arrays, metrics, accounting = handlers.train_update(
         msg, context, site, data, cfg, instruction, seed
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 from fedhealth.errors import BudgetExhausted
 from fedhealth.privacy.accounting import epsilon, plan_noise
 from fedhealth.privacy.ledger import Entry, Plan, PrivacyLedger
+from fedhealth.privacy.policy import SitePolicy, refuse
 
 log = logging.getLogger("fedhealth.privacy")
 
@@ -83,6 +84,7 @@ def charge_round(
     fingerprint: str,
     site: str,
     model_sha256: str = "",
+    policy: SitePolicy | None = None,
 ) -> Entry:
     """Plan (once per run), check the cap, and record the round before any training.
 
@@ -105,6 +107,11 @@ def charge_round(
         The site's name, for the log and errors.
     model_sha256 : str, optional
         sha256 of the incoming global model (default ``""``: no replay detection).
+    policy : SitePolicy, optional
+        The site's policy (default None: the cap only): its ``max_rounds_per_run``,
+        ``max_epsilon_per_run`` (the run's own phases; the plan's noise is raised to fit it)
+        and ``max_noise_multiplier`` (on the planned or fixed noise) are checked in the same
+        transaction.
 
     Returns
     -------
@@ -117,6 +124,8 @@ def charge_round(
         The run's remaining rounds cannot fit in the cap at any noise level
         (:func:`fedhealth.privacy.accounting.plan_noise`), or this round would take epsilon
         past the cap; nothing is recorded.
+    PolicyRefused
+        A limit of ``policy`` would be broken; nothing is recorded.
     LedgerError
         The ledger could not be locked in time, failed its checks, or could not record.
     """
@@ -135,6 +144,17 @@ def charge_round(
                 return prior
         history = ledger.history()
         spent = epsilon(history, budget.delta, req.accountant)
+        limits = policy or SitePolicy(max_rounds_per_run=0, max_noise_multiplier=float("inf"))
+        ran = [
+            (e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.run == req.run
+        ]
+        if limits.max_rounds_per_run and len(ran) >= limits.max_rounds_per_run:
+            refuse(
+                site,
+                "max_rounds_per_run",
+                f"run {req.run} has trained {len(ran)} round(s) here; this site allows "
+                f"{limits.max_rounds_per_run} per run",
+            )
         plan = ledger.plan(req.run)
         if plan is None:
             rounds_left = max(1, req.rounds_total - req.server_round + 1)
@@ -147,11 +167,29 @@ def charge_round(
                 budget.delta,
                 req.accountant,
             )
+            if sigma is not None and limits.max_epsilon_per_run and not req.fixed_noise:
+                for_run = plan_noise(  # this run alone within the site's per-run limit
+                    [],
+                    req.sample_rate,
+                    planned_steps,
+                    limits.max_epsilon_per_run,
+                    budget.delta,
+                    req.accountant,
+                )
+                sigma = None if for_run is None else max(sigma, for_run)
             if sigma is None:
                 raise BudgetExhausted(
                     f"site {site}: {spent:.3f} of epsilon cap {budget.epsilon_cap} spent; "
                     f"{rounds_left} more round(s) of {req.steps} steps cannot fit at any noise "
                     "level"
+                )
+            if sigma > limits.max_noise_multiplier:
+                refuse(
+                    site,
+                    "max_noise_multiplier",
+                    f"run {req.run} needs noise multiplier {sigma:.3f} to fit {rounds_left} "
+                    f"round(s) in what is left of the budget; this site's ceiling is "
+                    f"{limits.max_noise_multiplier:g} (the update would be mostly noise)",
                 )
             planned = epsilon(
                 [*history, (sigma, req.sample_rate, planned_steps)], budget.delta, req.accountant
@@ -181,6 +219,15 @@ def charge_round(
                 f"site {site}: round {req.server_round} would bring epsilon to {would:.3f}, over "
                 f"the cap {budget.epsilon_cap} (spent {spent:.3f}); refusing to train"
             )
+        if limits.max_epsilon_per_run:
+            for_run = epsilon([*ran, phase], budget.delta, req.accountant)
+            if for_run > limits.max_epsilon_per_run:
+                refuse(
+                    site,
+                    "max_epsilon_per_run",
+                    f"round {req.server_round} would bring run {req.run}'s epsilon to "
+                    f"{for_run:.3f}; this site allows {limits.max_epsilon_per_run:g} per run",
+                )
         return ledger.record(
             req.run,
             req.server_round,

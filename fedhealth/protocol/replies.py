@@ -7,10 +7,15 @@ Kept free of torch and MONAI so that the light protocol stages of secure aggrega
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from flwr.app import Error, Message
 
-from fedhealth.errors import SITE_ERROR_CODES, site_error_code
+from fedhealth.errors import SITE_ERROR_CODES, DPRequired, PolicyRefused, site_error_code
+from fedhealth.protocol.keys import NODE_PARTITION_ID, NODE_SITE_NAME
+
+POLICY_FIELD_TAG = "policy: "
+"""Marks the refused policy field at the end of a policy refusal's reason (``[policy: field]``)."""
 
 log = logging.getLogger("fedhealth.site")
 
@@ -33,8 +38,34 @@ def error_reply(msg: Message, exc: Exception, phase: str, name: str) -> Message:
     -------
     Message
         An error reply to ``msg``: code from :func:`fedhealth.errors.site_error_code`, reason
-        the code's fixed text from :data:`fedhealth.errors.SITE_ERROR_CODES`.
+        the code's fixed text from :data:`fedhealth.errors.SITE_ERROR_CODES`; a policy refusal
+        ends with ``[policy: <field>]``, the refused field (not the site's limit).
     """
     code = site_error_code(exc)
     log.exception("%s failed (error %d): %s", phase, code, exc)
-    return Message(Error(code=code, reason=f"site {name}: {SITE_ERROR_CODES[code]}"), reply_to=msg)
+    reason = f"site {name}: {SITE_ERROR_CODES[code]}"
+    if isinstance(exc, PolicyRefused):  # the policy field, never the site's limit or data
+        reason += f" [{POLICY_FIELD_TAG}{exc.field}]"
+    elif isinstance(exc, DPRequired):
+        reason += f" [{POLICY_FIELD_TAG}require_dp]"
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def node_site_name(node: Mapping[str, object]) -> str:
+    """Name the site from its node config, for error replies sent before its policy is read.
+
+    Parameters
+    ----------
+    node : mapping
+        The SuperNode's node config.
+
+    Returns
+    -------
+    str
+        ``site-name``; in simulation ``site-<partition-id>``; else ``"unknown"``.
+    """
+    if NODE_SITE_NAME in node:
+        return str(node[NODE_SITE_NAME])
+    if NODE_PARTITION_ID in node:
+        return f"site-{node[NODE_PARTITION_ID]}"
+    return "unknown"

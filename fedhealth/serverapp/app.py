@@ -95,6 +95,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
             degree=fed.secagg_degree,
             clipping_range=fed.secagg_clipping_range,
             max_examples=fed.secagg_max_examples,
+            ledgers=run_dir.ledgers,
         )
     instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
 

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from fedhealth.errors import ConfigError, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import unflatten
+from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, neighbour_graph
 from fedhealth.security.validation import validate_metrics
 from fedhealth.serverapp.delegating_grid import DelegatingGrid
@@ -88,6 +89,10 @@ class SecureGrid(DelegatingGrid):
         see :class:`fedhealth.security.secagg.SecAggParams`.
     max_examples : int, default 1024
         Public bound on one site's example count (it is summed inside the mask); >= 1.
+    ledgers : LedgerWatch or None, default None
+        The run's watch over the sites' reported ledgers: a mask reply whose ledger shrank is
+        dropped before its masked update enters the sum (its masks are then removed as a
+        dropped site's).
 
     Raises
     ------
@@ -103,6 +108,7 @@ class SecureGrid(DelegatingGrid):
         degree: int = 0,
         clipping_range: float = 8.0,
         max_examples: int = 1024,
+        ledgers: LedgerWatch | None = None,
     ) -> None:
         checks = {
             "threshold_fraction": 0 < threshold_fraction <= 1,
@@ -115,6 +121,7 @@ class SecureGrid(DelegatingGrid):
         super().__init__(grid)
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.clipping_range, self.max_examples = clipping_range, max_examples
+        self.ledgers = ledgers
         self._errors: list[Message] = []
 
     def send_and_receive(
@@ -215,6 +222,7 @@ class SecureGrid(DelegatingGrid):
                             K.SECAGG_CLIP: params.clipping_range,
                             K.SECAGG_LEVELS: params.quantization_levels,
                             K.SECAGG_MAX_EXAMPLES: params.max_examples,
+                            K.SECAGG_SIZE: len(nodes),
                         }
                     )
                 }
@@ -255,9 +263,13 @@ class SecureGrid(DelegatingGrid):
         pid_of_node = {node: pid for pid, node in node_of.items()}
 
         def masked(reply: Message) -> MaskedReply:
-            return _masked(
-                reply, size, self.max_examples, pid_of_node.get(reply.metadata.src_node_id, 0)
-            )
+            pid = pid_of_node.get(reply.metadata.src_node_id, 0)
+            parsed = _masked(reply, size, self.max_examples, pid)
+            if self.ledgers is not None and K.EPSILON in parsed.metrics:  # before the sum
+                name, server_round = str(parsed.site.get(K.SITE_NAME, pid)), _round(by_node[pid])
+                metrics = dict(parsed.metrics.items())
+                self.ledgers.check(name, server_round, ledger_fields(metrics, name))
+            return parsed
 
         site_replies = self._stage(K.STAGE_MASK, masks, node_of, timeout, masked)
         for node, parsed in site_replies.items():
@@ -333,6 +345,13 @@ def _masked(reply: Message, size: int, max_examples: int, pid: int) -> MaskedRep
     if not isinstance(loss, int | float):  # validate_metrics accepts numbers only
         raise TypeError(f"protocol id {pid}: loss is not a number")
     return MaskedReply(vector, metrics, site, float(loss), examples)
+
+
+def _round(msg: Message) -> int:
+    """Return the server round an instruction names in its ``config`` record (0: none)."""
+    config = msg.content.config_records.get(K.CONFIG)
+    value = None if config is None else config.get(K.SERVER_ROUND)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _bytes(value: ConfigRecordValues) -> bytes:

@@ -40,7 +40,7 @@ def node_config(s: SiteSettings) -> str:
     -------
     str
         ``site-name='...' data-dir='...' ledger-dir='...' epsilon-cap=... delta=...
-        privacy-unit='...' require-dp=true|false`` (and ``egress-log``), paths absolute. The
+        privacy-unit='...' site-policy='{json}'`` (and ``egress-log``), paths absolute. The
         site's policy keys travel only here: the coordinator's run config cannot set them.
 
     Raises
@@ -55,7 +55,7 @@ def node_config(s: SiteSettings) -> str:
         K.NODE_EPSILON_CAP: s.epsilon_cap,
         K.NODE_DELTA: s.delta,
         K.NODE_PRIVACY_UNIT: s.privacy_unit,
-        K.NODE_REQUIRE_DP: s.require_dp,
+        K.NODE_POLICY: s.policy.to_json(),
     }
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fedhealth.errors import ConfigError
+from fedhealth.privacy.policy import SitePolicy
 from fedhealth.protocol.keys import PRIVACY_UNITS
 from fedhealth.service.settings import load_settings
 from fedhealth.supernode.paced import MAX_INTERVAL
@@ -44,10 +45,12 @@ class SiteSettings:
         ``dataset.json`` needs a ``patient`` id, and all of a patient's scans count as one
         record) or ``"scan"`` (each scan is one record; the privacy report says "per scan, not
         per patient"). Site-local: the coordinator cannot set it.
-    require_dp : bool
-        Refuse any train instruction without DP (default True). ``false`` is the site's
-        explicit opt-out; its replies and the report then say "DP off by the site's own
-        choice". Site-local: the coordinator cannot set it.
+    policy : SitePolicy
+        The site's privacy policy (:class:`fedhealth.privacy.policy.SitePolicy`): DP and
+        secure aggregation required, the fewest sites per secure sum, epsilon and rounds per
+        run, the noise ceiling, bounds on what the coordinator may set, and what the site
+        releases beyond the minimal reply. Site-local: the coordinator cannot set it. Override
+        as ``policy.min_secagg_sites=4``.
     dp_noise_seed : int or None
         Deterministic DP noise from this seed (default None: the OS's entropy). For tests
         that compare runs only: whoever knows it can reproduce the site's noise. Site-local.
@@ -90,7 +93,7 @@ class SiteSettings:
     epsilon_cap: float = 8.0
     delta: float = 1e-5
     privacy_unit: str = "patient"
-    require_dp: bool = True
+    policy: SitePolicy = field(default_factory=SitePolicy)
     dp_noise_seed: int | None = None
     appio_port: int = 9094
     isolation: str = "warm"
@@ -144,6 +147,7 @@ class SiteSettings:
             raise ConfigError(
                 f"site config: privacy_unit={self.privacy_unit!r}: one of {PRIVACY_UNITS}"
             )
+        self.policy.validate("site config: policy")
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
         if not 0 < self.pull_interval <= MAX_INTERVAL:

@@ -163,6 +163,32 @@ class Procs:
         stop_groups([proc for _, proc, _ in self.running], grace=timeout, kill_wait=5.0)
 
 
+def node_policy(**fields: Any) -> str:
+    """Write a ``flower-supernode --node-config`` item carrying a site policy, as the daemon does.
+
+    Parameters
+    ----------
+    **fields
+        :class:`~fedhealth.privacy.policy.SitePolicy` fields that differ from its defaults
+        (e.g. ``require_dp=False`` for a ``privacy=off`` run).
+
+    Returns
+    -------
+    str
+        ``site-policy='{...}'``.
+
+    Raises
+    ------
+    ConfigError
+        A field is unknown or out of range.
+    """
+    from fedhealth.privacy.policy import SitePolicy
+    from fedhealth.protocol.keys import NODE_POLICY
+
+    policy = SitePolicy.from_mapping(fields, "node_policy")
+    return f"{NODE_POLICY}='{policy.to_json()}'"
+
+
 def superlink_listen(fleet: int, control: int) -> list[str]:
     """``flower-superlink`` arguments for its two listeners on loopback.
 

@@ -15,7 +15,14 @@ from fedhealth.config import compose
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports, superlink_listen
+from fedhealth.testing.loopback import (
+    Procs,
+    flower_env,
+    flwr,
+    free_ports,
+    node_policy,
+    superlink_listen,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +63,8 @@ def test_enrolled_sites_over_tls_run_and_intruders_are_refused(cohort, tmp_path)
                 *transport,
                 *auth,
                 "--node-config",
-                f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}'"
-                " require-dp=false",  # privacy=off below: these sites opt out of DP
+                f"data-dir='{Path(cohort) / f'site-{data}'}' site-name='{name}' "
+                + node_policy(require_dp=False, min_secagg_sites=2),  # privacy=off, 2 sites
             ],
         )
 

@@ -18,6 +18,7 @@ from fedhealth.config import compose, site_settings
 from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
 from fedhealth.protocol import keys as K
+from tests.conftest import PLAIN_TRAIN_POLICY
 
 TINY = ["model.channels=[2,4]", "model.strides=[2]", "rounds=3", "train.local_epochs=1"]
 
@@ -35,6 +36,7 @@ def _train(cohort: Path, ledger: Path, *overrides: str, server_round: int = 1, *
         K.NODE_LEDGER_DIR: str(ledger),
         K.NODE_EPSILON_CAP: 8.0,
         K.NODE_DELTA: 1e-5,
+        K.NODE_POLICY: PLAIN_TRAIN_POLICY,
         **node,
     }
     context = Context(run_id=1, node_id=0, node_config=config, state=RecordDict(), run_config={})

@@ -18,7 +18,11 @@ from fedhealth.config import compose, site_settings
 from fedhealth.errors import DPRequired, ErrorCode, PrivacyUnitMissing
 from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
+from fedhealth.privacy.policy import SitePolicy
 from fedhealth.protocol import keys as K
+from tests.conftest import PLAIN_TRAIN_POLICY
+
+OPT_OUT = SitePolicy(require_dp=False, require_secure_aggregation=False).to_json()
 
 TINY = ["model.channels=[2,4]", "model.strides=[2]", "rounds=2", "train.local_epochs=1"]
 
@@ -55,6 +59,7 @@ def _instruction(
         K.NODE_LEDGER_DIR: str(ledger),
         K.NODE_EPSILON_CAP: 8.0,
         K.NODE_DELTA: 1e-5,
+        K.NODE_POLICY: PLAIN_TRAIN_POLICY,
         **node,
     }
     context = Context(run_id=1, node_id=0, node_config=config, state=RecordDict(), run_config={})
@@ -131,16 +136,15 @@ def test_dp_off_at_a_site_that_requires_dp_is_refused_before_training(
     assert reply.has_error() and reply.error.code == ErrorCode.SITE_REFUSED_POLICY
     assert (ledger / "ledger.sqlite").read_bytes() == before
     assert _ledger_rows(ledger) == 0
-    # explicit require-dp=true behaves the same
-    msg, context = _instruction(cohort / "site-0", ledger, dp=False, **{K.NODE_REQUIRE_DP: True})
-    assert handlers.handle(msg, context, "train").error.code == ErrorCode.SITE_REFUSED_POLICY
+    # the refused field is the one detail the coordinator gets
+    assert reply.error.reason.endswith("[policy: require_dp]"), reply.error.reason
 
 
 def test_a_site_that_opts_out_trains_without_dp_and_its_reply_says_so(
     cohort, tmp_path, flower_identity
 ):
     ledger = tmp_path / "ledger"
-    msg, context = _instruction(cohort / "site-0", ledger, dp=False, **{K.NODE_REQUIRE_DP: False})
+    msg, context = _instruction(cohort / "site-0", ledger, dp=False, **{K.NODE_POLICY: OPT_OUT})
     reply = handlers.handle(msg, context, "train")
     assert not reply.has_error(), reply.error
     assert reply.content[K.SITE][K.DP_OFF_BY_SITE] is True
@@ -151,25 +155,26 @@ def test_a_site_that_opts_out_trains_without_dp_and_its_reply_says_so(
 def test_evaluation_is_not_refused_by_the_dp_policy(cohort, tmp_path, flower_identity):
     msg, context = _instruction(cohort / "site-0", tmp_path / "ledger", dp=False)
     prepared = handlers.prepare(msg, context, "evaluate", None, None)
-    assert prepared.site.require_dp
+    assert prepared.site.policy.require_dp
 
 
 def test_a_bad_policy_value_in_the_node_config_is_refused(cohort, tmp_path, flower_identity):
-    for node in ({K.NODE_PRIVACY_UNIT: "visit"}, {K.NODE_REQUIRE_DP: "no"}):
+    bad_policies = ('{"require_dp": "no"}', '{"min_secagg_sites": 1}', '{"colour": 1}', "{")
+    for node in ({K.NODE_PRIVACY_UNIT: "visit"}, *({K.NODE_POLICY: p} for p in bad_policies)):
         msg, context = _instruction(cohort / "site-0", tmp_path / "ledger", **node)
         reply = handlers.handle(msg, context, "train")
         assert reply.error.code == ErrorCode.SITE_REFUSED_CONFIG
 
 
-def test_simulated_sites_require_dp_exactly_when_the_run_has_privacy(cohort):
+def test_simulated_sites_take_their_policy_from_the_privacy_config_block(cohort):
     from fedhealth.clientapp.instruction import Site
 
     context = Context(
         run_id=1, node_id=0, node_config={K.NODE_PARTITION_ID: 0}, state=RecordDict(), run_config={}
     )
     on, off = compose(TINY).privacy, compose([*TINY, "privacy=off"]).privacy
-    assert Site.from_context(context, str(cohort), on).require_dp is True
-    assert Site.from_context(context, str(cohort), off).require_dp is False
+    assert Site.from_context(context, str(cohort), on).policy.require_dp is True
+    assert Site.from_context(context, str(cohort), off).policy.require_dp is False
     assert Site.from_context(context, str(cohort), on).privacy_unit == "patient"
 
 

@@ -19,12 +19,14 @@ import pytest
 
 from fedhealth.clientapp.events import EVENT_MARKER
 from fedhealth.errors import ConfigError
+from fedhealth.protocol import keys as K
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.service.supervisor import Child, Supervisor
 from fedhealth.supernode import daemon
 from fedhealth.supernode.preflight import check
 from fedhealth.supernode.settings import load
 from fedhealth.supernode.sitestatus import status, watch_line
+from tests.conftest import PLAIN_TRAIN_POLICY
 
 
 @pytest.fixture
@@ -222,6 +224,7 @@ def _instruction(cohort, ledger: Path, cap: float = 8.0):
         "ledger-dir": str(ledger),
         "epsilon-cap": cap,
         "delta": 1e-5,
+        "site-policy": '{"require_secure_aggregation": false}',  # a plain train instruction
     }
     context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
     return Message(content, 0, "train"), context

@@ -1,4 +1,4 @@
-"""site.yaml's privacy policy (privacy_unit, require_dp): checked, and sent only as node config."""
+"""site.yaml's privacy policy (privacy_unit, policy:): checked, and sent only as node config."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedhealth.errors import ConfigError
+from fedhealth.privacy.policy import SitePolicy
 from fedhealth.protocol import keys as K
 from fedhealth.supernode import daemon
 from fedhealth.supernode.preflight import check
@@ -19,15 +20,43 @@ BASE = ["name=hospital-a", "coordinator=h:1", "ledger_dir=l", "insecure=true"]
 
 def test_policy_defaults_travel_as_node_config_flower_can_parse(tmp_path):
     s = load(None, [*BASE, f"data_dir={tmp_path}"])
-    assert s.privacy_unit == "patient" and s.require_dp is True
+    assert s.privacy_unit == "patient" and s.policy == SitePolicy()
     node = parse_config_args([daemon.node_config(s)])
-    assert node[K.NODE_PRIVACY_UNIT] == "patient" and node[K.NODE_REQUIRE_DP] is True
+    assert node[K.NODE_PRIVACY_UNIT] == "patient"
+    assert SitePolicy.from_json(str(node[K.NODE_POLICY]), "test") == SitePolicy()
 
 
 def test_a_site_can_declare_scan_and_opt_out_of_dp_explicitly(tmp_path):
-    s = load(None, [*BASE, f"data_dir={tmp_path}", "privacy_unit=scan", "require_dp=false"])
+    s = load(
+        None,
+        [
+            *BASE,
+            f"data_dir={tmp_path}",
+            "privacy_unit=scan",
+            "policy.require_dp=false",
+            "policy.models=[unet]",
+            "policy.max_epsilon_per_run=2",
+        ],
+    )
     node = parse_config_args([daemon.node_config(s)])
-    assert node[K.NODE_PRIVACY_UNIT] == "scan" and node[K.NODE_REQUIRE_DP] is False
+    policy = SitePolicy.from_json(str(node[K.NODE_POLICY]), "test")
+    assert node[K.NODE_PRIVACY_UNIT] == "scan" and policy.require_dp is False
+    assert policy.models == ["unet"] and policy.max_epsilon_per_run == 2.0
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("policy.min_secagg_sites=1", "min_secagg_sites"),
+        ("policy.min_lr=2", "min_lr"),
+        ("policy.release=[patient-ids]", "release"),
+        ("policy.max_noise_multiplier=0", "max_noise_multiplier"),
+        ("policy.colour=blue", "colour"),
+    ],
+)
+def test_a_policy_out_of_range_is_refused_naming_the_field(tmp_path, override, named):
+    with pytest.raises(ConfigError, match=named):
+        load(None, [*BASE, f"data_dir={tmp_path}", override])
 
 
 def test_an_unknown_privacy_unit_is_refused(tmp_path):
