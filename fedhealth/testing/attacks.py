@@ -6,9 +6,12 @@ It starts, on loopback, a TLS coordinator (``fedhealth server run``, a real Supe
 enrolled sites (``fedhealth site run`` on real NIfTI data from ``fedhealth data synth``, with a
 canary planted in site-0's images), launches the consortium's real run, and tries each attack
 against it: a row per attack with what was tried, the refusal expected, what happened and the
-evidence. It exits 0 only when every attack was refused; a row that could not be tried counts
-as not refused. The rows are the threat model of ``DESIGN.md`` in executable form: every new
-entry point or instruction field gets one.
+evidence. Then the privacy rows (:mod:`fedhealth.testing.attacks_privacy`): instructions a
+curious coordinator can send the approved ClientApp (DP off, plain train, bounds, replays,
+concurrent runs at the cap, a shortened ledger), against a site's own ledger. It exits 0 only
+when every attack was refused; a row that could not be tried counts as not refused. The rows
+are the threat model of ``DESIGN.md`` in executable form: every new entry point or instruction
+field gets one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedhealth.testing.attacks_apps import (
 )
 from fedhealth.testing.attacks_evidence import plant_canary
 from fedhealth.testing.attacks_lab import SITES, Lab
+from fedhealth.testing.attacks_privacy import privacy_rows
 from fedhealth.testing.attacks_rows import (
     Row,
     attacker_connections,
@@ -66,8 +70,8 @@ def run_suite(workdir: Path) -> list[Row]:
     Returns
     -------
     list of Row
-        One per attack, in the table's order; the last row says whether the consortium's own
-        run completed with both sites while it was attacked.
+        One per attack, in the table's order: the consortium's rows (ending with the check that
+        its own run completed with both sites while attacked), then the privacy rows.
     """
     lab = Lab(workdir)
     lab.make_keys()
@@ -99,6 +103,8 @@ def run_suite(workdir: Path) -> list[Row]:
         rows.append(real)
     finally:
         lab.stop()
+    # what a curious coordinator can send the approved ClientApp, against a site's own ledger
+    rows += privacy_rows(lab.root / "privacy", lab.site_data("site-1"))
     for row in rows:
         row.evidence += [f"note: {n}" for n in lab.notes if "approv" in n and "app" in row.attack]
     return rows

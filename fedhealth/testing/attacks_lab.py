@@ -241,6 +241,8 @@ class Lab:
             "backoff_initial": 0.5,
             "backoff_max": 4.0,
             "stop_grace": 5.0,
+            # the lab has two sites: each allows a secure sum of two (a hospital's default is 3)
+            "policy": {"min_secagg_sites": len(SITES)},
         }
         if has_field(SiteSettings, "approved_apps"):
             settings["approved_apps"] = self.site_approved

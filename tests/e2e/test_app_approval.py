@@ -23,7 +23,15 @@ from fedhealth.config import compose
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.security.apps import build_fab, fab_sha256
 from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.testing.loopback import BIN, Procs, flower_env, flwr, free_ports, superlink_listen
+from fedhealth.testing.loopback import (
+    BIN,
+    Procs,
+    flower_env,
+    flwr,
+    free_ports,
+    node_policy,
+    superlink_listen,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +128,8 @@ def test_only_approved_apps_run_at_the_site_and_the_coordinator(cohort, tmp_path
                 *("--superlink", f"127.0.0.1:{link}", "--port", str(appio)),
                 "--node-config",
                 f"data-dir='{Path(cohort) / 'site-0'}' site-name='hospital-0' "
-                f"ledger-dir='{tmp_path / 'ledger'}' epsilon-cap=8.0 delta=1e-5",
+                f"ledger-dir='{tmp_path / 'ledger'}' epsilon-cap=8.0 delta=1e-5 "
+                + node_policy(require_secure_aggregation=False),  # one site, plain rounds
             ],
         )
         home = tmp_path / "flwr-home"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from fedhealth.data.synth import write_cohort
 from fedhealth.testing.attacks import format_table, run_suite
 from fedhealth.testing.attacks_evidence import plant_canary, scan
+from fedhealth.testing.attacks_privacy import privacy_rows
 
 
 @pytest.mark.slow
@@ -25,6 +27,8 @@ def test_every_attack_on_the_consortium_is_refused(tmp_path):
         assert expected in names, table
     assert any(name.startswith("unapproved app") for name in names), table
     assert any(name.startswith("unapproved ServerApp") for name in names), table
+    for expected in ("DP switched off", "replay: other seed, lr, dataset", "ledger truncation"):
+        assert expected in names, table
 
 
 def test_the_module_entry_point_answers_help():
@@ -53,3 +57,19 @@ def test_the_canary_scan_finds_a_site_image_that_left(tmp_path):
     assert scan([out], prints)[2]
     (out / "reply.bin").write_bytes(b"x" + prints.voxels[8:40] + b"y")  # a few canary voxels
     assert scan([out], prints)[2]
+
+
+@pytest.mark.slow
+def test_every_privacy_row_holds_against_a_site(tmp_path):
+    """What a curious coordinator can send the approved ClientApp: every row refused."""
+    write_cohort(tmp_path / "cohort", sites=1, seed=11, n_train=4, n_test=1, fov=32)
+    data = tmp_path / "cohort" / "site-0"
+    before = sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*"))
+    rows = privacy_rows(tmp_path / "work", data)
+    table = format_table(rows)
+    assert len(rows) == 13 and all(row.refused is True for row in rows), table
+    found = [re.search(r"\[policy: (\w+)\]", row.expected) for row in rows[:9]]
+    fields = {m.group(1) for m in found if m is not None}
+    assert len(fields) == 9, table  # one row per policy field
+    after = sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*"))
+    assert after == before  # nothing written into the site's data folder

@@ -11,7 +11,14 @@ from fedhealth.privacy.ledger import PrivacyLedger
 from fedhealth.runs.checkpoint import CheckpointStore
 from fedhealth.runs.rundir import read_jsonl, read_metrics
 from fedhealth.serverapp.runconfig import write_run_config
-from fedhealth.testing.loopback import Procs, flower_env, flwr, free_ports, superlink_listen
+from fedhealth.testing.loopback import (
+    Procs,
+    flower_env,
+    flwr,
+    free_ports,
+    node_policy,
+    superlink_listen,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +55,8 @@ def test_two_supernodes_run_two_rounds_with_flwr_run(cohort, tmp_path):
                     str(port),
                     "--node-config",
                     f"data-dir='{Path(cohort) / f'site-{i}'}' site-name='hospital-{i}' "
-                    f"ledger-dir='{tmp_path / f'ledger-{i}'}' epsilon-cap=8.0 delta=1e-5",
+                    f"ledger-dir='{tmp_path / f'ledger-{i}'}' epsilon-cap=8.0 delta=1e-5 "
+                    + node_policy(min_secagg_sites=2),  # a secure sum of the two sites
                 ],
             )
         home = tmp_path / "flwr-home"

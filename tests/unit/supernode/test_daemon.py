@@ -19,14 +19,12 @@ import pytest
 
 from fedhealth.clientapp.events import EVENT_MARKER
 from fedhealth.errors import ConfigError
-from fedhealth.protocol import keys as K
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
 from fedhealth.service.supervisor import Child, Supervisor
 from fedhealth.supernode import daemon
 from fedhealth.supernode.preflight import check
 from fedhealth.supernode.settings import load
 from fedhealth.supernode.sitestatus import status, watch_line
-from tests.conftest import PLAIN_TRAIN_POLICY
 
 
 @pytest.fixture
