@@ -160,7 +160,8 @@ def federated(overrides: list[str]) -> dict[str, float]:
 
             rows = read_jsonl(run.path / "privacy.jsonl")
             out["epsilon-max"] = max(r["epsilon"] for r in rows)
-            out["noise-multiplier"] = rows[-1]["noise_multiplier"]
+            # the last phase of the site's DP history (simulated sites release their history)
+            out["noise-multiplier"] = rows[-1]["history"][-1][0]
     return out
 
 

@@ -84,13 +84,15 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
             f"(delta {site.delta:g}, {site.accountant}); rounds left: {site.rounds_left}; "
             f"{site.status}"
         )
-    print(
-        f"independent check (dp-accounting): "
-        f"{'all agree within 1%' if report.all_agree else 'NOT all confirmed'}"
-    )
+    verdict = "all agree within 1%" if report.all_agree else "NOT all confirmed"
+    if report.withheld:
+        kept = ", ".join(report.withheld)
+        verdict = f"{'every recomputed epsilon agrees' if report.confirmed else verdict}; "
+        verdict += f"history kept at the site (its ledger report recomputes it): {kept}"
+    print(f"independent check (dp-accounting): {verdict}")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return 0 if report.all_agree else 1
+    return 0 if report.confirmed else 1
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from fedhealth.clientapp.events import RoundStarted, Trained
 from fedhealth.clientapp.global_model import check_outgoing, model_from, received
 from fedhealth.clientapp.instruction import Instruction, Site, derive_seed
 from fedhealth.clientapp.local_round import charge, train_once
+from fedhealth.clientapp.outputs import released
 from fedhealth.clientapp.releases import ReleaseStore
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
@@ -88,17 +89,25 @@ class Update(NamedTuple):
     arrays : ArrayRecord
         The trained model, validated, in the form the global model came in (packed or not).
     metrics : dict of str to (int or float)
-        ``loss``, ``num-examples``, ``steps``, ``train-seconds`` and, with DP, the privacy
-        figures (``epsilon``, ``epsilon-cap``, ``delta``, ``noise-multiplier``, ...).
+        What the reply releases (:func:`fedhealth.clientapp.outputs.released`): with DP the
+        epsilon spent, its cap, delta and clip norm and the ledger's standing; a plain reply's
+        example count; whatever else the site's ``policy.release`` lists.
     accounting : dict of str to ConfigRecordValues
-        With DP, the accountant and the site's whole DP history, so anyone can recompute the
-        reported epsilon, and the site's ``privacy-unit``; without DP, ``dp-off-by-site``
+        With DP, the accountant, the site's ``privacy-unit`` (and its DP history when its
+        policy releases it); without DP, ``dp-off-by-site``
         (:meth:`~fedhealth.clientapp.instruction.Site.reply_fields`).
+    loss : float
+        The round's training loss (inside the secure sum, weighted; never sent in plain
+        unless released).
+    examples : int
+        The site's example count (the secure sum's weight).
     """
 
     arrays: ArrayRecord
     metrics: Metrics
     accounting: Accounting
+    loss: float
+    examples: int
 
 
 def _reply(
@@ -128,6 +137,7 @@ def train_update(
     cfg: Config,
     instruction: Instruction,
     seed: int,
+    secure: bool = False,
 ) -> Update:
     """Train locally (with DP-SGD when the run asks for it) for one instruction.
 
@@ -144,6 +154,9 @@ def train_update(
         Flower's context (its run id names the run when the instruction has no run key).
     site, data, cfg, instruction, seed
         From :func:`prepare`.
+    secure : bool, optional
+        The update goes into a secure sum (default False: a plain train reply); decides what
+        the reply releases (:func:`fedhealth.clientapp.outputs.released`).
 
     Returns
     -------
@@ -247,8 +260,10 @@ def train_update(
         done[K.LOSS],
         "" if entry is None else f", epsilon {trained.epsilon:.3f} of {trained.epsilon_cap}",
     )
-    metrics: Metrics = {**done, K.NUM_EXAMPLES: num_examples, **privacy}
-    return Update(arrays, metrics, {**accounting, **site.reply_fields(cfg.privacy.enabled)})
+    measured: Metrics = {**done, K.NUM_EXAMPLES: num_examples, **privacy}
+    about = {**accounting, **site.reply_fields(cfg.privacy.enabled)}
+    metrics, about = released(measured, about, site.policy, secure=secure)
+    return Update(arrays, metrics, about, float(done[K.LOSS]), num_examples)
 
 
 def prepare(
@@ -365,11 +380,9 @@ def handle(
         site, data, cfg, instruction, seed = prepare(msg, context, phase, data_root, privacy)
         name, server_round = site.name, instruction.server_round
         if phase == "train":
-            arrays, metrics, accounting = train_update(
-                msg, context, site, data, cfg, instruction, seed
-            )
-            metrics.update(folded_evaluation(msg, site, data, cfg, instruction))
-            return _reply(msg, site, metrics, arrays, accounting)
+            update = train_update(msg, context, site, data, cfg, instruction, seed)
+            metrics = {**update.metrics, **folded_evaluation(msg, site, data, cfg, instruction)}
+            return _reply(msg, site, metrics, update.arrays, update.accounting)
         metrics = evaluate_model(msg, site, data, cfg, server_round)
         return _reply(msg, site, metrics, None)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply

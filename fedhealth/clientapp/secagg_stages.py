@@ -115,7 +115,9 @@ def handle_stage(
             else:
                 dropped = [d for d in _ints(rec, K.SECAGG_DROPPED) if d]
                 survivors = _ints(rec, K.SECAGG_SURVIVORS)
-                policy.check_secure_sum(name, len(set(survivors)), stage)  # before reveals
+                # before any reveal; only survivors that shared with this site count (the
+                # coordinator could list made-up ids)
+                policy.check_secure_sum(name, len(set(survivors) & agent.heard_from), stage)
                 shares = agent.unmask(survivors, dropped)
                 reply = RecordDict(
                     {
@@ -142,22 +144,26 @@ def _mask(
     data_root: str | None,
     privacy: PrivacyConfig | None,
 ) -> RecordDict:
-    """Train, then mask the update for the secure sum (the only stage that trains)."""
+    """Train, then mask the update and its loss for the secure sum (the only stage that trains).
+
+    The masked vector is the flattened update, the training loss, and (last word, added by
+    :meth:`~fedhealth.security.secagg.SecAggSite.masked_input`) the example count; the reply's
+    plaintext metrics are only what :func:`fedhealth.clientapp.outputs.released` allows.
+    """
     from fedhealth.clientapp import handlers  # torch, MONAI, Opacus: mask stage only
 
     site, data, cfg, instruction, seed = handlers.prepare(
         msg, context, "train", data_root, privacy, secure=True
     )
-    arrays, metrics, accounting = handlers.train_update(
-        msg, context, site, data, cfg, instruction, seed
-    )
-    metrics.update(handlers.folded_evaluation(msg, site, data, cfg, instruction))
+    update = handlers.train_update(msg, context, site, data, cfg, instruction, seed, secure=True)
+    metrics = {**update.metrics, **handlers.folded_evaluation(msg, site, data, cfg, instruction)}
     senders, blobs = _ints(rec, K.SECAGG_FROM), _blobs(rec, K.SECAGG_BLOBS)
     received = {i: b for i, b in zip(senders, blobs, strict=True) if i}
-    masked = agent.masked_input(
-        flatten(arrays), int(metrics[K.NUM_EXAMPLES]), received, rng=np.random.default_rng(seed)
-    )
-    about: Record = {K.SITE_NAME: site.name, **accounting}
+    # the loss rides inside the sum as one more weighted value: the coordinator learns only
+    # the example-weighted mean loss of the summed sites, like the model
+    vector = np.concatenate([flatten(update.arrays), np.array([update.loss], dtype=np.float32)])
+    masked = agent.masked_input(vector, update.examples, received, rng=np.random.default_rng(seed))
+    about: Record = {K.SITE_NAME: site.name, **update.accounting}
     return RecordDict(
         {
             K.MASKED: ArrayRecord({K.MASKED: Array(masked)}),

@@ -56,6 +56,8 @@ class Row:
         Epsilon recomputed by dp-accounting, where the history is known.
     agrees : bool or None, default None
         Whether both epsilons agree within 1%.
+    reason : str, default ""
+        Why the site refused (``budget``, ``policy: <field>``), for a refused row.
     """
 
     step: int
@@ -69,6 +71,7 @@ class Row:
     max_grad_norm: float | None = None
     independent_epsilon: float | None = None
     agrees: bool | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -141,12 +144,37 @@ class PrivacyReport:
 
     @property
     def all_agree(self) -> bool:
-        """Whether every trained phase was recomputed independently and agreed.
+        """Whether every trained phase that could be recomputed was, and agreed.
 
-        False when no phase was trained.
+        A phase whose site kept its DP history at the site (its policy releases only the
+        epsilon) is left out: :attr:`withheld` names those sites. False when no phase was
+        recomputed.
         """
         trained = [r for s in self.sites for r in s.rows if r.status == "trained"]
-        return bool(trained) and all(r.agrees is True for r in trained)
+        checked = [r for r in trained if r.independent_epsilon is not None]
+        return bool(checked) and all(r.agrees is True for r in checked)
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether no recomputed epsilon disagrees, and every other one was kept at its site.
+
+        True when :attr:`all_agree`, or when no recomputed phase disagrees and the phases not
+        recomputed belong to sites that kept their history (:attr:`withheld`); False when a
+        phase disagrees or nothing was trained.
+        """
+        rows = [r for s in self.sites for r in s.rows if r.status == "trained"]
+        if not rows or any(r.agrees is False for r in rows):
+            return False
+        return self.all_agree or bool(self.withheld)
+
+    @property
+    def withheld(self) -> list[str]:
+        """Sites whose trained phases came without their DP history (their policy kept it)."""
+        return [
+            s.site
+            for s in self.sites
+            if any(r.status == "trained" and r.independent_epsilon is None for r in s.rows)
+        ]
 
 
 def rounds_left(
@@ -205,13 +233,15 @@ def _summarize(
         if noise is None or rate is None or steps is None:
             raise FedHealthError(f"site {site}: trained phase {last.step} has no DP parameters")
         left = rounds_left(history, (noise, rate, steps), cap, delta, accountant)
-    refused = any(r.status == "refused" for r in rows)
+    refused = [r for r in rows if r.status == "refused"]
     dp_off = any(r.status == DP_OFF for r in rows)
-    status = (
-        "budget exhausted: site refused to train"
-        if refused
-        else ("within budget" if spent <= cap else "OVER BUDGET")
-    )
+    status = "within budget" if spent <= cap else "OVER BUDGET"
+    if refused and refused[-1].reason.startswith("policy"):
+        status = f"refused by its own policy ({refused[-1].reason})"
+    elif refused:
+        status = "budget exhausted: site refused to train"
+    elif left == 0 and spent <= cap:
+        status = "budget used up: a next round like the last would pass the cap"
     if dp_off and not trained:
         status = "DP off by the site's own choice"
     return SiteSummary(site, accountant, delta, cap, spent, left, status, rows, dp_off=dp_off)
@@ -268,15 +298,16 @@ def from_run_dir(run_dir: Path) -> PrivacyReport:
                     line["round"],
                     "trained",
                     spent,
-                    line["noise_multiplier"],
-                    line["sample_rate"],
-                    line["dp_steps"],
+                    line.get("noise_multiplier"),  # withheld unless the site's policy
+                    line.get("sample_rate"),  # releases them
+                    line.get("dp_steps"),
                     line.get("max_grad_norm"),
                 )
                 if history:
                     _check(row, history, delta, accountant)
             else:
                 row = Row(i + 1, run_dir.name, line["round"], line["status"], spent)
+                row.reason = str(line.get("reason", ""))
             rows.append(row)
         summary = _summarize(
             site, accountant, delta, float(meta.get("epsilon_cap", 0.0)), rows, history

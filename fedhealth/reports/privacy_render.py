@@ -84,8 +84,15 @@ def explanation(report: PrivacyReport) -> str:
     IndexError
         If the report has no site.
     """
-    caps = sorted({(s.epsilon_cap, s.delta) for s in report.sites})
-    eps, delta = caps[0]
+    trained = [s for s in report.sites if any(r.status == "trained" for r in s.rows)]
+    if not trained:
+        return (
+            "What these numbers mean for patients. No hospital trained the shared model with "
+            "differential privacy in this report: every site refused (see the reasons) or "
+            "trained without it. There is no epsilon to quote, and nothing here is a privacy "
+            "guarantee." + unit_sentences(report)
+        )
+    eps, delta = sorted({(s.epsilon_cap, s.delta) for s in trained})[0]
     return (
         "What these numbers mean for patients. Each hospital trained the shared model with "
         "differential privacy, counting each patient as one record (all of a patient's scans "
@@ -97,11 +104,18 @@ def explanation(report: PrivacyReport) -> str:
         f"{_factor(eps)} times more (or less) likely whether or not a given patient's scans were "
         f"used, except with a probability of at most {delta:g}. This holds over everything the "
         "hospital has trained so far, in all runs recorded here, whatever the outsider knows. "
+        "It holds against everyone who sees what a hospital sends: the coordinator, the other "
+        "hospitals and whoever later gets the model, because each hospital adds its noise "
+        "itself, from randomness no one else knows, and charges every update it releases; it "
+        "does not cover the evaluation scores computed on a hospital's test patients, a patient "
+        "treated at several hospitals (each hospital's budget counts on its own), or a "
+        "hospital that trained without DP. "
         "Epsilon only grows: every training round spends a little more, and a hospital refuses "
         "to train once the next round would take it past its cap. 'Rounds left' is how many more "
         "rounds like the last one fit under the cap. The images themselves never leave the "
-        "hospital; only model parameters and summary metrics do. Evaluation scores computed on "
-        "the hospital's test patients are not covered by this budget." + unit_sentences(report)
+        "hospital; only its model update (masked inside the secure sum), the epsilon it spent "
+        "and its ledger's standing do, unless its own policy releases more."
+        + unit_sentences(report)
     )
 
 
@@ -135,7 +149,8 @@ def unit_sentences(report: PrivacyReport) -> str:
     if off := [s.site for s in report.sites if s.dp_off]:
         out += (
             f" {', '.join(off)} trained at least one round without differential privacy: DP "
-            "off by the site's own choice (site.yaml require_dp: false); nothing in this report "
+            "off by the site's own choice (site.yaml policy.require_dp: false); nothing in this "
+            "report "
             "protects the patients of those rounds."
         )
     if seeded := [s.site for s in report.sites if s.noise_seeded]:
@@ -144,11 +159,43 @@ def unit_sentences(report: PrivacyReport) -> str:
             "(site.yaml dp_noise_seed, a testing setting): whoever knows that seed can "
             "reproduce the noise, so the guarantee holds only against those who do not."
         )
+    if report.withheld:
+        out += (
+            f" {', '.join(report.withheld)} kept its DP history at the site (its policy "
+            "releases only the epsilon spent): the epsilon shown is as the site reported it, "
+            "and the site's own ledger report (fedhealth privacy report <ledger>) recomputes it "
+            "with Google's dp-accounting."
+        )
     if by_unit["unstated"] and report.kind == "run":
         out += (
             f" {', '.join(by_unit['unstated'])} did not state its privacy unit; assume it "
             "counted each scan as one record unless its site.yaml says otherwise."
         )
+    return out
+
+
+def check_sentence(report: PrivacyReport) -> str:
+    """Say what the independent accountant confirmed.
+
+    Parameters
+    ----------
+    report : PrivacyReport
+        The report.
+
+    Returns
+    -------
+    str
+        Every recomputed epsilon agrees within 1% (naming the sites that kept their history),
+        or a warning.
+    """
+    if not report.all_agree:
+        return "WARNING: at least one epsilon could not be confirmed by the independent accountant."
+    out = (
+        "Every epsilon recomputed here agrees within 1% with Google's dp-accounting, an "
+        "accountant independent of the one used in training."
+    )
+    if report.withheld:
+        out += f" Not recomputed here (history kept at the site): {', '.join(report.withheld)}."
     return out
 
 
@@ -170,10 +217,16 @@ def to_json(report: PrivacyReport) -> str:
     Returns
     -------
     str
-        Every field of the report, plus ``all_agree`` and ``explanation``, indented by 2.
+        Every field of the report, plus ``all_agree``, ``withheld`` and ``explanation``,
+        indented by 2.
     """
     return json.dumps(
-        {**asdict(report), "all_agree": report.all_agree, "explanation": explanation(report)},
+        {
+            **asdict(report),
+            "all_agree": report.all_agree,
+            "withheld": report.withheld,
+            "explanation": explanation(report),
+        },
         indent=2,
     )
 
@@ -207,11 +260,12 @@ SUM_HEAD = ["site", "epsilon spent", "cap", "delta", "accountant", "rounds left"
 
 
 def _sum_cells(s: SiteSummary) -> list[str]:
+    trained = any(r.status == "trained" for r in s.rows)  # else no cap or delta was reported
     return [
         s.site,
         _fmt(s.epsilon_spent),
-        _fmt(s.epsilon_cap),
-        _fmt(s.delta),
+        _fmt(s.epsilon_cap) if trained or s.epsilon_cap else "n/a",
+        _fmt(s.delta) if trained or s.delta else "n/a",
         s.accountant,
         _fmt(s.rounds_left),
         s.status,
@@ -224,7 +278,7 @@ def _row_cells(site: str, r: Row) -> list[str]:
         str(r.step),
         r.run,
         str(r.round),
-        r.status,
+        f"{r.status} ({r.reason})" if r.reason else r.status,
         _fmt(r.noise_multiplier),
         _fmt(r.sample_rate),
         _fmt(r.steps),
@@ -253,7 +307,7 @@ def to_markdown(report: PrivacyReport) -> str:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
-    check = "every epsilon agrees within 1%" if report.all_agree else "NOT every epsilon confirmed"
+    check = check_sentence(report)
     return (
         "\n\n".join(
             [
@@ -264,7 +318,7 @@ def to_markdown(report: PrivacyReport) -> str:
                 explanation(report),
                 "## Every training phase",
                 table(ROW_HEAD, [_row_cells(s.site, r) for s in report.sites for r in s.rows]),
-                f"Independent check (Google dp-accounting): {check}.",
+                f"Independent check (Google dp-accounting): {check}",
             ]
         )
         + "\n"
@@ -293,12 +347,7 @@ def to_html(report: PrivacyReport) -> str:
         return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
     png = base64.b64encode(plot_png(report)).decode()
-    check = (
-        "Every epsilon above agrees within 1% with Google's dp-accounting, an accountant "
-        "independent of the one used in training."
-        if report.all_agree
-        else "WARNING: at least one epsilon could not be confirmed by the independent accountant."
-    )
+    check = check_sentence(report)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Privacy budget report</title>
 <style>

@@ -35,6 +35,12 @@ class PhaseSummary(TypedDict):
     failed: int
 
 
+class TrainSummary(PhaseSummary):
+    """A round's training; ``secure_sum`` (example count, weighted loss, sites) when summed."""
+
+    secure_sum: NotRequired[SiteMetrics]
+
+
 class EvaluateSummary(PhaseSummary):
     """The evaluation of a round's model; ``with_round`` when it rode with the next round."""
 
@@ -48,7 +54,7 @@ class MetricsLine(TypedDict):
     time: str
     elapsed_s: float
     checkpoint: CheckpointRef
-    train: NotRequired[PhaseSummary]
+    train: NotRequired[TrainSummary]
     evaluate: NotRequired[EvaluateSummary]
 
 
@@ -89,7 +95,8 @@ def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, f
     Parameters
     ----------
     rows : dict[str, SiteMetrics]
-        Site name -> its metrics, each with ``num-examples`` (the weight).
+        Site name -> its metrics; rows without ``num-examples`` (the weight: a site whose
+        count is inside the secure sum) are left out.
     keys : tuple[str, ...]
         The metrics to average; one missing from any row is left out.
 
@@ -98,6 +105,7 @@ def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, f
     dict[str, float]
         Metric -> weighted mean; empty when the weights sum to zero or less.
     """
+    rows = {name: r for name, r in rows.items() if NUM_EXAMPLES in r}
     total = sum(float(r[NUM_EXAMPLES]) for r in rows.values())
     if total <= 0:
         return {}
@@ -124,10 +132,14 @@ class RoundLog:
         Site -> why its evaluation was rejected.
     privacy : dict[str, PrivacyRow], default {}
         Site -> its privacy-table row (DP-trained updates only).
-    refused : list[str], default []
-        Sites that refused the round (budget).
+    refused : dict[str, str], default {}
+        Site -> why it refused the round before training: ``budget`` (its cap) or
+        ``policy: <field>`` (a limit of its privacy policy).
     failed : dict[str, int], default {"train": 0, "evaluate": 0}
         Error replies per phase, other than refusals.
+    secure_sum : SiteMetrics, default {}
+        The secure sum's metrics when the round was securely aggregated: the summed sites'
+        example count and example-weighted training loss (each site's own stay inside it).
     ledgers : LedgerWatch, default a new one
         The run's watch over the sites' ledgers, shared by every round's log
         (:meth:`fedhealth.runs.rundir.RunDir.log`).
@@ -138,6 +150,7 @@ class RoundLog:
     rejected: dict[str, str] = field(default_factory=dict)  # train replies: site -> reason
     rejected_evaluate: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, PrivacyRow] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
+    secure_sum: SiteMetrics = field(default_factory=dict)
     ledgers: LedgerWatch = field(default_factory=LedgerWatch, repr=False, compare=False)

@@ -225,10 +225,17 @@ class RunDir:
             entry = self.log(server_round)
             line["train"] = {
                 "sites": entry.train,
-                "weighted": weighted(entry.train, ("loss",)),
+                # securely aggregated: the sum's weighted loss (the sites' own stay inside it)
+                "weighted": (
+                    {k: v for k, v in entry.secure_sum.items() if k == "loss"}
+                    if entry.secure_sum
+                    else weighted(entry.train, ("loss",))
+                ),
                 "rejected": entry.rejected,
                 "failed": entry.failed["train"],
             }
+            if entry.secure_sum:
+                line["train"]["secure_sum"] = entry.secure_sum
         if server_round > 0 and defer_evaluate:
             self.pending = line
             self.manifest["pending_line"] = line
@@ -281,11 +288,12 @@ class RunDir:
                     sort_keys=True,
                 ),
             )
-        for site in sorted(entry.refused):
+        for site, reason in sorted(entry.refused.items()):
             append_line(
                 self.privacy,
                 json.dumps(
-                    {"round": server_round, "site": site, "status": "refused"}, sort_keys=True
+                    {"round": server_round, "site": site, "status": "refused", "reason": reason},
+                    sort_keys=True,
                 ),
             )
 

@@ -182,6 +182,15 @@ class SecAggSite:
         site._revealed = {int(i): k for i, k in zip(st["rev-ids"], st["rev"], strict=True)}
         return site
 
+    @property
+    def heard_from(self) -> frozenset[int]:
+        """Return the sites whose shares this site holds (itself included, after stage 3).
+
+        The only survivors a site can vouch for: an id the coordinator lists as a survivor
+        that never shared with this site may be made up.
+        """
+        return frozenset(self._received)
+
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 1: give the site's two public keys.
 

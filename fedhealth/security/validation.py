@@ -203,6 +203,8 @@ def validate_metrics(
     site: str = "?",
     required: Iterable[str] = (WEIGHT_KEY,),
     bounds: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    weighted: bool = True,
 ) -> int:
     """Validate a reply's metrics; return its example count.
 
@@ -221,11 +223,15 @@ def validate_metrics(
         Metrics that must be present.
     bounds : mapping of str to (float, float) or None, default None
         Metric -> inclusive (low, high); unlisted metrics are unbounded.
+    weighted : bool, default True
+        Keyword-only. The reply must carry its example count. False: a site's metrics beside
+        its masked update, whose count is inside the secure sum; a count it releases anyway
+        is still checked.
 
     Returns
     -------
     int
-        The example count.
+        The example count (0 when ``weighted`` is False and the reply carries none).
 
     Raises
     ------
@@ -242,7 +248,9 @@ def validate_metrics(
         if key not in values:
             raise UpdateRejected(f"site {site}: metric {key!r} is missing")
     count = values.get(WEIGHT_KEY)
-    if type(count) is not int or not 1 <= count <= max_examples:
+    if not weighted and count is None:
+        count = 0
+    elif type(count) is not int or not 1 <= count <= max_examples:
         raise UpdateRejected(
             f"site {site}: field {WEIGHT_KEY!r}={_r(count)} is not an integer in "
             f"[1, {max_examples}]"

@@ -29,8 +29,9 @@ from fedhealth.serverapp.replies import (
 
 log = logging.getLogger("fedhealth.coordinator")
 
-TRAIN_METRICS: Final = (K.NUM_EXAMPLES, K.LOSS)
-"""What a train reply must report (the round log, the secure sum's weighted loss)."""
+TRAIN_METRICS: Final = (K.NUM_EXAMPLES,)
+"""What a plain train reply must report (FedAvg's weight); its loss only if the site releases
+it. Beside a masked update a site reports neither: both are inside the secure sum."""
 EVALUATE_METRICS: Final = (K.NUM_EXAMPLES, K.DICE, K.LOSS)
 """What an evaluation (its own reply, or folded into a train reply) must report."""
 EVALUATE_BOUNDS: Final = {K.DICE: (0.0, 1.0)}
@@ -160,7 +161,7 @@ def check_metrics_only(
         The round, for the log.
     """
     try:
-        validate_metrics(metrics, max_examples, name, TRAIN_METRICS)
+        validate_metrics(metrics, max_examples, name, (), weighted=False)
         if K.EPSILON in metrics:
             validate_accounting(about, name)
         check_ledger(entry, name, metrics, server_round)
@@ -230,7 +231,12 @@ def check_update(
         log.warning("round %d: rejected update: %s", server_round, exc)
         entry.rejected[name] = str(exc)
         return False
-    if not about.get(K.SECAGG_SUM):
+    if about.get(K.SECAGG_SUM):
+        entry.secure_sum = {
+            **scalars(metrics),
+            "sites": int(summed) if isinstance(summed, int) else 1,
+        }
+    else:
         record_site(entry, name, scalars(metrics), about)
     return True
 

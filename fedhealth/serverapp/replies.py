@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -21,6 +21,7 @@ from flwr.common.constant import ErrorCode as FlowerErrorCode
 
 from fedhealth.errors import BUDGET_REFUSAL, ErrorCode
 from fedhealth.protocol import keys as K
+from fedhealth.protocol.replies import POLICY_FIELD_TAG
 from fedhealth.runs.records import RoundLog, SiteMetrics
 
 log = logging.getLogger("fedhealth.coordinator")
@@ -36,6 +37,29 @@ _ERROR_SITE = re.compile(r"^site ([A-Za-z0-9_.-]{1,64}): ")
 APP_REFUSALS = frozenset({int(ErrorCode.SITE_APP_REFUSED), int(FlowerErrorCode.INVALID_FAB)})
 """Error codes of a site that refused the run's app: fedhealth's gate, and Flower's own
 ``INVALID_FAB`` (a SuperNode with ``--trusted-entities``)."""
+REFUSALS: Final = (BUDGET_REFUSAL, int(ErrorCode.SITE_REFUSED_POLICY))
+"""Error codes of a site that refused a train round before training (nothing charged)."""
+_POLICY_FIELD = re.compile(r"\[" + re.escape(POLICY_FIELD_TAG) + r"(\w+)\]$")
+
+
+def refusal(reason: str | None) -> str:
+    """Say why a site refused a train round, from its error reply's public reason.
+
+    Parameters
+    ----------
+    reason : str or None
+        The reply's reason: the code's fixed text, ending ``[policy: <field>]`` for a policy
+        refusal.
+
+    Returns
+    -------
+    str
+        ``"policy: <field>"``, ``"policy"`` when no field is named, or ``"budget"``.
+    """
+    found = _POLICY_FIELD.search(reason or "")
+    if found:
+        return f"policy: {found.group(1)}"
+    return "policy" if "privacy policy" in (reason or "") else "budget"
 
 
 def site_record(msg: Message) -> SiteRecord:
@@ -199,8 +223,8 @@ def sort_replies(
     A reply without exactly one MetricRecord is rejected (recorded in ``entry``). A name that
     more than one node claims this round is ambiguous: each claimant gets ``#node-<id>``
     appended. An error reply counts as refused when its code is
-    :data:`~fedhealth.errors.BUDGET_REFUSAL` in a train round, otherwise as failed; its text
-    names the site only if no other node is known by that name.
+    one of :data:`REFUSALS` (budget, site policy) in a train round, otherwise as failed; its
+    text names the site only if no other node is known or claimed by that name.
 
     Parameters
     ----------
@@ -252,6 +276,8 @@ def sort_replies(
             rejected[name] = f"site {name}: expected exactly one MetricRecord, got {len(records)}"
             log.warning("round %d %s: rejected reply: %s", server_round, phase, rejected[name])
     owner = {name: node for node, name in node_names.items()}
+    for name in clashes:  # claimed by several nodes: no error text may take the plain name
+        owner.setdefault(name, -1)
     for msg in errors:
         node = msg.metadata.src_node_id
         named_in = _ERROR_SITE.match(msg.error.reason or "")
@@ -266,8 +292,8 @@ def sort_replies(
             entry.failed[phase] += 1
             log.error("round %d %s: node %d: %s", server_round, phase, node, rejected[name])
             continue
-        if msg.error.code == BUDGET_REFUSAL and phase == "train":
-            entry.refused.append(node_names.get(node, f"node-{node}"))
+        if msg.error.code in REFUSALS and phase == "train":
+            entry.refused[node_names.get(node, f"node-{node}")] = refusal(msg.error.reason)
         else:
             entry.failed[phase] += 1
         log.warning(  # the reason is the site's text: shortened, quoted

@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid
 
-from fedhealth.errors import ConfigError, SecAggError, UpdateRejected
+from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
@@ -50,23 +50,18 @@ class MaskedReply:
     Parameters
     ----------
     vector : np.ndarray
-        The masked, quantised update with the example count as its last word; shape
-        ``(model size + 1,)``, unsigned or signed integers.
+        The masked, quantised update, then its training loss, with the example count as its
+        last word; shape ``(model size + 2,)``, unsigned or signed integers.
     metrics : MetricRecord
-        The site's validated train metrics (passed on to the strategy, metrics only).
+        The site's validated plaintext metrics (what its policy releases: epsilon, the ledger's
+        standing; passed on to the strategy, metrics only).
     site : ConfigRecord
-        The site's ``site`` record (its name and accounting history).
-    loss : float
-        The site's training loss.
-    examples : int
-        The site's example count, in ``[1, max_examples]``.
+        The site's ``site`` record (its name and privacy unit).
     """
 
     vector: np.ndarray
     metrics: MetricRecord
     site: ConfigRecord
-    loss: float
-    examples: int
 
 
 class SecureGrid(DelegatingGrid):
@@ -259,16 +254,20 @@ class SecureGrid(DelegatingGrid):
             )
             masks[n] = content
         template = by_node[nodes[0]].content.array_records[K.ARRAYS]
-        size = sum(a.numpy().size for a in template.values()) + 1
+        size = sum(a.numpy().size for a in template.values()) + 2  # + the loss and the count
         pid_of_node = {node: pid for pid, node in node_of.items()}
 
         def masked(reply: Message) -> MaskedReply:
             pid = pid_of_node.get(reply.metadata.src_node_id, 0)
             parsed = _masked(reply, size, self.max_examples, pid)
+            name = str(parsed.site.get(K.SITE_NAME, pid))
             if self.ledgers is not None and K.EPSILON in parsed.metrics:  # before the sum
-                name, server_round = str(parsed.site.get(K.SITE_NAME, pid)), _round(by_node[pid])
                 metrics = dict(parsed.metrics.items())
-                self.ledgers.check(name, server_round, ledger_fields(metrics, name))
+                self.ledgers.check(name, _round(by_node[pid]), ledger_fields(metrics, name))
+            elif self.ledgers is not None and name in self.ledgers.stopped:  # epsilon left out
+                raise LedgerShrank(
+                    f"{self.ledgers.stopped[name]}; no update of site {name} is taken"
+                )
             return parsed
 
         site_replies = self._stage(K.STAGE_MASK, masks, node_of, timeout, masked)
@@ -296,12 +295,12 @@ class SecureGrid(DelegatingGrid):
         )
 
         template = by_node[survivors[0]].content.array_records[K.ARRAYS]
-        losses = [site_replies[n].loss * site_replies[n].examples for n in survivors]
+        loss = float(mean[-1])  # the summed sites' example-weighted mean training loss
         aggregate = Message(
             RecordDict(
                 {
-                    K.ARRAYS: unflatten(mean, template),
-                    K.METRICS: MetricRecord({K.NUM_EXAMPLES: count, K.LOSS: sum(losses) / count}),
+                    K.ARRAYS: unflatten(mean[:-1], template),
+                    K.METRICS: MetricRecord({K.NUM_EXAMPLES: count, K.LOSS: loss}),
                     K.SITE: ConfigRecord(
                         {
                             K.SITE_NAME: K.SECURE_SUM_NAME,
@@ -334,17 +333,12 @@ def _masked(reply: Message, size: int, max_examples: int, pid: int) -> MaskedRep
     if vector.shape != (size,) or vector.dtype.kind not in "ui":
         raise ValueError(
             f"masked vector {vector.dtype}{vector.shape}, expected "
-            f"({size},): the model plus the example count"
+            f"({size},): the model, the loss and the example count"
         )
     metrics = reply.content.metric_records[K.METRICS]
-    examples = validate_metrics(
-        dict(metrics.items()), max_examples, f"protocol id {pid}", (K.NUM_EXAMPLES, K.LOSS)
-    )
-    site = reply.content.config_records[K.SITE]
-    loss = metrics[K.LOSS]
-    if not isinstance(loss, int | float):  # validate_metrics accepts numbers only
-        raise TypeError(f"protocol id {pid}: loss is not a number")
-    return MaskedReply(vector, metrics, site, float(loss), examples)
+    # the count and the loss are inside the sum; a count the site releases is still checked
+    validate_metrics(dict(metrics.items()), max_examples, f"protocol id {pid}", (), weighted=False)
+    return MaskedReply(vector, metrics, reply.content.config_records[K.SITE])
 
 
 def _round(msg: Message) -> int:

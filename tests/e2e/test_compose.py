@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fedhealth.reports.privacy import from_ledgers
+from fedhealth.runs.rundir import read_metrics
 from fedhealth.testing import compose
 from fedhealth.testing.loopback import free_ports
 
@@ -221,7 +223,19 @@ def test_compose_topology_runs_as_local_processes(tmp_path):
         assert (run_dir / name).is_file(), sorted(p.name for p in run_dir.iterdir())
     report = json.loads((run_dir / "privacy-report.json").read_text())
     assert sorted(s["site"] for s in report["sites"]) == list(HOSPITALS)
-    assert report["all_agree"]
+    # minimal outputs: the coordinator got each hospital's epsilon, not its DP history; each
+    # hospital's own ledger report recomputes every epsilon with dp-accounting
+    assert report["withheld"] == list(HOSPITALS) and not report["all_agree"]
+    assert "kept its DP history at the site" in report["explanation"]
+    lines = read_metrics(run_dir)
+    for line in lines[1:]:
+        for site, metrics in line["train"]["sites"].items():
+            leaked = {"loss", "num-examples", "sample-rate", "noise-multiplier"} & set(metrics)
+            assert not leaked, (site, leaked)
+        assert line["train"]["secure_sum"]["sites"] == len(HOSPITALS)
+    for hospital in HOSPITALS:
+        own = from_ledgers([tmp_path / "volumes" / f"{hospital}-ledger" / "ledger.sqlite"])
+        assert own.all_agree and not own.withheld, hospital
 
     # each hospital's ledger and private key only in its own volumes
     volumes = tmp_path / "volumes"

@@ -134,13 +134,16 @@ def test_site_killed_mid_round_round_completes_with_the_others(cohort, tmp_path,
         msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord(settings)}), 0, "train")
         context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
         spent = _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite")
-        site, data, site_cfg, got, seed = site_handler.prepare(msg, context, "train", None, None)
-        arrays, metrics, _ = site_handler.train_update(
-            msg, context, site, data, site_cfg, got, seed
+        # the update as the mask stage computes it, before masking (a secure round)
+        site, data, site_cfg, got, seed = site_handler.prepare(
+            msg, context, "train", None, None, secure=True
+        )
+        update = site_handler.train_update(
+            msg, context, site, data, site_cfg, got, seed, secure=True
         )
         assert _ledger_rounds(c.site_dir(name) / "ledger" / "ledger.sqlite") == spent
-        updates.append(unpack(arrays, layout(model_order)))
-        weights.append(metrics["num-examples"])
+        updates.append(unpack(update.arrays, layout(model_order)))
+        weights.append(update.examples)
     for key in after:
         expected = sum(
             w * u[key].astype(np.float64) for w, u in zip(weights, updates, strict=True)

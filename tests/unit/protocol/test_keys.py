@@ -84,7 +84,7 @@ def _coordinator_reads(reference: ArrayRecord, reply: Message) -> tuple[str, dic
     about = site_record(reply)
     if K.EPSILON in metrics:
         validate_accounting(about, name)
-    return name, {"count": count, "loss": metrics[K.LOSS]}, privacy_row(metrics, about)
+    return name, {"count": count, "loss": metrics.get(K.LOSS)}, privacy_row(metrics, about)
 
 
 EXPECTED_PRIVACY = {
@@ -182,7 +182,7 @@ def test_an_error_reply_is_attributed_to_the_site_that_sent_it(flower_identity):
     reply = error_reply(ins, BudgetExhausted("over the cap"), "train", SITE)
     entry = RoundLog()
     kept = sort_replies([reply], server_round=1, phase="train", entry=entry, node_names={})
-    assert kept == [] and entry.refused == [SITE]
+    assert kept == [] and entry.refused == {SITE: "budget"}
 
 
 def _constants(prefix: str = "") -> dict[str, str]:

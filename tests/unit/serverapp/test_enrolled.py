@@ -79,7 +79,7 @@ def test_an_enrolled_nodes_error_reply_names_the_enrolled_site():
         entry=(entry := RoundLog()),
         node_names={},
     )
-    assert entry.refused == ["hospital-b"]
+    assert entry.refused == {"hospital-b": "budget"}
 
 
 def test_without_enrolment_names_stay_self_reported_unless_the_coordinator_requires_them(

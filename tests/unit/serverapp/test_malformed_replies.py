@@ -545,7 +545,6 @@ DEFECTS: dict[str, dict[str, Callable]] = {
         "tampered_count": _tampered_count,
         "non_finite_loss": _non_finite_metric("loss"),
         "list_loss": _list_metric("loss"),
-        "missing_loss": _missing_metric("loss"),
         "non_finite_steps": _non_finite_metric("steps"),
         "list_steps": _list_metric("steps"),
         "tampered_metric": _tampered_metric,

@@ -46,8 +46,10 @@ class FakeGrid:
                     for i, b in zip(rec["from"], rec["blobs"], strict=True)
                     if int(i)
                 }
+                # the update, then its loss: both summed inside the mask (minimal outputs)
+                vector = np.concatenate([flatten(self.updates[node]), [loss_of(node)]])
                 masked = agent.masked_input(
-                    flatten(self.updates[node]),
+                    vector,
                     self.counts[node],
                     received,
                     rng=np.random.default_rng(node),
@@ -58,9 +60,7 @@ class FakeGrid:
                         RecordDict(
                             {
                                 "masked": ArrayRecord({"masked": Array(masked)}),
-                                "metrics": MetricRecord(
-                                    {"loss": 0.5, "num-examples": self.counts[node]}
-                                ),
+                                "metrics": MetricRecord({}),  # count and loss: in the sum
                                 "site": ConfigRecord({"name": f"site-{node}"}),
                             }
                         ),
@@ -70,6 +70,11 @@ class FakeGrid:
             else:
                 replies.append(handle_stage(msg, self.contexts[node], stage))
         return replies
+
+
+def loss_of(node: int) -> float:
+    """Each site's training loss (it travels inside the masked vector)."""
+    return node / 20
 
 
 def _arrays(rng):
@@ -151,3 +156,5 @@ def test_a_malformed_stage_reply_never_crashes_the_coordinator(
     )
     np.testing.assert_allclose(flatten(result.content["arrays"]), expected, atol=1e-4)
     assert result.content["metrics"]["num-examples"] == int(weights.sum())
+    mean_loss = sum(w * loss_of(n) for w, n in zip(weights, honest, strict=True)) / weights.sum()
+    assert result.content["metrics"]["loss"] == pytest.approx(mean_loss, abs=1e-4)

@@ -101,7 +101,7 @@ def test_too_few_valid_updates_stop_the_run_cleanly(strategy):
     with pytest.raises(RunStopped, match="1 valid update"):
         _aggregate(strategy, [_reply(1, "site-a", _arrays(rng), 4), failed, refused])
     assert strategy.run_dir.log(1).failed == {"train": 1, "evaluate": 0}
-    assert strategy.run_dir.log(1).refused == ["node-8"]
+    assert strategy.run_dir.log(1).refused == {"node-8": "budget"}
 
 
 def _folded(node, name, arrays, count, evaluation):
