@@ -8,6 +8,7 @@ reported to its daemon as site events (:mod:`fedhealth.clientapp.events`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sized
 from typing import NamedTuple
@@ -29,11 +30,11 @@ from fedhealth.clientapp.global_model import check_outgoing, model_from, receive
 from fedhealth.clientapp.instruction import Instruction, Site, derive_seed
 from fedhealth.clientapp.local_round import charge, train_once
 from fedhealth.clientapp.outputs import released
-from fedhealth.clientapp.releases import ReleaseStore
+from fedhealth.clientapp.releases import ReleaseStore, resend
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
 from fedhealth.data.loading import SiteData, load_site, make_loader, require_patient_ids
-from fedhealth.errors import ConfigError, LedgerError
+from fedhealth.errors import ConfigError
 from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest
 from fedhealth.protocol import keys as K
@@ -185,62 +186,61 @@ def train_update(
         raise ConfigError(f"site {site.name}: the training set has no length")
     num_examples = len(loader.dataset)
     model = model_from(msg, cfg)  # a model that does not fit is refused before any charge
-    dp, entry, privacy, accounting, stored = None, None, Metrics(), Accounting(), None
-    if cfg.privacy.enabled:
-        budget = site.budget
-        if budget is None:
-            raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
-        sample_rate, steps = 1.0 / len(loader), cfg.train.local_epochs * len(loader)
-        request = RoundRequest(
-            run=instruction.run_key or str(context.run_id),
-            server_round=instruction.server_round,
-            rounds_total=cfg.rounds,
-            sample_rate=sample_rate,
-            steps=steps,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            accountant=cfg.privacy.accountant,
-            fixed_noise=cfg.privacy.noise_multiplier,
-        )
-        entry, history, standing = charge(msg, site.name, budget, data, request, site.policy)
-        accounting = {
-            K.ACCOUNTANT: cfg.privacy.accountant,
-            K.HISTORY_NOISE: [h[0] for h in history],
-            K.HISTORY_RATE: [h[1] for h in history],
-            K.HISTORY_STEPS: [h[2] for h in history],
-        }
-        dp = DPSettings(
-            entry.noise_multiplier,
-            cfg.privacy.max_grad_norm,
-            accountant=cfg.privacy.accountant,
-            grad_sample_mode=DP_READY[cfg.model.name],
-            noise_seed=site.round_noise_seed(cfg.seed, instruction.server_round),
-        )
-        releases = ReleaseStore(budget.ledger_path)
-        stored = releases.load(request.run, request.server_round, entry)
-        privacy = {
-            K.EPSILON: entry.epsilon_after,
-            K.EPSILON_CAP: budget.epsilon_cap,
-            K.DELTA: budget.delta,
-            K.NOISE_MULTIPLIER: entry.noise_multiplier,
-            K.SAMPLE_RATE: sample_rate,
-            K.DP_STEPS: steps,
-            K.MAX_GRAD_NORM: cfg.privacy.max_grad_norm,
-            **standing,  # the ledger's length and head: the coordinator checks it only grows
-        }
-    if stored is not None:  # released before: the same bytes again, nothing new leaves
-        kept, done = stored
-        if set(kept) != set(model.state_dict()):
-            raise LedgerError(f"site {site.name}: the stored release does not fit the model")
-        state = {key: kept[key] for key in model.state_dict()}  # the model's order, for pack()
-        log.info(
-            "site %s round %d: resending the update released before (charged once)",
-            site.name,
-            instruction.server_round,
-        )
-    else:
-        state, done = train_once(model, loader, cfg, instruction, dp, entry, site.name)
-        if entry is not None:  # stored before it is sent: a retry resends it
-            releases.save(request.run, request.server_round, entry, state, done)
+    run_key = instruction.run_key or str(context.run_id)
+    guard = (  # one release per (run, round): a retry that arrives mid-training waits, resends
+        ReleaseStore(site.budget.ledger_path).lock(run_key, instruction.server_round)
+        if cfg.privacy.enabled and site.budget is not None
+        else contextlib.nullcontext()
+    )
+    with guard:
+        dp, entry, privacy, accounting, stored = None, None, Metrics(), Accounting(), None
+        if cfg.privacy.enabled:
+            budget = site.budget
+            if budget is None:
+                raise ConfigError(f"site {site.name}: DP is on but the site has no ledger/budget")
+            sample_rate, steps = 1.0 / len(loader), cfg.train.local_epochs * len(loader)
+            request = RoundRequest(
+                run=run_key,
+                server_round=instruction.server_round,
+                rounds_total=cfg.rounds,
+                sample_rate=sample_rate,
+                steps=steps,
+                max_grad_norm=cfg.privacy.max_grad_norm,
+                accountant=cfg.privacy.accountant,
+                fixed_noise=cfg.privacy.noise_multiplier,
+            )
+            entry, history, standing = charge(msg, site.name, budget, data, request, site.policy)
+            accounting = {
+                K.ACCOUNTANT: cfg.privacy.accountant,
+                K.HISTORY_NOISE: [h[0] for h in history],
+                K.HISTORY_RATE: [h[1] for h in history],
+                K.HISTORY_STEPS: [h[2] for h in history],
+            }
+            dp = DPSettings(
+                entry.noise_multiplier,
+                cfg.privacy.max_grad_norm,
+                accountant=cfg.privacy.accountant,
+                grad_sample_mode=DP_READY[cfg.model.name],
+                noise_seed=site.round_noise_seed(cfg.seed, instruction.server_round),
+            )
+            releases = ReleaseStore(budget.ledger_path)
+            stored = releases.load(request.run, request.server_round, entry)
+            privacy = {
+                K.EPSILON: entry.epsilon_after,
+                K.EPSILON_CAP: budget.epsilon_cap,
+                K.DELTA: budget.delta,
+                K.NOISE_MULTIPLIER: entry.noise_multiplier,
+                K.SAMPLE_RATE: sample_rate,
+                K.DP_STEPS: steps,
+                K.MAX_GRAD_NORM: cfg.privacy.max_grad_norm,
+                **standing,  # the ledger's length and head: the coordinator checks it only grows
+            }
+        if stored is not None:  # released before: the same bytes again, nothing new leaves
+            state, done = resend(stored, model, site.name, instruction.server_round)
+        else:
+            state, done = train_once(model, loader, cfg, instruction, dp, entry, site.name)
+            if entry is not None:  # stored before it is sent: a retry resends it
+                releases.save(request.run, request.server_round, entry, state, done)
     # the update goes back in the form the global model came in
     arrays = pack(state) if is_packed(received(msg)) else ArrayRecord(state)
     check_outgoing(arrays, msg, site.name)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import safetensors
 import torch
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedhealth.errors import LedgerError
 from fedhealth.privacy.ledger import Entry
 
-__all__ = ["ReleaseStore"]
+__all__ = ["ReleaseStore", "resend"]
 
 log = logging.getLogger("fedhealth.site")
 
@@ -47,6 +48,29 @@ class ReleaseStore:
 
     def __init__(self, ledger_path: Path) -> None:
         self.root = Path(ledger_path).parent / "releases"
+
+    def lock(self, run: str, server_round: int) -> FileLock:
+        """Return the lock that makes charge, training and storing one step per (run, round).
+
+        A retry of a round that arrives while the first delivery still trains (two ClientApp
+        processes) waits here, then finds the stored update and resends it: never a second
+        release under one charge.
+
+        Parameters
+        ----------
+        run : str
+            The run's key.
+        server_round : int
+            The server round.
+
+        Returns
+        -------
+        filelock.FileLock
+            A lock file in ``releases/`` (owner-only), to use as a context manager.
+        """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_tag = hashlib.sha256(run.encode()).hexdigest()[:16]
+        return FileLock(self.root / f"{run_tag}-r{server_round:06d}.lock", mode=0o600)
 
     def _path(self, run: str, server_round: int, entry: Entry) -> Path:
         run_tag = hashlib.sha256(run.encode()).hexdigest()[:16]
@@ -130,8 +154,49 @@ class ReleaseStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         prefix = path.name.split("-r", 1)[0]
-        for old in self.root.glob(f"{prefix}-r*.safetensors"):
-            kept_round = int(old.name.split("-r", 1)[1].split("-", 1)[0])
+        for old in [
+            *self.root.glob(f"{prefix}-r*.safetensors"),
+            *self.root.glob(f"{prefix}-r*.lock"),
+        ]:
+            kept_round = int(old.name.split("-r", 1)[1].split("-", 1)[0].split(".", 1)[0])
             if kept_round <= server_round - KEEP_ROUNDS:
                 old.unlink(missing_ok=True)
         return path
+
+
+def resend(
+    stored: tuple[dict[str, torch.Tensor], dict[str, float]],
+    model: torch.nn.Module,
+    site: str,
+    server_round: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Prepare a stored release to be sent again, in the model's key order.
+
+    Parameters
+    ----------
+    stored : tuple
+        :meth:`ReleaseStore.load`'s state dict and metrics.
+    model : torch.nn.Module
+        The model of this round's instruction (its keys, in order, for packing).
+    site : str
+        The site's name, for the log and errors.
+    server_round : int
+        The server round, for the log.
+
+    Returns
+    -------
+    tuple of (dict of str to Tensor, dict of str to float)
+        The same tensors, in the model's key order, and the stored metrics.
+
+    Raises
+    ------
+    LedgerError
+        The stored update's keys are not the model's.
+    """
+    kept, done = stored
+    if set(kept) != set(model.state_dict()):
+        raise LedgerError(f"site {site}: the stored release does not fit the model")
+    log.info(
+        "site %s round %d: resending the update released before (charged once)", site, server_round
+    )
+    return {key: kept[key] for key in model.state_dict()}, done

@@ -128,3 +128,51 @@ def plan_noise(
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+MAX_ROUNDS_LEFT = 10_000
+"""The largest "rounds left" the report computes; more is shown as this number."""
+
+
+def rounds_left(
+    history: Sequence[Phase], last: Phase, cap: float, delta: float, accountant: str
+) -> int:
+    """Count how many more phases like ``last`` fit within ``cap``.
+
+    ``k`` more phases are accounted as one phase of ``k`` times ``last``'s steps; ``k`` is
+    found by exponential, then binary, search.
+
+    Parameters
+    ----------
+    history : sequence of (float, float, int)
+        The phases spent so far: (noise multiplier, sample rate, steps).
+    last : (float, float, int)
+        The phase to repeat.
+    cap : float
+        The epsilon cap.
+    delta : float
+        The delta epsilon is computed at.
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+
+    Returns
+    -------
+    int
+        The largest ``k`` with epsilon at most ``cap``, 0 if not even one fits, at most
+        :data:`MAX_ROUNDS_LEFT`.
+    """
+
+    def fits(k: int) -> bool:
+        return epsilon([*history, (last[0], last[1], last[2] * k)], delta, accountant) <= cap
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_ROUNDS_LEFT and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > MAX_ROUNDS_LEFT:
+        return MAX_ROUNDS_LEFT
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

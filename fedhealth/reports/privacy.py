@@ -6,7 +6,8 @@ Every epsilon is recomputed from the recorded parameters by Google's dp-accounti
 report shows both figures side by side.
 
 The data and its loading live in :mod:`fedhealth.reports.privacy_data`, the rendering in
-:mod:`fedhealth.reports.privacy_render`; every public name is importable from here.
+:mod:`fedhealth.reports.privacy_render`, its words in :mod:`fedhealth.reports.privacy_text`;
+every public name is importable from here.
 
 Examples
 --------
@@ -16,26 +17,25 @@ Examples
 
 from __future__ import annotations
 
+from fedhealth.privacy.accounting import MAX_ROUNDS_LEFT, rounds_left
 from fedhealth.reports.privacy_data import (
-    MAX_ROUNDS_LEFT,
     PrivacyReport,
     Row,
     SiteSummary,
     from_ledgers,
     from_run_dir,
     load,
-    rounds_left,
 )
 from fedhealth.reports.privacy_render import (
     ROW_HEAD,
     SUM_HEAD,
-    explanation,
     plot_png,
     to_html,
     to_json,
     to_markdown,
     write,
 )
+from fedhealth.reports.privacy_text import check_sentence, explanation
 
 __all__ = [
     "MAX_ROUNDS_LEFT",
@@ -44,6 +44,7 @@ __all__ = [
     "PrivacyReport",
     "Row",
     "SiteSummary",
+    "check_sentence",
     "explanation",
     "from_ledgers",
     "from_run_dir",

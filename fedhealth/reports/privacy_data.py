@@ -9,20 +9,17 @@ or PRV, Gopi et al. 2021, https://arxiv.org/abs/2106.02848). Import these names 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from fedhealth.errors import FedHealthError
-from fedhealth.privacy.accounting import Phase, epsilon
+from fedhealth.privacy.accounting import Phase, rounds_left
 from fedhealth.privacy.independent import agrees, independent_epsilon
 from fedhealth.privacy.ledger import PrivacyLedger
 from fedhealth.runs.rundir import read_jsonl
 
-MAX_ROUNDS_LEFT = 10_000
-"""The largest "rounds left" the report computes; more is shown as this number."""
 DP_OFF = "dp off by the site's own choice"
 """Row status of a site that trained without DP under its own ``require_dp: false`` (the
 coordinator's :data:`fedhealth.serverapp.checks.DP_OFF_STATUS`)."""
@@ -175,50 +172,6 @@ class PrivacyReport:
             for s in self.sites
             if any(r.status == "trained" and r.independent_epsilon is None for r in s.rows)
         ]
-
-
-def rounds_left(
-    history: Sequence[Phase], last: Phase, cap: float, delta: float, accountant: str
-) -> int:
-    """Count how many more phases like ``last`` fit within ``cap``.
-
-    ``k`` more phases are accounted as one phase of ``k`` times ``last``'s steps; ``k`` is
-    found by exponential, then binary, search.
-
-    Parameters
-    ----------
-    history : sequence of (float, float, int)
-        The phases spent so far: (noise multiplier, sample rate, steps).
-    last : (float, float, int)
-        The phase to repeat.
-    cap : float
-        The epsilon cap.
-    delta : float
-        The delta epsilon is computed at.
-    accountant : str
-        ``"rdp"`` or ``"prv"``.
-
-    Returns
-    -------
-    int
-        The largest ``k`` with epsilon at most ``cap``, 0 if not even one fits, at most
-        :data:`MAX_ROUNDS_LEFT`.
-    """
-
-    def fits(k: int) -> bool:
-        return epsilon([*history, (last[0], last[1], last[2] * k)], delta, accountant) <= cap
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= MAX_ROUNDS_LEFT and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > MAX_ROUNDS_LEFT:
-        return MAX_ROUNDS_LEFT
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
 
 
 def _summarize(

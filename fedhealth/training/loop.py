@@ -9,6 +9,7 @@ strategy sends ``proximal-mu``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import cast
@@ -219,7 +220,12 @@ def train(
         from fedhealth.training.private import poisson_loader, site_generator
 
         secret = site_generator(dp.noise_seed)  # never sent, never logged
-        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():
+            # Opacus warns that its secure_mode (torchcsprng, no build) is off: the noise and
+            # the sampling below draw from the site's own generator instead, seeded from its OS
+            # entropy (fedhealth.training.private), which is what that warning is about
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            engine = PrivacyEngine(accountant=dp.accountant)
         model, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,

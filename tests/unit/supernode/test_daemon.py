@@ -222,7 +222,8 @@ def _instruction(cohort, ledger: Path, cap: float = 8.0):
         "ledger-dir": str(ledger),
         "epsilon-cap": cap,
         "delta": 1e-5,
-        "site-policy": '{"require_secure_aggregation": false}',  # a plain train instruction
+        # a plain train instruction; the loss released so the test can compare it
+        "site-policy": '{"require_secure_aggregation": false, "release": ["loss"]}',
     }
     context = Context(run_id=1, node_id=0, node_config=node, state=RecordDict(), run_config={})
     return Message(content, 0, "train"), context
