@@ -104,6 +104,9 @@ def test_only_the_last_rounds_of_a_run_are_kept(cohort, tmp_path, flower_identit
     for server_round in (1, 2, 3):
         torch.manual_seed(0)
         _train(cohort, tmp_path / "ledger", server_round=server_round)
-    kept = sorted(p.name.split("-r")[1][:6] for p in (tmp_path / "ledger" / "releases").iterdir())
+    releases = tmp_path / "ledger" / "releases"
+    kept = sorted(p.name.split("-r")[1][:6] for p in releases.glob("*.safetensors"))
     assert kept == ["000002", "000003"]
+    locks = sorted(p.name.split("-r")[1][:6] for p in releases.glob("*.lock"))
+    assert locks == ["000002", "000003"]  # a round's lock goes with its release
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "ledger" / "releases").iterdir())
