@@ -245,15 +245,22 @@ def from_run_dir(run_dir: Path) -> PrivacyReport:
                 spent = float(line["epsilon"])
                 # JSON arrays, as the site reported them: (noise, sample rate, steps) each
                 history = cast(list[Phase], [tuple(h) for h in line.get("history", [])])
+                # withheld unless the site's policy releases them; its history's last phase is
+                # this round's (the site charged it before reporting)
+                noise, rate, steps = (
+                    line.get(k) for k in ("noise_multiplier", "sample_rate", "dp_steps")
+                )
+                if None in (noise, rate, steps) and history:
+                    noise, rate, steps = history[-1]
                 row = Row(
                     i + 1,
                     run_dir.name,
                     line["round"],
                     "trained",
                     spent,
-                    line.get("noise_multiplier"),  # withheld unless the site's policy
-                    line.get("sample_rate"),  # releases them
-                    line.get("dp_steps"),
+                    noise,
+                    rate,
+                    steps,
                     line.get("max_grad_norm"),
                 )
                 if history:

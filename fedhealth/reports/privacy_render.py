@@ -123,7 +123,7 @@ def _sum_cells(s: SiteSummary) -> list[str]:
     trained = any(r.status == "trained" for r in s.rows)  # else no cap or delta was reported
     return [
         s.site,
-        _fmt(s.epsilon_spent),
+        _fmt(s.epsilon_spent) if trained or s.epsilon_spent else "n/a",
         _fmt(s.epsilon_cap) if trained or s.epsilon_cap else "n/a",
         _fmt(s.delta) if trained or s.delta else "n/a",
         s.accountant,
@@ -143,7 +143,7 @@ def _row_cells(site: str, r: Row) -> list[str]:
         _fmt(r.sample_rate),
         _fmt(r.steps),
         _fmt(r.max_grad_norm),
-        _fmt(r.epsilon),
+        _fmt(r.epsilon) if r.status == "trained" or r.epsilon else "-",
         _fmt(r.independent_epsilon),
         _fmt(r.agrees),
     ]

@@ -78,8 +78,9 @@ def unit_sentences(report: PrivacyReport) -> str:
         patient"), sites that trained without DP by their own choice, sites whose reply did
         not state their unit.
     """
-    by_unit = {
-        unit: [s.site for s in report.sites if s.privacy_unit == unit and not s.dp_off]
+    trained = [s for s in report.sites if any(r.status == "trained" for r in s.rows)]
+    by_unit = {  # a site that never trained here stated nothing, and needs no unit
+        unit: [s.site for s in trained if s.privacy_unit == unit and not s.dp_off]
         for unit in ("scan", "unstated")
     }
     out = ""
@@ -131,6 +132,8 @@ def check_sentence(report: PrivacyReport) -> str:
         Every recomputed epsilon agrees within 1% (naming the sites that kept their history),
         or a warning.
     """
+    if not any(r.status == "trained" for s in report.sites for r in s.rows):
+        return "nothing to recompute: no site trained with DP."
     if not report.all_agree:
         return "WARNING: at least one epsilon could not be confirmed by the independent accountant."
     out = (

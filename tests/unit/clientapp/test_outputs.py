@@ -123,6 +123,17 @@ def test_a_site_that_kept_its_history_is_named_not_failed(tmp_path):
     assert not rep.confirmed
 
 
+def test_a_simulated_site_that_releases_only_its_history_is_recomputed(tmp_path):
+    """The simulation's sites release their history but not the round's noise or rate."""
+    history = [[1.3, 0.25, 8], [1.1, 0.25, 8]]
+    line = {"epsilon": epsilon([tuple(h) for h in history], 1e-5), "epsilon_cap": 8.0}
+    line |= {"delta": 1e-5, "accountant": "rdp", "history": history}
+    rep = _write(tmp_path, [{"round": 2, "site": "a", "status": "trained", **line}])
+    (row,) = rep.sites[0].rows
+    assert (row.noise_multiplier, row.sample_rate, row.steps) == (1.1, 0.25, 8)  # its last phase
+    assert rep.all_agree and not rep.withheld and rep.sites[0].rounds_left is not None
+
+
 def test_refusals_show_their_reason_and_a_run_nobody_trained_quotes_no_cap(tmp_path):
     rep = _write(
         tmp_path,
@@ -144,4 +155,6 @@ def test_refusals_show_their_reason_and_a_run_nobody_trained_quotes_no_cap(tmp_p
     assert "cap of epsilon" not in text and not rep.confirmed
     page = report.to_markdown(rep)
     assert "refused (policy: max_noise_multiplier)" in page
-    assert "| a | 0 | n/a | n/a |" in page  # no cap quoted for a site that never trained
+    assert "| a | n/a | n/a | n/a |" in page  # no spend or cap quoted for a site that never trained
+    assert "did not state its privacy unit" not in text
+    assert "nothing to recompute" in page
