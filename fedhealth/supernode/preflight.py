@@ -19,8 +19,8 @@ class CheckItem:
     Parameters
     ----------
     name : str
-        What was checked: ``data``, ``ca``, ``auth_key``, ``keys``, ``ledger``, ``apps`` or
-        ``coordinator``.
+        What was checked: ``data``, ``ca``, ``auth_key``, ``keys``, ``ledger``, ``policy``,
+        ``apps`` or ``coordinator``.
     ok : bool
         Whether it passed.
     detail : str
@@ -33,7 +33,7 @@ class CheckItem:
 
 
 def check(s: SiteSettings, timeout: float = 10.0) -> list[CheckItem]:
-    """Run the preflight: data, keys, ledger, approved apps, coordinator.
+    """Run the preflight: data, keys, ledger, privacy policy, approved apps, coordinator.
 
     Nothing is written into the site's data directory; the ledger is opened and verified
     (hash chain, recomputed epsilon) but not changed.
@@ -54,6 +54,7 @@ def check(s: SiteSettings, timeout: float = 10.0) -> list[CheckItem]:
         _check_data(s),
         *_check_keys(s),
         _check_ledger(s),
+        _check_policy(s),
         _check_apps(s),
         _check_coordinator(s, timeout),
     ]
@@ -75,6 +76,27 @@ def _check_apps(s: SiteSettings) -> CheckItem:
             "app; add the sha256 that `fedhealth app build` prints, or a trusted publisher",
         )
     return CheckItem("apps", True, f"{policy.describe()}; decisions recorded in {s.apps_log}")
+
+
+def _check_policy(s: SiteSettings) -> CheckItem:
+    """Say what the site's policy lets a run ask, for the privacy officer who signs it off."""
+    p = s.policy
+    limits = [
+        "DP required" if p.require_dp else "WARNING: DP not required (require_dp: false)",
+        (
+            f"secure aggregation required, at least {p.min_secagg_sites} sites per sum"
+            if p.require_secure_aggregation
+            else "WARNING: plain (unmasked) updates allowed (require_secure_aggregation: false)"
+        ),
+        f"epsilon per run {p.max_epsilon_per_run:g}" if p.max_epsilon_per_run else "",
+        f"at most {p.max_rounds_per_run} rounds per run" if p.max_rounds_per_run else "",
+        f"noise multiplier at most {p.max_noise_multiplier:g}",
+        f"clip norm in [{p.min_max_grad_norm:g}, {p.max_max_grad_norm:g}]",
+        f"at most {p.max_local_epochs} local epochs, lr in [{p.min_lr:g}, {p.max_lr:g}]",
+        f"models {p.models}" if p.models else "any model",
+        f"releases also {p.release}" if p.release else "releases only the minimum",
+    ]
+    return CheckItem("policy", True, "; ".join(item for item in limits if item))
 
 
 def _check_data(s: SiteSettings) -> CheckItem:

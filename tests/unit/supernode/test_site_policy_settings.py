@@ -97,3 +97,16 @@ def test_site_check_fails_a_datalist_without_ids_unless_the_unit_is_scan(cohort,
     assert not item.ok and "privacy_unit: scan" in item.detail
     item = _data_item(load(None, [*BASE, f"data_dir={data}", "privacy_unit=scan"]))
     assert item.ok and "privacy unit: scan" in item.detail
+
+
+def test_site_check_states_the_policy_and_warns_on_an_opt_out(tmp_path):
+    def policy_item(*overrides):
+        s = load(None, [*BASE, f"data_dir={tmp_path}", *overrides])
+        return next(i for i in check(s, timeout=0.1) if i.name == "policy")
+
+    strict = policy_item()
+    assert "DP required" in strict.detail and "at least 3 sites per sum" in strict.detail
+    assert "WARNING" not in strict.detail and "releases only the minimum" in strict.detail
+    loose = policy_item("policy.require_dp=false", "policy.require_secure_aggregation=false")
+    assert loose.detail.count("WARNING") == 2, loose.detail
+    assert "releases also ['loss']" in policy_item("policy.release=[loss]").detail
