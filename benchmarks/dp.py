@@ -73,6 +73,8 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     if mode == "dp":
         from opacus import PrivacyEngine
 
+        from fedhealth.training.private import site_generator
+
         model, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
             module=model,
             optimizer=optimizer,
@@ -80,6 +82,7 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             poisson_sampling=False,
+            noise_generator=site_generator(None),  # as at a site: noise from its OS entropy
             grad_sample_mode=DP_READY[cfg.model.name],
         )
     criterion = loss_fn()
