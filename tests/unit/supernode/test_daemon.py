@@ -126,10 +126,11 @@ def test_check_passes_on_a_ready_site(tmp_path, keys, cohort):
         ("ca", True),
         ("auth_key", True),
         ("ledger", True),
+        ("policy", True),
         ("apps", False),  # nothing approved: the site would refuse every app
         ("coordinator", True),
     ], items
-    assert "refuses EVERY app" in items[4].detail
+    assert "refuses EVERY app" in items[5].detail
     assert "6 training scans" in items[0].detail and "certificate verified" in items[-1].detail
 
 
