@@ -32,12 +32,14 @@ import logging
 import sys
 import time
 from types import ModuleType, SimpleNamespace
+from typing import Any
 
 from fedhealth.errors import PatchMismatch
 
 log = logging.getLogger("fedhealth.supernode")
 
 MODULE = "flwr.supernode.start_client_internal"
+PULL = "_pull_and_store_message"
 # What the patch expects to find in MODULE: the 3 s sleep after an empty pull, and no other use of
 # ``time`` than sleeping and reading clocks.
 EXPECTED = ("time.sleep(3)",)
@@ -146,6 +148,42 @@ def pace(interval: float) -> bool:
     return True
 
 
+def push_stranded_replies() -> bool:
+    """Make Flower's loop push a reply that waits while a pull finds no new message.
+
+    Flower 1.39's loop pushes replies only after a pull that returned a message. After a
+    coordinator restart a site can hold a stale reply of the dead run: the next pull brings the
+    new run's message, the push stage sends (and drops) the stale reply at once, and the new
+    run's reply, done a moment later, waits for a pull that never comes (the coordinator waits
+    for that very reply). Wrapped here: a pull that finds nothing while a reply waits returns
+    that reply's run id, so the loop goes on to push it.
+
+    Returns
+    -------
+    bool
+        True when installed (or already); False when the loop's pull is not called with
+        ``state=`` as this expects (the SuperNode then runs as stock Flower does).
+    """
+    module = importlib.import_module(MODULE)
+    pull = getattr(module, PULL)
+    if getattr(pull, "pushes_stranded_replies", False):
+        return True
+    if f"{PULL}(\n                state=state," not in inspect.getsource(module):
+        log.warning("stranded replies not handled: %s.%s is called differently", MODULE, PULL)
+        return False
+
+    def pull_or_push(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull(*args, **kwargs)
+        if run_id is None and (waiting := kwargs["state"].get_messages(is_reply=True)):
+            log.info("a reply of run %s waits: pushing it", waiting[0].metadata.run_id)
+            return waiting[0].metadata.run_id
+        return run_id
+
+    pull_or_push.pushes_stranded_replies = True  # type: ignore[attr-defined]
+    setattr(module, PULL, pull_or_push)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pace the SuperNode loop, then run ``flower-supernode`` in this process.
 
@@ -201,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("SuperNode pull interval %.2f s", args.pull_interval)
     if args.enforce_approval:
         _gate(parser, args, rest)
+    push_stranded_replies()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]

@@ -149,3 +149,32 @@ def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_a_reply_left_waiting_after_an_empty_pull_is_pushed(monkeypatch):
+    """After a coordinator restart: the new run's reply must not wait for a pull that never
+    comes (Flower's loop pushes only after a pull that returned a message)."""
+    from types import SimpleNamespace
+
+    module = importlib.import_module(supernode.MODULE)
+    pulled: list[int | None] = [None, 7, None]
+
+    def flower_pull(*, state):
+        return pulled.pop(0)
+
+    class State:
+        replies: list = []
+
+        def get_messages(self, is_reply):
+            assert is_reply is True
+            return list(self.replies)
+
+    monkeypatch.setattr(module, supernode.PULL, flower_pull)
+    assert supernode.push_stranded_replies()
+    assert supernode.push_stranded_replies()  # once only: not wrapped twice
+    pull = getattr(module, supernode.PULL)
+    state = State()
+    assert pull(state=state) is None  # nothing pulled, nothing waiting: the loop sleeps
+    assert pull(state=state) == 7  # a pulled message is passed through
+    state.replies = [SimpleNamespace(metadata=SimpleNamespace(run_id=42))]
+    assert pull(state=state) == 42  # nothing pulled, a reply waits: the loop pushes it
