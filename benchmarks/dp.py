@@ -20,6 +20,7 @@ import time
 
 STEP_OVERRIDES = [
     "data.train_per_site=16",
+    "data.fov=40",  # 32 voxels per edge at 1.25 mm: one patch per volume, quick to write
     "data.root=data/bench-dp-step",
     "sites=1",
     "train.batch_size=16",
@@ -29,6 +30,7 @@ FED_DEFAULTS = [
     "rounds=15",
     "train.local_epochs=1",
     "data.train_per_site=192",
+    "data.fov=40",
     "data.test_per_site=16",
     "train.batch_size=32",
     "privacy.max_grad_norm=0.5",
@@ -47,26 +49,18 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     import torch
 
     from fedhealth.config import compose
-    from fedhealth.data.loading import make_loader, read_datalist
-    from fedhealth.data.synth import site_dir
+    from fedhealth.data.loading import read_datalist
     from fedhealth.models import DP_READY, build_model
-    from fedhealth.simulation import ensure_cohort
+    from fedhealth.simulation import ensure_sites
     from fedhealth.training import seed_everything
     from fedhealth.training.loop import loss_fn
+    from fedhealth.training.scoring import train_loader
 
     cfg = compose([*STEP_OVERRIDES, *overrides])
-    ensure_cohort(cfg)
+    first = ensure_sites(cfg)[0]
     seed_everything(0, 2)
-    data = read_datalist(site_dir(cfg.data.root, 0) / "dataset.json")
-    loader = make_loader(
-        data.train,
-        cfg.data.roi,
-        cfg.data.target_spacing,
-        cfg.train.batch_size,
-        train=True,
-        seed=0,
-        cache=True,
-    )
+    data = read_datalist(first / "dataset.json")
+    loader = train_loader(data.train, cfg, 0)
     batch = next(iter(loader))
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -16,7 +16,7 @@ import time
 
 from fedhealth.config import compose
 from fedhealth.runs.rundir import read_metrics
-from fedhealth.simulation import ensure_cohort, simulate
+from fedhealth.simulation import simulate
 from fedhealth.training import baselines
 
 DEFAULTS = [
@@ -38,7 +38,6 @@ DEFAULTS = [
 def main(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = compose([*DEFAULTS, *overrides])
-    ensure_cohort(cfg)
     sites = baselines.load_sites(cfg)
 
     t0 = time.perf_counter()

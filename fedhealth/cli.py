@@ -3,6 +3,7 @@
     fedhealth simulate [overrides...]            N sites on Flower's simulation engine
     fedhealth data synth [overrides...]          write the synthetic multi-site cohort
     fedhealth baseline centralized|local [...]   the comparison points for federation
+    fedhealth predict --model RUN --data D --out O   segment a hospital's scans (its own grid)
     fedhealth report privacy <run dir | ledger>  privacy budget report for a privacy officer
     fedhealth certs init|site|check              consortium CA, coordinator TLS, site keys
     fedhealth site run|check|status --config site.yaml        the hospital's daemon
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedhealth.cli_data import add_data_commands
 from fedhealth.errors import FedHealthError
 from fedhealth.protocol.keys import NUM_EXAMPLES
 
@@ -55,9 +57,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {run_dir.path.resolve()}")
     if evaluated:
         last = evaluated[-1]
-        print(f"final global model (round {last['round']}), Dice on each site's test set:")
+        print(
+            f"final global model (round {last['round']}), whole-volume Dice on each site's "
+            "test set:"
+        )
         for site, row in sorted(last["evaluate"]["sites"].items()):
-            print(f"  {site:<12} {row['dice']:.4f}  ({row[NUM_EXAMPLES]} patients)")
+            per_class = [f"{k} {v:.4f}" for k, v in sorted(row.items()) if k.startswith("dice-")]
+            classes = f"; {', '.join(per_class)}" if len(per_class) > 1 else ""
+            print(f"  {site:<12} {row['dice']:.4f}  ({row[NUM_EXAMPLES]} patients{classes})")
         print(f"  {'weighted':<12} {last['evaluate']['weighted']['dice']:.4f}")
     else:
         print("no round's global model was evaluated")
@@ -93,49 +100,6 @@ def cmd_report_privacy(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0 if report.confirmed else 1
-
-
-def cmd_data_synth(args: argparse.Namespace) -> int:
-    """Run ``fedhealth data synth``: write the synthetic multi-site cohort."""
-    from fedhealth.config import compose
-    from fedhealth.data.synth import write_cohort
-
-    cfg = compose(args.overrides)
-    paths = write_cohort(
-        cfg.data.root,
-        cfg.sites,
-        cfg.seed,
-        cfg.data.train_per_site,
-        cfg.data.test_per_site,
-        fov=cfg.data.roi,
-        heterogeneity=cfg.data.heterogeneity,
-    )
-    for path in paths:
-        print(path)
-    return 0
-
-
-def cmd_baseline(args: argparse.Namespace) -> int:
-    """Run ``fedhealth baseline centralized|local``: the comparison points for federation."""
-    from fedhealth.config import compose
-    from fedhealth.simulation import ensure_cohort
-    from fedhealth.training import baselines
-
-    cfg = compose(args.overrides)
-    ensure_cohort(cfg)
-    if args.kind == "centralized":
-        results = {"centralized": baselines.centralized(cfg)}
-    else:
-        results = {f"local:{k}": v for k, v in baselines.local(cfg).items()}
-    table = {
-        model: {
-            **{s: round(r.dice, 4) for s, r in per_site.items()},
-            "pooled": round(baselines.pooled_dice(per_site), 4),
-        }
-        for model, per_site in results.items()
-    }
-    print(json.dumps(table, indent=2))
-    return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -253,17 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sites=4 rounds=5")
     p.set_defaults(func=cmd_simulate)
 
-    data = sub.add_parser("data", help="site data tools").add_subparsers(
-        dest="data_cmd", required=True
-    )
-    p = data.add_parser("synth", help="write synthetic NIfTI sites with dataset.json")
-    p.add_argument("overrides", nargs="*", help="e.g. sites=4 data.root=data/synthetic seed=1")
-    p.set_defaults(func=cmd_data_synth)
-
-    p = sub.add_parser("baseline", help="centralized or local-only training on the same sites")
-    p.add_argument("kind", choices=["centralized", "local"])
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_baseline)
+    add_data_commands(sub)
     certs = sub.add_parser("certs", help="consortium CA, coordinator TLS cert, site auth keys")
     certs_sub = certs.add_subparsers(dest="certs_cmd", required=True)
     p = certs_sub.add_parser("init", help="create the consortium CA and the coordinator's TLS cert")

@@ -137,6 +137,8 @@ def validate(raw: dict[str, Any]) -> Config:
             f"invalid config field {getattr(exc, 'full_key', '?')}: "
             f"{str(exc.msg).splitlines()[0] if exc.msg else type(exc).__name__}"
         ) from exc
+    if cfg.data.site_dirs:  # a hospital's own sites: as many as it names
+        cfg.sites = len(cfg.data.site_dirs)
     _check_ranges(cfg)
     return cfg
 
@@ -147,7 +149,11 @@ def _check_ranges(cfg: Config) -> None:
         "rounds": cfg.rounds >= 1,
         "data.train_per_site": cfg.data.train_per_site >= 1,
         "data.test_per_site": cfg.data.test_per_site >= 1,
-        "data.roi": cfg.data.roi >= 16 and cfg.data.roi % 4 == 0,
+        "data.patch_size": cfg.data.patch_size >= 16 and cfg.data.patch_size % 4 == 0,
+        "data.fov": cfg.data.fov >= 16,
+        "data.target_spacing": cfg.data.target_spacing > 0,
+        "data.sw_overlap": 0 <= cfg.data.sw_overlap < 1,
+        "data.sw_batch_size": cfg.data.sw_batch_size >= 1,
         "train.local_epochs": cfg.train.local_epochs >= 1,
         "train.batch_size": cfg.train.batch_size >= 1,
         "train.lr": cfg.train.lr > 0,
@@ -279,8 +285,10 @@ SITE_KEYS = (
     "rounds",
     "model.",
     "train.",
-    "data.roi",
+    "data.patch_size",
     "data.target_spacing",
+    "data.sw_overlap",
+    "data.sw_batch_size",
     "data.cache",
     "privacy.enabled",
     "privacy.max_grad_norm",

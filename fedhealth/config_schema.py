@@ -30,9 +30,10 @@ class ModelConfig:
     num_groups : int, default 4
         Groups of GroupNorm, with ``norm="group"``.
     in_channels : int, default 1
-        Image channels.
+        Image channels: the number of sequences the sites' ``dataset.json`` declare under
+        ``modality``.
     out_channels : int, default 2
-        Output classes (background and lesion).
+        Output classes, background included: the number of ``labels`` the sites declare.
     """
 
     name: str = "unet"
@@ -47,31 +48,49 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Synthetic multi-site MRI cohort and preprocessing; see :mod:`fedhealth.data`.
+    """Where the sites' data is and how every volume is prepared; see :mod:`fedhealth.data`.
 
     Parameters
     ----------
+    site_dirs : list of str, default []
+        The hospitals' own sites: one folder per site, each with its Decathlon
+        ``dataset.json``; the site is named after its folder. When set, ``sites`` is their
+        number and nothing is synthesized. fedhealth only reads these folders.
     root : str, default "data/synthetic"
-        Cohort root: site ``i`` lives in ``<root>/site-<i>/``.
+        Without ``site_dirs``: the synthetic cohort's folder, site ``i`` in
+        ``<root>/site-<i>/``. fedhealth writes only into a folder it created (marked by
+        ``.fedhealth-synthetic.json``) and never over an existing file.
     train_per_site : int, default 64
-        Training volumes written per synthetic site.
+        Training volumes (patients) written per synthetic site.
     test_per_site : int, default 8
         Test volumes written per synthetic site.
-    roi : int, default 32
-        Edge of the cubic patch, in voxels; at least 16 and a multiple of 4.
-    target_spacing : float, default 1.0
-        Isotropic voxel edge every volume is resampled to, in mm.
+    fov : int, default 120
+        Field of view of a synthetic phantom, in mm (voxels per edge: ``fov`` / the site's
+        spacing, 1.0 to 1.5 mm: 80 to 120).
+    patch_size : int, default 32
+        Edge of the cubic training patch and of the sliding window, in voxels; at least 16
+        and a multiple of 4.
+    target_spacing : float, default 1.25
+        Isotropic voxel edge every volume is resampled to (after reorientation to RAS), in mm.
+    sw_overlap : float, default 0.25
+        Overlap of neighbouring sliding windows at evaluation and prediction, in [0, 1).
+    sw_batch_size : int, default 4
+        Windows per forward pass of the sliding-window inference.
     heterogeneity : float, default 1.0
         How much synthetic sites' scanners differ (0 to 2).
     cache : bool, default True
         Cache the deterministic preprocessing in memory.
     """
 
+    site_dirs: list[str] = field(default_factory=list)
     root: str = "data/synthetic"
     train_per_site: int = 64
     test_per_site: int = 8
-    roi: int = 32
-    target_spacing: float = 1.0
+    fov: int = 120
+    patch_size: int = 32
+    target_spacing: float = 1.25
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 4
     heterogeneity: float = 1.0
     cache: bool = True
 
@@ -86,7 +105,7 @@ class TrainConfig:
         Passes over the site's data per round.
     batch_size : int, default 16
         Records per batch (the expected batch size under DP's Poisson sampling).
-    lr : float, default 1e-2
+    lr : float, default 3e-2
         Adam learning rate of round 1.
     lr_decay : float, default 0.9
         Factor applied to the learning rate per round, in (0, 1].
@@ -98,7 +117,7 @@ class TrainConfig:
 
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 1e-2
+    lr: float = 3e-2
     lr_decay: float = 0.9
     weight_decay: float = 0.0
     num_threads: int = 1

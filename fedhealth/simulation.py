@@ -14,7 +14,8 @@ from flwr.simulation import run_simulation
 
 from fedhealth.clientapp.app import make_client_app
 from fedhealth.config import Config
-from fedhealth.data.synth import site_dir, write_cohort
+from fedhealth.data.datalist import read_datalist
+from fedhealth.data.sites import check_declared, resolve_site_dirs
 from fedhealth.errors import RunIncomplete
 from fedhealth.runs.rundir import RunDir
 from fedhealth.serverapp.app import make_server_app
@@ -22,33 +23,31 @@ from fedhealth.serverapp.app import make_server_app
 log = logging.getLogger("fedhealth.simulate")
 
 
-def ensure_cohort(cfg: Config) -> Path:
-    """Synthesize the sites' data under ``data.root`` unless every site already has a datalist.
+def ensure_sites(cfg: Config) -> list[Path]:
+    """Return the run's site folders, checked: a hospital's own, or the synthetic cohort's.
 
     Parameters
     ----------
     cfg : Config
-        The run's config: ``data.root``, ``sites``, ``seed`` and the ``data`` sizes.
+        The run's config: ``data.site_dirs``, or ``data.root``, ``sites``, ``seed`` and the
+        synthetic cohort's sizes (missing synthetic sites are written, into a folder
+        fedhealth created, never over a file).
 
     Returns
     -------
-    Path
-        ``data.root``, absolute, with ``site-<i>/dataset.json`` for every site.
+    list of Path
+        Absolute site folders, each with its ``dataset.json``, in site order.
+
+    Raises
+    ------
+    DataError
+        A site is missing, unreadable, or declares other sequences or classes than
+        ``cfg.model`` (the message names the folder).
     """
-    root = Path(cfg.data.root).resolve()
-    if all((site_dir(root, s) / "dataset.json").is_file() for s in range(cfg.sites)):
-        return root
-    log.info("writing synthetic cohort: %d sites under %s", cfg.sites, root)
-    write_cohort(
-        root,
-        cfg.sites,
-        cfg.seed,
-        cfg.data.train_per_site,
-        cfg.data.test_per_site,
-        fov=cfg.data.roi,
-        heterogeneity=cfg.data.heterogeneity,
-    )
-    return root
+    dirs = resolve_site_dirs(cfg)
+    for d in dirs:
+        check_declared(read_datalist(d / "dataset.json", check_files=False), cfg, d.name)
+    return dirs
 
 
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -111,7 +110,7 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
     RunIncomplete
         If the run ended before its last round without a clean stop.
     """
-    root = ensure_cohort(cfg)
+    dirs = ensure_sites(cfg)
     run_dir = RunDir.create(cfg)
     num_cpus = cfg.federation.ray_num_cpus or os.cpu_count() or 1
     backend: BackendConfig = {
@@ -120,7 +119,7 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
     }
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(str(root), cfg.privacy, client_mods),
+        client_app=make_client_app(tuple(map(str, dirs)), cfg.privacy, client_mods),
         num_supernodes=cfg.sites,
         backend_config=backend,
     )

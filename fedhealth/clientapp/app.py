@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs the
 
 
 def make_client_app(
-    data_root: str | None = None,
+    site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
     mods: list[Mod] | None = None,
 ) -> ClientApp:
@@ -34,9 +34,9 @@ def make_client_app(
 
     Parameters
     ----------
-    data_root : str, optional
-        Simulation only: the synthetic cohort's root (default None: the node config names the
-        site's data directory).
+    site_dirs : tuple of str, optional
+        Simulation only: every virtual site's folder, by partition id (default None: the
+        node config names the site's data directory).
     privacy : PrivacyConfig, optional
         Simulation only: the sites' own budgets (default None: from the node config).
     mods : list of Mod, optional
@@ -49,27 +49,27 @@ def make_client_app(
         Train and evaluate handlers plus one ``train.<stage>`` handler per secure-aggregation
         stage.
     """
-    install_site_logging(events=data_root is None)  # simulation: no site daemon reads events
+    install_site_logging(events=site_dirs is None)  # simulation: no site daemon reads events
     app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
-        return handlers.handle(msg, context, "train", data_root, privacy)
+        return handlers.handle(msg, context, "train", site_dirs, privacy)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
-        return handlers.handle(msg, context, "evaluate", data_root, privacy)
+        return handlers.handle(msg, context, "evaluate", site_dirs, privacy)
 
     from fedhealth.clientapp.secagg_stages import handle_stage
 
     for stage in STAGES:
 
         def run_stage(msg: Message, context: Context, stage: str = stage) -> Message:
-            return handle_stage(msg, context, stage, data_root, privacy)
+            return handle_stage(msg, context, stage, site_dirs, privacy)
 
         app.train(stage)(run_stage)
 

@@ -16,9 +16,10 @@ from fedhealth.clientapp.global_model import model_from
 from fedhealth.clientapp.instruction import Instruction, Site, derive_seed
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config
-from fedhealth.data.loading import SiteData, make_loader
+from fedhealth.data.loading import SiteData
 from fedhealth.protocol import keys as K
-from fedhealth.training import evaluate, seed_everything
+from fedhealth.training import seed_everything
+from fedhealth.training.scoring import evaluate_items
 
 log = logging.getLogger("fedhealth.site")
 
@@ -28,7 +29,7 @@ Metrics = dict[str, int | float]
 def evaluate_model(
     msg: Message, site: Site, data: SiteData, cfg: Config, server_round: int
 ) -> Metrics:
-    """Evaluate the global model in ``msg`` on the site's test cases (whole volumes).
+    """Evaluate the global model in ``msg`` on the site's labelled test cases (whole volumes).
 
     Parameters
     ----------
@@ -42,21 +43,17 @@ def evaluate_model(
     Returns
     -------
     dict of str to (int or float)
-        ``dice`` (mean Dice, in [0, 1]), ``loss`` and ``num-examples`` (test volumes).
+        ``dice`` (mean over foreground classes, in [0, 1]), ``dice-<k>`` per foreground class
+        ``k``, ``loss`` and ``num-examples`` (test volumes); only ``num-examples`` 0 when the
+        site has no labelled test case (it reports no Dice).
     """
+    if not data.test:
+        log.info("site %s round %d: no labelled test case, no Dice", site.name, server_round)
+        return {K.NUM_EXAMPLES: 0}
     seed = derive_seed(cfg.seed, site.name, server_round, "evaluate")
     seed_everything(seed, cfg.train.num_threads)
     model = model_from(msg, cfg)
-    loader = make_loader(
-        data.test,
-        cfg.data.roi,
-        cfg.data.target_spacing,
-        cfg.train.batch_size,
-        train=False,
-        seed=seed,
-        cache=cfg.data.cache,
-    )
-    ev = evaluate(model, loader)
+    ev = evaluate_items(model, data.test, cfg, seed)
     emit(
         log,
         Evaluated(site=site.name, round=server_round, dice=ev.dice, loss=ev.loss),
@@ -65,7 +62,8 @@ def evaluate_model(
         server_round,
         ev.dice,
     )
-    return {K.DICE: ev.dice, K.LOSS: ev.loss, K.NUM_EXAMPLES: ev.num_examples}
+    per_class = {K.dice_of_class(k): d for k, d in enumerate(ev.dice_per_class, start=1)}
+    return {K.DICE: ev.dice, **per_class, K.LOSS: ev.loss, K.NUM_EXAMPLES: ev.num_examples}
 
 
 def folded_evaluation(

@@ -33,7 +33,8 @@ from fedhealth.clientapp.outputs import released
 from fedhealth.clientapp.releases import ReleaseStore, resend
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config, PrivacyConfig, from_site_settings
-from fedhealth.data.loading import SiteData, load_site, make_loader, require_patient_ids
+from fedhealth.data.loading import SiteData, load_site, require_patient_ids
+from fedhealth.data.sites import check_declared
 from fedhealth.errors import ConfigError
 from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest
@@ -41,6 +42,7 @@ from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import is_packed, pack
 from fedhealth.protocol.replies import error_reply, node_site_name
 from fedhealth.training import DPSettings, seed_everything
+from fedhealth.training.scoring import train_loader
 
 __all__ = [
     "Prepared",
@@ -173,15 +175,7 @@ def train_update(
     ConfigError
         DP is on but the site has no budget, or the global model does not fit the config.
     """
-    loader = make_loader(
-        data.train,
-        cfg.data.roi,
-        cfg.data.target_spacing,
-        cfg.train.batch_size,
-        train=True,
-        seed=seed,
-        cache=cfg.data.cache,
-    )
+    loader = train_loader(data.train, cfg, seed)
     if not isinstance(loader.dataset, Sized):
         raise ConfigError(f"site {site.name}: the training set has no length")
     num_examples = len(loader.dataset)
@@ -270,7 +264,7 @@ def prepare(
     msg: Message,
     context: Context,
     phase: str,
-    data_root: str | None,
+    site_dirs: tuple[str, ...] | None,
     privacy: PrivacyConfig | None,
     secure: bool = False,
 ) -> Prepared:
@@ -284,8 +278,9 @@ def prepare(
         Flower's context (the SuperNode's node config).
     phase : str
         ``"train"`` or ``"evaluate"``.
-    data_root : str or None
-        Simulation only: the synthetic cohort's root.
+    site_dirs : tuple of str, optional
+        Simulation only: every virtual site's folder, by partition id (default None: the
+        node config names the site's data directory).
     privacy : PrivacyConfig or None
         Simulation only: the sites' budgets.
     secure : bool, optional
@@ -308,7 +303,7 @@ def prepare(
         DP training whose privacy unit is the patient, on a datalist whose training entries
         lack patient ids (before anything is trained or charged).
     """
-    site = Site.from_context(context, data_root, privacy)
+    site = Site.from_context(context, site_dirs, privacy)
     instruction = Instruction.from_message(msg)
     cfg = from_site_settings(instruction.settings)
     server_round = instruction.server_round
@@ -334,6 +329,7 @@ def prepare(
             noise_multiplier=cfg.privacy.noise_multiplier,
         )
     data = load_site(site.data_dir / "dataset.json")
+    check_declared(data, cfg, site.name)
     if train_phase and dp:
         require_patient_ids(data, site.privacy_unit, site.name)
     elif train_phase:
@@ -351,7 +347,7 @@ def handle(
     msg: Message,
     context: Context,
     phase: str,
-    data_root: str | None = None,
+    site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
 ) -> Message:
     """Run ``phase`` for the instruction ``msg`` and build the reply.
@@ -364,8 +360,9 @@ def handle(
         Flower's context.
     phase : str
         ``"train"`` or ``"evaluate"``.
-    data_root : str, optional
-        Simulation only: the synthetic cohort's root (default None).
+    site_dirs : tuple of str, optional
+        Simulation only: every virtual site's folder, by partition id (default None: the
+        node config names the site's data directory).
     privacy : PrivacyConfig, optional
         Simulation only: the sites' budgets (default None).
 
@@ -377,7 +374,7 @@ def handle(
     """
     name, server_round = node_site_name(context.node_config), None
     try:
-        site, data, cfg, instruction, seed = prepare(msg, context, phase, data_root, privacy)
+        site, data, cfg, instruction, seed = prepare(msg, context, phase, site_dirs, privacy)
         name, server_round = site.name, instruction.server_round
         if phase == "train":
             update = train_update(msg, context, site, data, cfg, instruction, seed)

@@ -9,7 +9,6 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecordValues, Context, Message
 
 from fedhealth.config import PrivacyConfig
-from fedhealth.data.synth import site_dir
 from fedhealth.errors import ConfigError
 from fedhealth.privacy.budget import SiteBudget
 from fedhealth.privacy.policy import SitePolicy, node_policy
@@ -94,7 +93,10 @@ class Site:
 
     @classmethod
     def from_context(
-        cls, context: Context, data_root: str | None = None, privacy: PrivacyConfig | None = None
+        cls,
+        context: Context,
+        site_dirs: tuple[str, ...] | None = None,
+        privacy: PrivacyConfig | None = None,
     ) -> Site:
         """Read the site from the SuperNode's node config (or a simulation's partition).
 
@@ -104,8 +106,9 @@ class Site:
             Flower's context. Deployment: node config ``data-dir``, ``site-name``,
             ``ledger-dir``, ``epsilon-cap``, ``delta``, ``privacy-unit``, ``site-policy``.
             Simulation: ``partition-id`` (and ``privacy-unit`` when set).
-        data_root : str, optional
-            Simulation only: the synthetic cohort's root (default None).
+        site_dirs : tuple of str, optional
+            Simulation only: every virtual site's folder, by partition id (default None: the
+            node config names the site's data directory).
         privacy : PrivacyConfig, optional
             Simulation only: every site's budget and ledger root (default None: no ledger).
             A simulated site's policy is ``privacy.site_policy``: in simulation the researcher
@@ -119,7 +122,7 @@ class Site:
         Raises
         ------
         ConfigError
-            The node config names no data directory (nor a partition with ``data_root``), a
+            The node config names no data directory (nor a partition with ``site_dirs``), a
             ledger directory without an epsilon cap, or a bad ``privacy-unit``/``site-policy``.
         """
         node = context.node_config
@@ -147,21 +150,24 @@ class Site:
                 )
             name = str(node.get(K.NODE_SITE_NAME, data_dir.name))
             return cls(name, data_dir, budget, unit, policy, noise_seed)
-        if data_root is not None and K.NODE_PARTITION_ID in node:
+        if site_dirs is not None and K.NODE_PARTITION_ID in node:
             index = int(node[K.NODE_PARTITION_ID])
+            if not 0 <= index < len(site_dirs):
+                raise ConfigError(f"partition-id {index}: only {len(site_dirs)} site folders")
+            data_dir = Path(site_dirs[index])
             budget = None
             if privacy is not None:
                 budget = SiteBudget(
                     privacy.epsilon,
                     privacy.delta,
-                    Path(privacy.ledger_root).resolve() / f"site-{index}" / "ledger.sqlite",
+                    Path(privacy.ledger_root).resolve() / data_dir.name / "ledger.sqlite",
                 )
             seed = (
                 None
                 if privacy is None or privacy.simulated_noise_seed < 0
                 else (privacy.simulated_noise_seed)
             )
-            return cls(f"site-{index}", site_dir(data_root, index), budget, unit, policy, seed)
+            return cls(data_dir.name, data_dir, budget, unit, policy, seed)
         raise ConfigError(
             f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
         )

@@ -47,7 +47,7 @@ def handle_stage(
     msg: Message,
     context: Context,
     stage: str,
-    data_root: str | None = None,
+    site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
 ) -> Message:
     """Run the site's side of one stage; protocol secrets stay in ``context.state``.
@@ -60,8 +60,9 @@ def handle_stage(
         Flower's context: the SuperNode's node config and the site's protocol state.
     stage : str
         One of :data:`fedhealth.protocol.keys.STAGES` (advertise, share, mask, unmask).
-    data_root : str, optional
-        Simulation only: the synthetic cohort's root (default None).
+    site_dirs : tuple of str, optional
+        Simulation only: every virtual site's folder, by partition id (default None: the
+        node config names the site's data directory).
     privacy : PrivacyConfig, optional
         Simulation only: the sites' budgets (default None).
 
@@ -111,7 +112,7 @@ def handle_stage(
                     }
                 )
             elif stage == K.STAGE_MASK:
-                reply = _mask(msg, context, agent, rec, data_root, privacy)
+                reply = _mask(msg, context, agent, rec, site_dirs, privacy)
             else:
                 dropped = [d for d in _ints(rec, K.SECAGG_DROPPED) if d]
                 survivors = _ints(rec, K.SECAGG_SURVIVORS)
@@ -141,7 +142,7 @@ def _mask(
     context: Context,
     agent: SecAggSite,
     rec: Record,
-    data_root: str | None,
+    site_dirs: tuple[str, ...] | None,
     privacy: PrivacyConfig | None,
 ) -> RecordDict:
     """Train, then mask the update and its loss for the secure sum (the only stage that trains).
@@ -153,7 +154,7 @@ def _mask(
     from fedhealth.clientapp import handlers  # torch, MONAI, Opacus: mask stage only
 
     site, data, cfg, instruction, seed = handlers.prepare(
-        msg, context, "train", data_root, privacy, secure=True
+        msg, context, "train", site_dirs, privacy, secure=True
     )
     update = handlers.train_update(msg, context, site, data, cfg, instruction, seed, secure=True)
     metrics = {**update.metrics, **handlers.folded_evaluation(msg, site, data, cfg, instruction)}

@@ -1,68 +1,153 @@
 """Check a site's data before training: image files, and patient ids where DP needs them.
 
-Every image is readable NIfTI with finite voxels, on its label's grid, the label binary: a bad
-scan fails here with an error that names the file, instead of a tensor-shape error deep inside
-a batch. Re-exported by :mod:`fedhealth.data.loading`.
+Every file is readable NIfTI with finite voxels; an image has the channels its datalist
+declares (``modality``: one 3-D file, a 4-D file with the channels last, or one file per
+channel); its label lies on the image's grid (shape, and affine within :data:`AFFINE_TOL_MM`,
+a mismatch reported in mm) and holds only the declared ``labels`` after the header's scaling.
+A bad scan fails here with an error that names the file, instead of a tensor-shape error deep
+inside a batch.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import SpatialImage
+from numpy.typing import NDArray
 
 from fedhealth.errors import DataError, PrivacyUnitMissing
 
 if TYPE_CHECKING:
-    from fedhealth.data.loading import SiteData
+    from fedhealth.data.datalist import DatalistItem, SiteData
 
-__all__ = ["check_pair", "require_patient_ids"]
+__all__ = ["AFFINE_TOL_MM", "affine_distance_mm", "check_item", "require_patient_ids"]
+
+AFFINE_TOL_MM = 0.01
+"""Largest distance, in mm, between where two files put the same voxel corner."""
+LABEL_TOL = 1e-3
+"""Largest distance of a scaled label value from its integer class."""
 
 
-def _load_nifti(path: Path) -> SpatialImage:
+def _load_nifti(path: Path) -> tuple[SpatialImage, NDArray[np.float32]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         # nibabel's loader is typed as any image; a non-spatial one fails get_fdata below
         img = cast(SpatialImage, nib.load(str(path)))
-        img.get_fdata(dtype=np.float32)  # forces a full read: truncated gzip fails here
+        data = img.get_fdata(dtype=np.float32)  # a full read, scaled: truncated gzip fails here
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
-    return img
+    return img, data
 
 
-def check_pair(image_path: Path, label_path: Path) -> None:
-    """Check that an image and its label are readable, finite and on the same grid.
-
-    Each file is read in full; the affines must agree within 1e-3 and every label voxel must
-    be 0 or 1.
+def affine_distance_mm(
+    a: NDArray[np.float64], b: NDArray[np.float64], shape: tuple[int, ...]
+) -> float:
+    """Return how far apart two affines put the corners of a voxel grid, in mm.
 
     Parameters
     ----------
-    image_path : Path
-        The image NIfTI file.
-    label_path : Path
-        Its label NIfTI file.
+    a, b : numpy.ndarray of float, shape (4, 4)
+        Voxel -> world (mm) affines.
+    shape : tuple of int
+        The grid's shape (its first three entries are used).
+
+    Returns
+    -------
+    float
+        The largest distance between the two images of the grid's 8 corners, in mm.
+    """
+    corners = np.array(
+        [[*c, 1.0] for c in itertools.product(*[(0.0, max(n - 1, 0)) for n in shape[:3]])]
+    ).T
+    return float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
+
+
+def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:3]
+
+
+def _image(files: list[str], channels: int) -> tuple[SpatialImage, tuple[int, ...]]:
+    """Check an image's file(s); return the first image and the spatial shape."""
+    first: SpatialImage | None = None
+    found = 0
+    for name in files:
+        path = Path(name)
+        img, data = _load_nifti(path)
+        if not np.isfinite(data).all():
+            raise DataError(f"{path}: image contains NaN or infinite voxels")
+        if data.ndim == 3:
+            found += 1
+        elif data.ndim == 4 and len(files) == 1:
+            found += data.shape[3]
+        else:
+            raise DataError(
+                f"{path}: image of shape {data.shape}: a 3-D volume, or one 4-D file with the "
+                "channels last"
+            )
+        if first is None:
+            first = img
+        elif _spatial(img.shape) != _spatial(first.shape):
+            raise DataError(f"{path}: shape {img.shape[:3]} != {files[0]}'s {first.shape[:3]}")
+        else:
+            gap = affine_distance_mm(first.affine, img.affine, first.shape)
+            if gap > AFFINE_TOL_MM:
+                raise DataError(f"{path}: its grid lies up to {gap:.3f} mm from {files[0]}'s")
+    assert first is not None  # a datalist image names at least one file
+    if found != channels:
+        raise DataError(
+            f"{files[0]}: {found} channel(s), but the datalist's 'modality' declares {channels}"
+        )
+    return first, _spatial(first.shape)
+
+
+def check_item(item: DatalistItem, labels: Mapping[int, str], channels: int) -> None:
+    """Check one datalist entry's files against what its datalist declares.
+
+    Parameters
+    ----------
+    item : DatalistItem
+        One entry: image file(s) and, if labelled, its label.
+    labels : mapping of int to str
+        The declared classes (voxel value -> name).
+    channels : int
+        The declared number of channels (entries of ``modality``).
 
     Raises
     ------
     DataError
-        Naming the file that is missing or unreadable, whose shape or affine differs, whose
-        voxels are not finite (image) or not binary (label).
+        Naming the file that is missing or unreadable, has non-finite voxels or the wrong
+        number of channels, or (label) lies off the image's grid (shape, or affine: the
+        distance in mm) or holds values outside ``labels`` after its header's scaling.
     """
-    image, label = _load_nifti(image_path), _load_nifti(label_path)
-    if image.shape != label.shape:
-        raise DataError(f"{label_path}: label shape {label.shape} != image shape {image.shape}")
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise DataError(f"{label_path}: label affine differs from its image {image_path}")
-    if not np.isfinite(image.get_fdata(dtype=np.float32)).all():
-        raise DataError(f"{image_path}: image contains NaN or infinite voxels")
-    values = np.unique(np.asarray(label.dataobj))
-    if not set(values.tolist()) <= {0, 1}:
-        raise DataError(f"{label_path}: label values {values.tolist()[:5]} are not binary 0/1")
+    image_files = [item["image"]] if isinstance(item["image"], str) else list(item["image"])
+    image, shape = _image(image_files, channels)
+    if "label" not in item:
+        return
+    label_path = Path(item["label"])
+    label, data = _load_nifti(label_path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape != shape:
+        raise DataError(f"{label_path}: label shape {data.shape} != image shape {shape}")
+    gap = affine_distance_mm(image.affine, label.affine, shape)
+    if gap > AFFINE_TOL_MM:
+        raise DataError(
+            f"{label_path}: label grid lies up to {gap:.3f} mm from its image {image_files[0]}"
+        )
+    values = np.unique(data)
+    rounded = np.round(values)
+    bad = values[(np.abs(values - rounded) > LABEL_TOL) | ~np.isin(rounded, list(labels))]
+    if bad.size:
+        raise DataError(
+            f"{label_path}: label values {bad.tolist()[:5]} (after the header's scaling) are not "
+            f"among the declared labels {sorted(labels)}"
+        )
 
 
 def require_patient_ids(data: SiteData, privacy_unit: str, site: str) -> None:

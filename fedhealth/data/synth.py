@@ -11,14 +11,18 @@ differ per site, so the sites are non-IID in both images and labels. Everything 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from monai.data.synthetic import create_test_image_3d
 from monai.transforms.intensity.array import RandBiasField, RandRicianNoise
 from numpy.typing import NDArray
+
+from fedhealth.errors import DataError
 
 LABELS = {"0": "background", "1": "lesion"}
 """The datalist's label names: voxel value -> meaning."""
@@ -44,7 +48,7 @@ class ScannerProfile:
     offset : float
         The scanner's arbitrary intensity offset (added after ``scale``).
     lesion_count : int
-        Maximum lesions per patient (at least 1 is drawn).
+        Maximum lesions per patient (2 or more are drawn; some may fall outside the head).
     lesion_rad_min : int
         Smallest lesion radius, in mm.
     lesion_rad_max : int
@@ -91,17 +95,17 @@ def site_profile(site: int, seed: int, heterogeneity: float = 1.0) -> ScannerPro
     def around(center: float, spread: float) -> float:
         return float(center + h * spread * rng.uniform(-1.0, 1.0))
 
-    rad_min = int(round(around(4.0, 1.5)))
+    rad_min = int(round(around(6.0, 1.5)))
     return ScannerProfile(
-        spacing=round(around(1.0, 0.25), 3),
+        spacing=round(around(1.25, 0.25), 3),
         gamma=round(around(1.0, 0.5), 3),
         bias_coeff=round(abs(around(0.15, 0.15)), 3),
         noise_std=round(abs(around(0.08, 0.05)), 3),
         scale=round(float(np.exp(around(np.log(500.0), 1.5))), 2),
         offset=round(around(0.0, 100.0), 2),
-        lesion_count=max(1, int(round(around(4.0, 2.0)))),
+        lesion_count=max(2, int(round(around(4.0, 1.5)))),
         lesion_rad_min=max(2, rad_min),
-        lesion_rad_max=max(rad_min + 2, int(round(around(8.0, 3.0)))),
+        lesion_rad_max=max(rad_min + 3, int(round(around(12.0, 3.0)))),
         lesion_contrast=round(around(0.45, 0.15), 3),
     )
 
@@ -131,13 +135,16 @@ def phantom(
     n = max(16, int(round(fov / profile.spacing)))
     to_vox = 1.0 / profile.spacing
     rs = np.random.RandomState(rng.integers(0, 2**31 - 1))
+    # a small field of view caps the radii (MONAI needs the grid wider than a lesion's diameter)
+    rad_max = max(2, min(int(round(profile.lesion_rad_max * to_vox)), (n - 1) // 3))
+    rad_min = max(1, min(int(round(profile.lesion_rad_min * to_vox)), rad_max - 1))
     _, lesion = create_test_image_3d(
         n,
         n,
         n,
-        num_objs=int(rng.integers(1, profile.lesion_count + 1)),
-        rad_max=max(2, int(round(profile.lesion_rad_max * to_vox))),
-        rad_min=max(1, int(round(profile.lesion_rad_min * to_vox))),
+        num_objs=int(rng.integers(min(2, profile.lesion_count), profile.lesion_count + 1)),
+        rad_max=rad_max,
+        rad_min=rad_min,
         num_seg_classes=1,
         random_state=rs,
     )
@@ -175,8 +182,7 @@ def write_site(
     Parameters
     ----------
     out : Path
-        The site's directory (created if missing; existing files of the same names are
-        overwritten).
+        The site's directory (created if missing); it must not hold a ``dataset.json`` yet.
     site : int
         Index of the site.
     seed : int
@@ -195,7 +201,15 @@ def write_site(
     Path
         The site's ``dataset.json`` (relative paths, a ``patient`` per entry, the scanner
         profile and the seed).
+
+    Raises
+    ------
+    DataError
+        If ``out`` already holds a ``dataset.json`` or a file this would write: nothing is
+        written over an existing file.
     """
+    if (out / "dataset.json").exists():
+        raise DataError(f"{out}: already holds a dataset.json; fedhealth never writes over one")
     profile = site_profile(site, seed, heterogeneity)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -205,6 +219,9 @@ def write_site(
         rng = np.random.default_rng([seed, site, case])
         image, label = phantom(profile, fov, rng)
         name = f"site{site:03d}_case{case:04d}.nii.gz"
+        for sub in (f"images{tag}", f"labels{tag}"):
+            if (out / sub / name).exists():
+                raise DataError(f"{out / sub / name}: exists; fedhealth never writes over a file")
         _save(image, profile.spacing, out / f"images{tag}" / name)
         _save(label, profile.spacing, out / f"labels{tag}" / name)
         lists[split].append(
@@ -251,6 +268,10 @@ def site_dir(root: Path | str, site: int) -> Path:
     return Path(root) / f"site-{site}"
 
 
+MARKER = ".fedhealth-synthetic.json"
+"""The file that marks a folder fedhealth created for a synthetic cohort, with its parameters."""
+
+
 def write_cohort(
     root: Path | str,
     sites: int,
@@ -260,12 +281,18 @@ def write_cohort(
     fov: int = 32,
     heterogeneity: float = 1.0,
 ) -> list[Path]:
-    """Write ``sites`` sites under ``root/site-<i>/`` with :func:`write_site`.
+    """Write the sites of a synthetic cohort that ``root`` lacks; return every site's datalist.
+
+    ``root`` must be missing, hold no file (empty folders, such as mounted volumes, are fine),
+    or be a cohort this function made with the same parameters (its :data:`MARKER` file says
+    so): anything else is someone's data, and nothing is written. A site already there is kept
+    as it is; a missing one is written into a temporary folder and renamed into place, so a
+    crash never leaves half a site (an existing empty site folder is filled in place).
 
     Parameters
     ----------
     root : Path or str
-        The cohort's root directory.
+        The cohort's folder.
     sites : int
         Number of sites.
     seed : int
@@ -283,8 +310,60 @@ def write_cohort(
     -------
     list of Path
         The sites' ``dataset.json`` paths, in site order.
+
+    Raises
+    ------
+    DataError
+        ``root`` holds files but no :data:`MARKER`, or a cohort made with other parameters
+        (the message names the folder and the differing parameters).
     """
-    return [
-        write_site(site_dir(root, s), s, seed, n_train, n_test, fov, heterogeneity)
-        for s in range(sites)
-    ]
+    root = Path(root)
+    params: dict[str, Any] = {
+        "seed": seed,
+        "train_per_site": n_train,
+        "test_per_site": n_test,
+        "fov": fov,
+        "heterogeneity": heterogeneity,
+    }
+    marker = root / MARKER
+    inside = next((p for p in [root, *root.parents] if (p / "dataset.json").is_file()), None)
+    if inside is not None:
+        raise DataError(
+            f"{root}: inside the site folder {inside} (it holds a dataset.json); fedhealth "
+            "never writes into a hospital's data folder"
+        )
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        differ = sorted(k for k in params if found.get(k) != params[k])
+        if differ:
+            raise DataError(
+                f"{root}: holds a synthetic cohort made with other "
+                + ", ".join(f"{k} ({found.get(k)} there, {params[k]} asked)" for k in differ)
+                + "; choose another data.root or delete that folder"
+            )
+    elif root.exists() and any(p.is_file() for p in root.rglob("*")):
+        raise DataError(
+            f"{root}: not a folder fedhealth created for a synthetic cohort (no {MARKER}); "
+            "fedhealth never writes into it. Train on a hospital's own sites with "
+            "data.site_dirs=[<folder with dataset.json>, ...], or choose an empty data.root"
+        )
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(params, indent=2))
+    out = []
+    for s in range(sites):
+        final = site_dir(root, s)
+        if (final / "dataset.json").is_file():
+            pass
+        elif final.is_dir() and not any(final.iterdir()):  # e.g. a mounted volume: fill it
+            write_site(final, s, seed, n_train, n_test, fov, heterogeneity)
+        elif final.exists():
+            raise DataError(f"{final}: a site folder without dataset.json; delete it")
+        else:
+            partial = root / f".{final.name}.partial"
+            if partial.exists():
+                shutil.rmtree(partial)  # our own interrupted write, inside our own folder
+            write_site(partial, s, seed, n_train, n_test, fov, heterogeneity)
+            partial.rename(final)
+        out.append(final / "dataset.json")
+    return out

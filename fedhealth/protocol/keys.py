@@ -42,6 +42,27 @@ NUM_EXAMPLES: Final = "num-examples"
 """int: the weight of a reply in FedAvg (Flower's ``weighted_by_key`` default)."""
 LOSS: Final = "loss"
 DICE: Final = "dice"
+"""float: Dice averaged over the foreground classes and the site's labelled test volumes."""
+MAX_CLASSES: Final = 16
+"""Most classes (background included) a model may segment; bounds the ``dice-<k>`` keys."""
+
+
+def dice_of_class(k: int) -> str:
+    """Return the metric key of foreground class ``k``'s Dice: ``"dice-<k>"``.
+
+    Parameters
+    ----------
+    k : int
+        The class's voxel value, 1 to ``MAX_CLASSES - 1`` (as the datalist's ``labels``).
+
+    Returns
+    -------
+    str
+        ``"dice-<k>"``.
+    """
+    return f"{DICE}-{k}"
+
+
 STEPS: Final = "steps"
 TRAIN_SECONDS: Final = "train-seconds"
 FOLDED_PREFIX: Final = "eval-"

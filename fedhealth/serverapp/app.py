@@ -143,8 +143,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
     except RunStopped as stop:
         log.warning("run stopped cleanly: %s", stop)
         run_dir.stop(run_dir.manifest["rounds_completed"] + 1, str(stop))
-        return
-    run_dir.finish()
+    else:
+        run_dir.finish()
+    from fedhealth.reports.model_card import write_model_card
+
+    log.info("model card: %s", write_model_card(run_dir.path))
 
 
 def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) -> ServerApp:

@@ -34,8 +34,19 @@ TRAIN_METRICS: Final = (K.NUM_EXAMPLES,)
 it. Beside a masked update a site reports neither: both are inside the secure sum."""
 EVALUATE_METRICS: Final = (K.NUM_EXAMPLES, K.DICE, K.LOSS)
 """What an evaluation (its own reply, or folded into a train reply) must report."""
-EVALUATE_BOUNDS: Final = {K.DICE: (0.0, 1.0)}
+EVALUATE_BOUNDS: Final = {K.dice_of_class(k): (0.0, 1.0) for k in range(1, K.MAX_CLASSES)}
+EVALUATE_BOUNDS[K.DICE] = (0.0, 1.0)
 """Closed ranges of evaluation metrics; a value outside is rejected."""
+NO_TEST_CASES: Final = {K.NUM_EXAMPLES: 0}
+"""The whole evaluation of a site without labelled test cases: it reports no Dice."""
+
+
+def _no_test_cases(metrics: Metrics, name: str, server_round: int) -> bool:
+    if none := dict(metrics) == NO_TEST_CASES:
+        log.info("round %d evaluate: site %s has no labelled test case", server_round, name)
+    return none
+
+
 DP_OFF_STATUS: Final = "dp off by the site's own choice"
 """Privacy-table status of a site that trained without DP under its ``require_dp: false``."""
 
@@ -263,6 +274,8 @@ def check_folded_evaluation(
         entry.failed["evaluate"] += 1
         log.warning("round %d evaluate: site %s trained but sent no evaluation", server_round, name)
         return
+    if _no_test_cases(metrics, name, server_round):
+        return
     try:
         validate_metrics(metrics, max_examples, name, EVALUATE_METRICS, EVALUATE_BOUNDS)
     except UpdateRejected as exc:
@@ -302,6 +315,8 @@ def check_evaluation(
                 f"site {name}: an evaluation reply carries no "
                 f"ArrayRecord, got {len(msg.content.array_records)}"
             )
+        if _no_test_cases(metrics, name, server_round):
+            return False
         validate_metrics(metrics, max_examples, name, EVALUATE_METRICS, EVALUATE_BOUNDS)
     except UpdateRejected as exc:
         log.warning("round %d: rejected evaluation: %s", server_round, exc)

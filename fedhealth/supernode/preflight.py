@@ -113,8 +113,13 @@ def _check_data(s: SiteSettings) -> CheckItem:
     unit = "patients" if s.privacy_unit == "patient" else "records (privacy unit: scan)"
     detail = (
         f"{path}: {len(data.train)} training scans of {len(patients)} {unit}, "
-        f"{len(data.test)} test scans, every file readable and consistent"
+        f"{len(data.test)} labelled test scans, {len(data.unlabelled)} image-only; "
+        f"{len(data.modality)} channel(s) ({', '.join(data.modality.values())}), "
+        f"{len(data.labels)} classes ({', '.join(data.labels.values())}); every file readable "
+        "and consistent with what the datalist declares"
     )
+    if not data.test:
+        detail += "; no labelled test case: the site reports no Dice"
     if data.shared:
         detail += (
             f"; WARNING: {len(data.shared)} patient(s) in both the training and the test "

@@ -40,7 +40,7 @@ RUN_OVERRIDES = (
     "federation.round_timeout=180",
     "federation.rejoin_wait=5",
 )
-COHORT = ("sites=2", "data.train_per_site=4", "data.test_per_site=1", "data.roi=32", "seed=11")
+COHORT = ("sites=2", "data.train_per_site=4", "data.test_per_site=1", "data.fov=32", "seed=11")
 
 
 def external_ipv4() -> str | None:

@@ -21,7 +21,7 @@ OVERRIDES = (
     "model.strides=[2]",
     "train.local_epochs=1",
     "train.batch_size=2",
-    "data.roi=32",
+    "data.patch_size=32",
 )
 
 

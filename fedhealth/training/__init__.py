@@ -5,8 +5,17 @@ from fedhealth.training.loop import (
     EvalResult,
     TrainResult,
     evaluate,
+    infer,
     seed_everything,
     train,
 )
 
-__all__ = ["DPSettings", "EvalResult", "TrainResult", "evaluate", "seed_everything", "train"]
+__all__ = [
+    "DPSettings",
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "infer",
+    "seed_everything",
+    "train",
+]

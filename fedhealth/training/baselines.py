@@ -9,39 +9,39 @@ Both train for ``rounds * local_epochs`` epochs, the number of passes a federate
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from fedhealth.config import Config
-from fedhealth.data.loading import DatalistItem, SiteData, make_loader, read_datalist
-from fedhealth.data.synth import site_dir
+from fedhealth.data.loading import DatalistItem, SiteData, read_datalist
+from fedhealth.data.sites import check_declared, resolve_site_dirs
 from fedhealth.models import build_model
-from fedhealth.training.loop import EvalResult, evaluate, seed_everything, train
+from fedhealth.training.loop import EvalResult, seed_everything, train
+from fedhealth.training.scoring import evaluate_items, train_loader
 
 
 def load_sites(cfg: Config) -> dict[str, SiteData]:
-    """Read every site of the synthetic cohort under ``cfg.data.root``, files checked.
+    """Read every site of the run (:func:`~fedhealth.data.sites.resolve_site_dirs`), files checked.
 
     Parameters
     ----------
     cfg : Config
-        The run configuration: ``cfg.sites`` sites, ``site-<i>/dataset.json`` each.
+        The run configuration: ``data.site_dirs``, or the synthetic cohort's settings.
 
     Returns
     -------
     dict of str to SiteData
-        ``"site-<i>"`` -> that site's datalists, in site order.
+        Site name (its folder's) -> its datalists, in site order.
 
     Raises
     ------
     DataError
-        If a site's datalist or one of its files fails :func:`read_datalist`.
+        If a site is missing, its datalist or one of its files fails :func:`read_datalist`,
+        or it declares other sequences or classes than ``cfg.model`` expects.
     """
-    root = Path(cfg.data.root)
-    return {
-        f"site-{s}": read_datalist(site_dir(root, s) / "dataset.json") for s in range(cfg.sites)
-    }
+    sites = {d.name: read_datalist(d / "dataset.json") for d in resolve_site_dirs(cfg)}
+    for name, data in sites.items():
+        check_declared(data, cfg, name)
+    return sites
 
 
 def evaluate_on_sites(
@@ -56,29 +56,15 @@ def evaluate_on_sites(
     sites : dict of str to SiteData
         Site name -> its datalists.
     cfg : Config
-        The run configuration (``data.roi``, ``data.target_spacing``, ``train.batch_size``,
-        ``seed``, ``data.cache``).
+        The run configuration (its ``data`` settings and ``seed``).
 
     Returns
     -------
     dict of str to EvalResult
-        Site name -> Dice and loss on its test set.
+        Site name -> whole-volume Dice and loss on its labelled test cases (``num_examples``
+        0 for a site without any).
     """
-    return {
-        name: evaluate(
-            model,
-            make_loader(
-                data.test,
-                cfg.data.roi,
-                cfg.data.target_spacing,
-                cfg.train.batch_size,
-                train=False,
-                seed=cfg.seed,
-                cache=cfg.data.cache,
-            ),
-        )
-        for name, data in sites.items()
-    }
+    return {name: evaluate_items(model, data.test, cfg, cfg.seed) for name, data in sites.items()}
 
 
 def pooled_dice(results: dict[str, EvalResult]) -> float:
@@ -101,15 +87,7 @@ def pooled_dice(results: dict[str, EvalResult]) -> float:
 def _fit(items: list[DatalistItem], cfg: Config, seed: int) -> nn.Module:
     seed_everything(seed, cfg.train.num_threads)
     model = build_model(cfg.model)
-    loader = make_loader(
-        items,
-        cfg.data.roi,
-        cfg.data.target_spacing,
-        cfg.train.batch_size,
-        train=True,
-        seed=seed,
-        cache=cfg.data.cache,
-    )
+    loader = train_loader(items, cfg, seed)
     train(model, loader, cfg.rounds * cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay)
     return model
 

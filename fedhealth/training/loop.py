@@ -103,14 +103,18 @@ class EvalResult:
     loss : float
         Mean Dice+CE loss per volume (0.0 with no volume).
     dice : float
-        Mean Dice of the lesion class per volume, in [0, 1] (0.0 with no volume).
+        Dice per volume and foreground class, averaged over both, in [0, 1] (0.0 with no
+        volume).
     num_examples : int
         Volumes evaluated.
+    dice_per_class : tuple of float, default ()
+        Mean Dice per volume of each foreground class (class 1 first), in [0, 1].
     """
 
     loss: float
     dice: float
     num_examples: int
+    dice_per_class: tuple[float, ...] = ()
 
 
 def seed_everything(seed: int, num_threads: int | None = None) -> None:
@@ -214,6 +218,7 @@ def train(
     params = list(model.parameters())
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     engine = None
+    model.train()  # Opacus validates the mode; a model just evaluated is in eval mode
     if dp is not None:
         from opacus import PrivacyEngine
 
@@ -285,36 +290,101 @@ def _step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Measure mean Dice (lesion class, per volume) and Dice+CE loss over ``loader``.
-
-    The prediction is the argmax class of the logits; Dice follows MONAI's ``DiceMetric``
-    without the background class, a volume with an empty label and an empty prediction
-    counting as 1. Runs without gradients, the model in eval mode.
+def infer(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: int,
+    *,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Segment whole volumes with MONAI's sliding-window inference (Gaussian-weighted blend).
 
     Parameters
     ----------
     model : torch.nn.Module
-        The network, logits of shape (B, K, D, H, W) for images of shape (B, C, D, H, W).
+        The network, in eval mode; logits of shape (B, K, p, p, p) for (B, C, p, p, p).
+    image : torch.Tensor, shape (B, C, X, Y, Z)
+        Whole volumes (any size: windows past an edge are padded).
+    patch_size : int
+        Window edge ``p``, in voxels: the training patch size.
+    sw_batch_size : int, default 4
+        Keyword-only. Windows per forward pass.
+    overlap : float, default 0.25
+        Keyword-only. Overlap of neighbouring windows, in [0, 1).
+
+    Returns
+    -------
+    torch.Tensor, shape (B, K, X, Y, Z)
+        The blended logits.
+    """
+    from monai.inferers.utils import sliding_window_inference
+
+    out = sliding_window_inference(
+        image,
+        roi_size=(patch_size,) * 3,
+        sw_batch_size=sw_batch_size,
+        predictor=model,
+        overlap=overlap,
+        mode="gaussian",
+    )
+    return cast(torch.Tensor, out)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    patch_size: int,
+    *,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+) -> EvalResult:
+    """Measure Dice per class on whole volumes, and Dice+CE loss, by sliding-window inference.
+
+    The prediction is the argmax class of :func:`infer`'s logits; Dice follows MONAI's
+    ``DiceMetric`` per volume and foreground class (background excluded), a class absent from
+    both the label and the prediction counting as 1. Runs without gradients, the model in eval
+    mode.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network, logits of shape (B, K, p, p, p) for windows of shape (B, C, p, p, p).
     loader : iterable of Batch
-        Evaluation batches, e.g. ``make_loader(..., train=False, ...)``.
+        Whole-volume batches, e.g. ``make_loader(..., train=False, ...)``.
+    patch_size : int
+        Sliding-window edge, in voxels.
+    sw_batch_size : int, default 4
+        Keyword-only. Windows per forward pass.
+    overlap : float, default 0.25
+        Keyword-only. Overlap of neighbouring windows.
 
     Returns
     -------
     EvalResult
-        Mean loss and Dice per volume, and the number of volumes.
+        Mean loss per volume, Dice (mean and per class) and the number of volumes.
     """
     model.eval()
     criterion = loss_fn()
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     total, count = 0.0, 0
     for batch in loader:
-        logits = model(batch["image"])
+        logits = infer(
+            model, batch["image"], patch_size, sw_batch_size=sw_batch_size, overlap=overlap
+        )
         n = batch["image"].shape[0]
         total, count = total + criterion(logits, batch["label"]).item() * n, count + n
         classes = logits.shape[1]
         pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=classes)
         metric(y_pred=pred, y=one_hot(batch["label"].long(), num_classes=classes))
-    # with reduction="mean" MONAI's aggregate returns one tensor (its type says "or a tuple")
-    dice = float(cast(torch.Tensor, metric.aggregate()).item()) if count else 0.0
-    return EvalResult(loss=total / max(count, 1), dice=dice, num_examples=count)
+    if not count:
+        return EvalResult(loss=0.0, dice=0.0, num_examples=0)
+    # with reduction="mean_batch" MONAI's aggregate returns one tensor, one entry per class
+    per_class = tuple(float(d) for d in cast(torch.Tensor, metric.aggregate()).tolist())
+    return EvalResult(
+        loss=total / count,
+        dice=sum(per_class) / len(per_class),
+        num_examples=count,
+        dice_per_class=per_class,
+    )

@@ -209,6 +209,7 @@ def test_compose_topology_runs_as_local_processes(tmp_path):
         FEDHEALTH_RUN_NAME="compose",
         FEDHEALTH_TRAIN_PER_SITE="6",
         FEDHEALTH_TEST_PER_SITE="3",
+        FEDHEALTH_FOV="32",
         FEDHEALTH_ROUND_TIMEOUT="240",
     )
     result = compose.run(COMPOSE, tmp_path, variables, timeout=600)

@@ -74,7 +74,7 @@ def test_cli_prints_code_and_help_never_a_traceback(cls, monkeypatch, capsys):
     def fail(_args: object) -> int:
         raise cls("what went wrong, and where")
 
-    monkeypatch.setattr("fedhealth.cli.cmd_data_synth", fail)
+    monkeypatch.setattr("fedhealth.cli_data.cmd_data_synth", fail)
     assert main(["data", "synth"]) == 2
     err = capsys.readouterr().err
     assert f"E{int(cls.code):04d} {component(cls.code)}: what went wrong, and where" in err

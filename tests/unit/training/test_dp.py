@@ -28,7 +28,7 @@ def _config(name):
 
 def _batch(cohort, n):
     data = read_datalist(cohort / "site-0" / "dataset.json")
-    return next(iter(make_loader(data.train[:n], 32, 1.0, n, train=False, seed=0)))
+    return next(iter(make_loader(data.train[:n], 32, 1.0, n, train=True, seed=0)))
 
 
 def _private(model, batch, mode):
