@@ -17,11 +17,14 @@ Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from fedhealth.cli_data import add_data_commands
 from fedhealth.errors import FedHealthError
@@ -32,10 +35,25 @@ EXIT_USER_ERROR = 2
 
 def _setup_logging(*, verbose: bool) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # MLflow's store: plugin lines
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _console(rounds: int) -> Callable[[Any], AbstractContextManager[object]]:
+    """Progress bar on the terminal, every library's log lines in ``<run dir>/simulate.log``."""
+    from fedhealth.reports.progress import RoundProgress, quiet_console
+
+    @contextlib.contextmanager
+    def console(run_dir: Any) -> Iterator[object]:
+        log_file = run_dir.path.resolve() / "simulate.log"
+        with quiet_console(log_file), RoundProgress(rounds):
+            print(f"log: {log_file} (fedhealth simulate -v ... prints it here)", file=sys.stderr)
+            yield log_file
+
+    return console
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -50,7 +68,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"strategy {cfg.strategy.name}, model {cfg.model.name}",
         flush=True,
     )
-    run_dir = simulate(cfg)
+    run_dir = simulate(cfg, console=None if args.verbose else _console(cfg.rounds))
     evaluated = [
         line for line in read_metrics(run_dir.path) if line.get("evaluate", {}).get("sites")
     ]
@@ -75,6 +93,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         paths = privacy_report.write(privacy_report.load(run_dir.path), run_dir.path)
         print(f"privacy budget report: {paths['html'].resolve()} (+ .json, .md)")
+    else:
+        paths = {}
+    if cfg.tracking.enabled:
+        from fedhealth.runs.tracking import attach
+
+        hint = attach(run_dir.path, paths.values())
+        print(f"MLflow: {hint}" if hint else "MLflow: this run was not tracked (see the log)")
     return 0
 
 
@@ -205,12 +230,27 @@ def cmd_app(args: argparse.Namespace) -> int:
     return app_command(args.app_cmd, vars(args))
 
 
+def _versions() -> str:
+    from importlib.metadata import version
+
+    from fedhealth import __version__
+
+    stack = ", ".join(f"{p} {version(p)}" for p in ("flwr", "torch", "monai", "opacus"))
+    return f"fedhealth {__version__} ({stack})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``fedhealth`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="fedhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; simulate prints every library's lines here, not into its log file",
+    )
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run N sites on Flower's simulation engine")
@@ -230,14 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = certs_sub.add_parser("site", help="create a site's SuperNode authentication key pair")
     p.add_argument("names", nargs="+")
     certs_sub.add_parser("check", help="warn about expired or soon-expiring certificates")
-    for sp in certs_sub.choices.values():
+    for name, sp in certs_sub.choices.items():
         sp.add_argument("--dir", type=Path, default=Path("certs"), help="key directory")
-        sp.add_argument(
-            "--rotate",
-            action="store_true",
-            help="replace existing keys/certs (old files kept as .bak)",
-        )
-        sp.set_defaults(func=cmd_certs)
+        if name != "check":  # check only reads
+            sp.add_argument(
+                "--rotate",
+                action="store_true",
+                help="replace existing keys/certs (old files kept as .bak)",
+            )
+        sp.set_defaults(func=cmd_certs, rotate=False)
 
     site = sub.add_parser("site", help="the hospital's site daemon").add_subparsers(
         dest="site_cmd", required=True

@@ -24,6 +24,7 @@ from fedhealth.config_schema import (
     ModelConfig,
     PrivacyConfig,
     StrategyConfig,
+    TrackingConfig,
     TrainConfig,
 )
 from fedhealth.errors import ConfigError
@@ -37,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "compose",
     "config_dir",
@@ -227,6 +229,7 @@ SECTIONS: dict[str, type] = {  # the top-level sections and their schemas
     "strategy": StrategyConfig,
     "federation": FederationConfig,
     "privacy": PrivacyConfig,
+    "tracking": TrackingConfig,
 }
 
 

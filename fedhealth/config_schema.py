@@ -276,6 +276,26 @@ class PrivacyConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking in MLflow; see :mod:`fedhealth.runs.tracking`.
+
+    Parameters
+    ----------
+    enabled : bool, default True
+        Log every run (params, per-round metrics, artifacts).
+    uri : str, default ""
+        An MLflow tracking server (``http://...``) or store URI; empty: offline, an SQLite store
+        ``<run_root>/mlflow.db`` with artifacts in ``<run_root>/mlartifacts``.
+    experiment : str, default "fedhealth"
+        The MLflow experiment runs are logged under.
+    """
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "fedhealth"
+
+
+@dataclass
 class Config:
     """The whole run configuration (``configs/config.yaml``).
 
@@ -303,6 +323,8 @@ class Config:
         See :class:`FederationConfig`.
     privacy : PrivacyConfig
         See :class:`PrivacyConfig`.
+    tracking : TrackingConfig
+        See :class:`TrackingConfig`.
     """
 
     seed: int = 0
@@ -316,3 +338,4 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

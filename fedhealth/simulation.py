@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,12 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
     return {"num_cpus": num_cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
 
 
-def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
+def simulate(
+    cfg: Config,
+    client_mods: list[Mod] | None = None,
+    *,
+    console: Callable[[RunDir], AbstractContextManager[object]] | None = None,
+) -> RunDir:
     """Run the configured federation over ``cfg.sites`` virtual sites on Flower's simulation engine.
 
     Parameters
@@ -91,6 +99,10 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
         The resolved run config (``configs/config.yaml`` plus overrides).
     client_mods : list of Flower client mods, optional
         Wrapped around every site's ClientApp (tests use one to capture what a site sends).
+    console : callable, optional
+        Keyword-only. Given the run directory, returns a context the simulation runs in (the
+        CLI's progress bar and log file: :mod:`fedhealth.reports.progress`); with it, Ray's
+        workers do not print to this terminal (their lines stay in Ray's own logs).
 
     Notes
     -----
@@ -117,12 +129,15 @@ def simulate(cfg: Config, client_mods: list[Mod] | None = None) -> RunDir:
         "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": 0.0},
         "init_args": ray_loopback_args(num_cpus),
     }
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(tuple(map(str, dirs)), cfg.privacy, client_mods),
-        num_supernodes=cfg.sites,
-        backend_config=backend,
-    )
+    if console is not None:
+        backend["init_args"]["log_to_driver"] = False
+    with console(run_dir) if console is not None else contextlib.nullcontext():
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir),
+            client_app=make_client_app(tuple(map(str, dirs)), cfg.privacy, client_mods),
+            num_supernodes=cfg.sites,
+            backend_config=backend,
+        )
     if run_dir.manifest["rounds_completed"] != cfg.rounds and "stopped" not in run_dir.manifest:
         raise RunIncomplete(
             f"simulation ended after {run_dir.manifest['rounds_completed']} of {cfg.rounds} "

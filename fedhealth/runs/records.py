@@ -87,6 +87,7 @@ class Manifest(TypedDict):
     pending_line: NotRequired[MetricsLine]
     resumed: NotRequired[list[Resumed]]
     stopped: NotRequired[Stopped]
+    mlflow: NotRequired[dict[str, str]]
 
 
 def weighted(rows: dict[str, SiteMetrics], keys: tuple[str, ...]) -> dict[str, float]:

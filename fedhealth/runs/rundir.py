@@ -320,6 +320,10 @@ class RunDir:
         self.manifest["finished"] = _now()
         self._write_manifest()
 
+    def save_manifest(self) -> None:
+        """Write ``manifest.json`` as it is now (temp file, fsync, rename)."""
+        self._write_manifest()
+
     def _write_manifest(self) -> None:
         atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=2))
 

@@ -7,7 +7,7 @@ binds a config and run directory directly (Flower's simulation API passes no run
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -17,11 +17,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedhealth.errors import RunStopped
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import layout, pack, unpack
+from fedhealth.reports.progress import ROUND_FIELD
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
     # secure-aggregation stages start fast in a fresh ClientApp process.
     from fedhealth.config import Config
     from fedhealth.runs.rundir import RunDir
+    from fedhealth.runs.tracking import Tracker
 
 log = logging.getLogger("fedhealth.coordinator")
 
@@ -98,6 +100,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
             ledgers=run_dir.ledgers,
         )
     instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
+    tracker = _tracker(run_dir, cfg)
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += done
@@ -114,20 +117,30 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
         lines = run_dir.end_round(
             server_round, tensors, defer_evaluate=strategy.folds(server_round)
         )
+        if tracker is not None:
+            tracker.log_lines(lines)
         weighted: dict[str, MetricRecordValues] = {}
         for line in lines:
-            if line["round"]:
-                weighted = dict(line["evaluate"]["weighted"])
-                per_site = ", ".join(
-                    f"{n} {m['dice']:.3f}" for n, m in sorted(line["evaluate"]["sites"].items())
-                )
-                log.info(
-                    "round %d/%d: weighted dice %.4f | %s",
-                    line["round"],
-                    cfg.rounds,
-                    weighted.get("dice", float("nan")),
-                    per_site,
-                )
+            if not line["round"]:
+                continue
+            evaluated: dict[str, Any] = dict(line.get("evaluate") or {})
+            weighted = dict(evaluated.get("weighted", {})) or weighted
+            sites = {n: m["dice"] for n, m in evaluated.get("sites", {}).items() if "dice" in m}
+            figures = {
+                "round": line["round"],
+                "rounds": cfg.rounds,
+                "dice": evaluated.get("weighted", {}).get("dice"),
+                "sites": sites,
+                "rejected": sorted(line.get("train", {}).get("rejected", {})),
+            }
+            log.info(
+                "round %d/%d: weighted dice %.4f | %s",
+                line["round"],
+                cfg.rounds,
+                figures["dice"] if figures["dice"] is not None else float("nan"),
+                ", ".join(f"{n} {d:.3f}" for n, d in sorted(sites.items())),
+                extra={ROUND_FIELD: figures},
+            )
         return MetricRecord(weighted) if weighted else None
 
     try:
@@ -142,12 +155,39 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
         )
     except RunStopped as stop:
         log.warning("run stopped cleanly: %s", stop)
+        if tracker is not None:
+            tracker.log_lines(run_dir.flush_pending())
         run_dir.stop(run_dir.manifest["rounds_completed"] + 1, str(stop))
     else:
+        if tracker is not None:
+            tracker.log_lines(run_dir.flush_pending())
         run_dir.finish()
     from fedhealth.reports.model_card import write_model_card
 
-    log.info("model card: %s", write_model_card(run_dir.path))
+    card = write_model_card(run_dir.path)
+    log.info("model card: %s", card)
+    if tracker is not None:
+        done_round = run_dir.manifest["rounds_completed"]
+        tracker.log_artifacts([run_dir.path / n for n in ("config.yaml", "manifest.json")])
+        tracker.log_artifacts(
+            [card, run_dir.path / "metrics.jsonl", run_dir.path / "privacy.jsonl"]
+        )
+        tracker.log_artifacts([run_dir.checkpoints.path(done_round)], "model")
+        tracker.end("KILLED" if "stopped" in run_dir.manifest else "FINISHED")
+        log.info("MLflow run %s: %s", tracker.run_id, tracker.ui_hint())
+
+
+def _tracker(run_dir: RunDir, cfg: Config) -> Tracker | None:
+    """Open the run's MLflow run; tracking that fails is logged and never stops the run."""
+    if not cfg.tracking.enabled:
+        return None
+    from fedhealth.runs.tracking import Tracker
+
+    try:
+        return Tracker(run_dir, cfg)
+    except Exception as exc:  # noqa: BLE001 - a tracking server down must not stop training
+        log.error("MLflow tracking off for run %s: %s", run_dir.path.name, exc)
+        return None
 
 
 def make_server_app(cfg: Config | None = None, run_dir: RunDir | None = None) -> ServerApp:

@@ -68,6 +68,8 @@ def launch(
     cfg = compose(overrides)
     if not cfg.run_name:  # a fixed name, so a resubmitted run finds (and resumes) its directory
         cfg.run_name = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if not Path(cfg.run_root).expanduser().is_absolute():  # where the ServerApp writes it: under
+        cfg.run_root = str((s.state / cfg.run_root).resolve())  # the coordinator's state dir
     home = s.state / "launcher"
     write_connection(s, home, address)
     env = flower_env(home, unbuffered=True)
@@ -130,6 +132,11 @@ def launch(
 
         paths = privacy_report.write(privacy_report.load(run_dir), run_dir)
         print(f"privacy budget report: {paths['html'].resolve()} (+ .json, .md)")
+        from fedhealth.runs.tracking import attach
+
+        hint = attach(run_dir, paths.values())
+        if hint:
+            print(f"MLflow: {hint}")
     if status != "finished:completed":
         print(f"the ServerApp's log (flwr log {run_id}):\n{server_log(env, run_id)}")
     completed = (

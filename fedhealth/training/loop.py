@@ -251,7 +251,12 @@ def train(
             n = batch["image"].shape[0]
             if n:
                 loss = criterion(model(batch["image"]), batch["label"])
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus's per-sample hooks are full backward hooks and images need no
+                    # gradient: torch notes that the first layer's hook sees only its output,
+                    # which is all Opacus reads
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 total, count = total + loss.item() * n, count + n
             elif engine is not None:  # Poisson sampling drew no record: a noise-only step
                 for p in params:

@@ -46,10 +46,15 @@ def _pooled_dice_of(store: CheckpointStore, server_round: int, cfg) -> float:
 def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, capsys):
     overrides = [*E2E, f"data.root={cohort}", f"run_root={tmp_path}", "run_name=cli"]
     assert main(["simulate", *overrides]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     run = tmp_path / "cli"
     assert f"run directory: {run.resolve()}" in out
     assert all(f"site-{s}" in out for s in range(3))
+    # live progress on the terminal, every library's lines in the run's log file
+    assert all(f"round {r}/3: Dice " in printed.err for r in (1, 2, 3))
+    assert "flwr" in (run / "simulate.log").read_text()
+    assert len(printed.err.splitlines()) < 20, printed.err
 
     assert (run / "config.yaml").is_file()
     lines = read_metrics(run)
@@ -75,6 +80,28 @@ def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, c
     before, after = _pooled_dice_of(store, 0, cfg), _pooled_dice_of(store, 3, cfg)
     assert after > before + 0.2, (before, after)
     assert after == pytest.approx(lines[-1]["evaluate"]["weighted"]["dice"], abs=1e-6)
+
+    # MLflow: every round's metrics read back from the offline store under the run root
+    from mlflow.tracking import MlflowClient
+
+    tracked = manifest["mlflow"]
+    assert tracked["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert "mlflow ui --backend-store-uri" in out
+    client = MlflowClient(tracking_uri=tracked["tracking_uri"])
+    mlrun = client.get_run(tracked["run_id"])
+    assert mlrun.info.status == "FINISHED" and mlrun.data.params["rounds"] == "3"
+    for line in lines[1:]:
+        step = line["round"]
+        for key, value in [
+            ("dice", line["evaluate"]["weighted"]["dice"]),
+            *((f"dice/{s}", m["dice"]) for s, m in line["evaluate"]["sites"].items()),
+            *((f"loss/{s}", m["loss"]) for s, m in line["evaluate"]["sites"].items()),
+        ]:
+            history = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, key)}
+            assert history[step] == pytest.approx(value), (key, step)
+    logged = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"model_card.json", "metrics.jsonl", "config.yaml", "model"} <= logged
+    assert not any("patient" in key for key in mlrun.data.metrics), "no patient-level metric"
 
 
 def test_same_config_and_seed_give_the_same_model(cohort, tmp_path):

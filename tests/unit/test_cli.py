@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from fedhealth.cli import main
 
 
@@ -35,3 +37,18 @@ def test_baseline_local_prints_per_site_dice(cohort, capsys):
     table = json.loads(capsys.readouterr().out)
     assert set(table) == {"local:site-0", "local:site-1"}
     assert all(set(row) == {"site-0", "site-1", "pooled"} for row in table.values())
+
+
+def test_version_names_fedhealth_and_its_stack(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fedhealth 0.1.0 (") and "flwr 1.39.0" in out and "opacus" in out
+
+
+def test_certs_check_only_reads_so_it_offers_no_rotate(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["certs", "check", "--rotate"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --rotate" in capsys.readouterr().err
