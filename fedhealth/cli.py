@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.cli_data import add_data_commands
+from fedhealth.cli_report import add_report_commands
 from fedhealth.errors import FedHealthError
 from fedhealth.protocol.keys import NUM_EXAMPLES
 
@@ -63,6 +64,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedhealth.simulation import simulate
 
     cfg = compose(args.overrides)
+    if args.cfg:
+        from fedhealth.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
     print(
         f"fedhealth simulate: {cfg.sites} sites, {cfg.rounds} rounds, "
         f"strategy {cfg.strategy.name}, model {cfg.model.name}",
@@ -95,36 +101,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"privacy budget report: {paths['html'].resolve()} (+ .json, .md)")
     else:
         paths = {}
+    from fedhealth.reports.training import write_training_report
+
+    training = write_training_report(run_dir.path)
+    print(f"training report: {training['html'].resolve()} (+ .json)")
     if cfg.tracking.enabled:
         from fedhealth.runs.tracking import attach
 
-        hint = attach(run_dir.path, paths.values())
+        hint = attach(run_dir.path, [*paths.values(), *training.values()])
         print(f"MLflow: {hint}" if hint else "MLflow: this run was not tracked (see the log)")
     return 0
-
-
-def cmd_report_privacy(args: argparse.Namespace) -> int:
-    """Run ``fedhealth report privacy``: the budget report of a run directory or a ledger."""
-    from fedhealth.reports import privacy as privacy_report
-
-    report = privacy_report.load(args.path)
-    out = args.out or (args.path if args.path.is_dir() else args.path.parent)
-    paths = privacy_report.write(report, out)
-    for site in report.sites:
-        print(
-            f"{site.site:<14} epsilon {site.epsilon_spent:.4f} of {site.epsilon_cap:g} "
-            f"(delta {site.delta:g}, {site.accountant}); rounds left: {site.rounds_left}; "
-            f"{site.status}"
-        )
-    verdict = "all agree within 1%" if report.all_agree else "NOT all confirmed"
-    if report.withheld:
-        kept = ", ".join(report.withheld)
-        verdict = f"{'every recomputed epsilon agrees' if report.confirmed else verdict}; "
-        verdict += f"history kept at the site (its ledger report recomputes it): {kept}"
-    print(f"independent check (dp-accounting): {verdict}")
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0 if report.confirmed else 1
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -239,11 +225,25 @@ def _versions() -> str:
     return f"fedhealth {__version__} ({stack})"
 
 
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Help that states each option's default, when it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``fedhealth`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="fedhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="fedhealth", description=__doc__)
     parser.add_argument(
         "-v",
         "--verbose",
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run N sites on Flower's simulation engine")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sites=4 rounds=5")
+    p.add_argument(
+        "--cfg", choices=["job"], default=None, help="print the resolved config and exit (Hydra's)"
+    )
     p.set_defaults(func=cmd_simulate)
 
     add_data_commands(sub)
@@ -346,15 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in app.choices.values():
         sp.set_defaults(func=cmd_app)
 
-    report = sub.add_parser("report", help="reports for people").add_subparsers(
-        dest="report_cmd", required=True
-    )
-    p = report.add_parser("privacy", help="privacy budget report (HTML, JSON, Markdown)")
-    p.add_argument("path", type=Path, help="a run directory, a ledger.sqlite, or a ledger root")
-    p.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: beside input)"
-    )
-    p.set_defaults(func=cmd_report_privacy)
+    add_report_commands(sub)
     return parser
 
 

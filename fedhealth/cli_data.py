@@ -74,10 +74,19 @@ def add_data_commands(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", help="e.g. sites=4 data.root=data/synthetic seed=1")
     p.set_defaults(func=cmd_data_synth)
 
-    p = sub.add_parser("baseline", help="centralized or local-only training on the same sites")
-    p.add_argument("kind", choices=["centralized", "local"])
-    p.add_argument("overrides", nargs="*", help="e.g. data.site_dirs=[/data/a,/data/b]")
-    p.set_defaults(func=cmd_baseline)
+    baseline = sub.add_parser(
+        "baseline", help="centralized or local-only training on the same sites"
+    ).add_subparsers(dest="kind", required=True)
+    for kind, text in (
+        (
+            "centralized",
+            "one model on every site's training data pooled (what federation aims for)",
+        ),
+        ("local", "one model per site on its own data alone, tested on every site's test set"),
+    ):
+        p = baseline.add_parser(kind, help=text, description=text)
+        p.add_argument("overrides", nargs="*", help="e.g. data.site_dirs=[/data/a,/data/b]")
+        p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser(
         "predict",

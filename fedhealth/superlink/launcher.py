@@ -100,8 +100,8 @@ def launch(
         # back so fast that the run is already marked failed; a failed run that made progress
         # is retried too (it resumes), one that failed before any round is not.
         progressed = _rounds_completed(run_dir) > done_before
-        if status == "finished:completed" or not (outage or progressed):
-            break
+        if status in ("finished:completed", "finished:stopped") or not (outage or progressed):
+            break  # a run the operator stopped (flwr stop / server stop) is never resubmitted
         log.warning(
             "coordinator restarted during run %s (Flower run %s: %s); resubmitting, "
             "it resumes from its last checkpoint",

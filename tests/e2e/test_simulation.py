@@ -54,6 +54,9 @@ def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, c
     # live progress on the terminal, every library's lines in the run's log file
     assert all(f"round {r}/3: Dice " in printed.err for r in (1, 2, 3))
     assert "flwr" in (run / "simulate.log").read_text()
+    report = json.loads((run / "training-report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert set(report["final"]) == {"site-0", "site-1", "site-2"}
     assert len(printed.err.splitlines()) < 20, printed.err
 
     assert (run / "config.yaml").is_file()
@@ -100,7 +103,7 @@ def test_simulate_cli_writes_a_verifiable_run_dir_and_learns(cohort, tmp_path, c
             history = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, key)}
             assert history[step] == pytest.approx(value), (key, step)
     logged = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
-    assert {"model_card.json", "metrics.jsonl", "config.yaml", "model"} <= logged
+    assert {"model_card.json", "metrics.jsonl", "config.yaml", "model", "reports"} <= logged
     assert not any("patient" in key for key in mlrun.data.metrics), "no patient-level metric"
 
 

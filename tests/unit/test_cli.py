@@ -52,3 +52,22 @@ def test_certs_check_only_reads_so_it_offers_no_rotate(capsys):
         main(["certs", "check", "--rotate"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --rotate" in capsys.readouterr().err
+
+
+def test_simulate_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    assert main(["simulate", "--cfg", "job", "rounds=3", f"run_root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds: 3" in out and "patch_size: 32" in out
+    assert not any(tmp_path.iterdir()), "no run started"
+
+
+def test_help_states_defaults_and_each_baseline_has_its_own(capsys):
+    with pytest.raises(SystemExit):
+        main(["certs", "init", "--help"])
+    assert "(default: certs)" in capsys.readouterr().out
+    texts = []
+    for kind in ("centralized", "local"):
+        with pytest.raises(SystemExit):
+            main(["baseline", kind, "--help"])
+        texts.append(capsys.readouterr().out)
+    assert "pooled" in texts[0] and "alone" in texts[1]
