@@ -1,4 +1,4 @@
-"""The training report: Dice per site per round, losses, refusals and why, baselines, plots drawn."""
+"""The training report: Dice per site per round, losses, refusals and why, plots drawn."""
 
 from __future__ import annotations
 
