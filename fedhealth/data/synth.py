@@ -330,7 +330,8 @@ def write_cohort(
     if inside is not None:
         raise DataError(
             f"{root}: inside the site folder {inside} (it holds a dataset.json); fedhealth "
-            "never writes into a hospital's data folder"
+            "never writes into a hospital's data folder. Train on a hospital's own sites with "
+            "data.site_dirs=[<folder with dataset.json>, ...]"
         )
     if marker.is_file():
         found = json.loads(marker.read_text())
