@@ -204,6 +204,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         return command(
             cmd, settings, name=getattr(args, "name", ""), key=getattr(args, "key", None)
         )
+    if args.server_cmd in ("status", "logs"):
+        from fedhealth.superlink.runview import command as view
+
+        settings = load(args.config, args.settings, insecure=args.insecure, role="launch")
+        root = args.run_root or settings.state / "runs"
+        return view(args.server_cmd, root, getattr(args, "name", ""), getattr(args, "json", False))
     given = [f"{k}={v}" for k, v in (("ca", args.ca), ("state_dir", args.state_dir)) if v]
     settings = load(args.config, given, insecure=args.insecure, role="launch")
     return launch(settings, args.settings, args.address, args.timeout)
@@ -325,7 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = server.add_parser("revoke", help="unregister a site's node and archive its key")
     p.add_argument("name", help="the enrolled site")
-    for name in ("enrol", "sites", "revoke"):
+    p = server.add_parser("status", help="runs: state, round, last Dice, sites (read-only)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = server.add_parser("logs", help="a run's per-round, per-site lines, refusals and why")
+    p.add_argument("name", help="the run (its directory under the run root)")
+    for name in ("status", "logs"):
+        server.choices[name].add_argument(
+            "--run-root", type=Path, default=None, help="default: <state_dir>/runs"
+        )
+    for name in ("enrol", "sites", "revoke", "status", "logs"):
         server.choices[name].add_argument("settings", nargs="*", help="overrides of --config")
     for p in server.choices.values():
         p.add_argument("--config", type=Path, default=None, help="coordinator.yaml")

@@ -1,0 +1,76 @@
+"""The operator's read-only view of runs: ``fedhealth server status`` and ``server logs RUN``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedhealth.cli import EXIT_USER_ERROR, main
+
+
+def _run(root, name, manifest, lines, refusals=()):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"run": name, **manifest}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "privacy.jsonl").write_text("".join(json.dumps(x) + "\n" for x in refusals))
+    return run
+
+
+def _line(r, dice):
+    sites = {s: {"dice": d, "num-examples": 2} for s, d in dice.items()}
+    return {
+        "round": r,
+        "train": {"rejected": {}},
+        "evaluate": {"sites": sites, "weighted": {"dice": sum(dice.values()) / len(dice)}},
+    }
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    root = tmp_path / "state" / "runs"
+    _run(
+        root,
+        "brain-1",
+        {"rounds_completed": 2, "rounds_planned": 2, "finished": "t", "mlflow": {"run_id": "abc"}},
+        [{"round": 0}, _line(1, {"a": 0.2, "b": 0.4}), _line(2, {"a": 0.5, "b": 0.7})],
+    )
+    _run(
+        root,
+        "brain-2",
+        {
+            "rounds_completed": 1,
+            "rounds_planned": 5,
+            "finished": "t",
+            "stopped": {"round": 2, "reason": "r"},
+        },
+        [{"round": 0}, _line(1, {"a": 0.1})],
+        [{"round": 2, "site": "b", "status": "refused", "reason": "policy: max_rounds_per_run"}],
+    )
+    return root
+
+
+def test_status_lists_each_run_with_its_state_round_dice_and_sites(run_root, capsys):
+    assert main(["server", "status", "--insecure", "state_dir=" + str(run_root.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "brain-1" in out and "finished  round 2/2  Dice 0.6000  sites a, b" in out
+    assert "brain-2" in out and "stopped   round 1/5  Dice 0.1000  sites a" in out
+    assert main(["server", "status", "--insecure", "--json", "--run-root", str(run_root)]) == 0
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["brain-1"]["mlflow_run"] == "abc" and rows["brain-2"]["state"] == "stopped"
+
+
+def test_logs_print_every_round_per_site_and_who_was_refused_why(run_root, capsys):
+    (run_root / "brain-2" / "metrics.jsonl").open("a").write(
+        json.dumps(_line(2, {"a": 0.3})) + "\n"
+    )
+    assert main(["server", "logs", "brain-2", "--insecure", "--run-root", str(run_root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "round 1/5: Dice 0.1000 (a 0.10)",
+        "round 2/5: Dice 0.3000 (a 0.30); refused: b (policy: max_rounds_per_run)",
+    ]
+    assert main(["server", "logs", "nope", "--insecure", "--run-root", str(run_root)]) == (
+        EXIT_USER_ERROR
+    )
+    assert "not a run directory" in capsys.readouterr().err
