@@ -38,6 +38,7 @@ from fedhealth.data.sites import check_declared
 from fedhealth.errors import ConfigError
 from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest
+from fedhealth.privacy.resources import check_resources
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import is_packed, pack
 from fedhealth.protocol.replies import error_reply, node_site_name
@@ -299,6 +300,8 @@ def prepare(
     PolicyRefused
         The instruction breaks another limit of the site's policy
         (:meth:`fedhealth.privacy.policy.SitePolicy.check_instruction`; before its data is read).
+        The instruction's model, patch, grid, batches or threads exceed the site's compute
+        limits (:func:`fedhealth.privacy.resources.check_resources`; training and evaluation).
     PrivacyUnitMissing
         DP training whose privacy unit is the patient, on a datalist whose training entries
         lack patient ids (before anything is trained or charged).
@@ -328,6 +331,7 @@ def prepare(
             model=cfg.model.name,
             noise_multiplier=cfg.privacy.noise_multiplier,
         )
+    check_resources(site.policy, site.name, cfg)  # both phases: model, patch, grid, batches
     data = load_site(site.data_dir / "dataset.json")
     check_declared(data, cfg, site.name)
     if train_phase and dp:

@@ -53,6 +53,20 @@ class SitePolicy:
         The most local epochs per round (``train.local_epochs``).
     min_lr, max_lr : float, default 1e-6, 1.0
         Bounds on the run's learning rate ``train.lr``.
+    max_model_parameters : int, default 100_000_000
+        The largest model (``model.*``, counted on PyTorch's meta device without allocating
+        it) the site builds, trains and evaluates.
+    max_patch_size : int, default 160
+        The largest training patch and sliding window edge ``data.patch_size`` (voxels).
+    min_target_spacing : float, default 0.5
+        The finest resampling grid ``data.target_spacing`` (mm): a finer grid multiplies the
+        voxels of every volume the site loads by the cube of the ratio.
+    max_batch_size : int, default 64
+        The most patches per training step ``train.batch_size``.
+    max_sw_batch_size : int, default 32
+        The most sliding windows per inference step ``data.sw_batch_size``.
+    max_num_threads : int, default 0
+        The most CPU threads ``train.num_threads``; 0: the machine's CPU count.
     models : list of str, default []
         The model architectures (``model.name``) the site trains; empty: every model of the
         installed fedhealth.
@@ -77,6 +91,12 @@ class SitePolicy:
     max_local_epochs: int = 10
     min_lr: float = 1e-6
     max_lr: float = 1.0
+    max_model_parameters: int = 100_000_000
+    max_patch_size: int = 160
+    min_target_spacing: float = 0.5
+    max_batch_size: int = 64
+    max_sw_batch_size: int = 32
+    max_num_threads: int = 0
     models: list[str] = field(default_factory=list)
     release: list[str] = field(default_factory=list)
 
@@ -106,6 +126,12 @@ class SitePolicy:
             "min_max_grad_norm": 0 < self.min_max_grad_norm <= self.max_max_grad_norm,
             "max_local_epochs": self.max_local_epochs >= 1,
             "min_lr": 0 < self.min_lr <= self.max_lr,
+            "max_model_parameters": self.max_model_parameters >= 1,
+            "max_patch_size": self.max_patch_size >= 16,
+            "min_target_spacing": self.min_target_spacing > 0,
+            "max_batch_size": self.max_batch_size >= 1,
+            "max_sw_batch_size": self.max_sw_batch_size >= 1,
+            "max_num_threads": self.max_num_threads >= 0,
             "release": set(self.release) <= set(RELEASABLE),
         }
         bad = [name for name, ok in checks.items() if not ok]

@@ -11,7 +11,13 @@ from collections.abc import Mapping
 
 from flwr.app import Error, Message
 
-from fedhealth.errors import SITE_ERROR_CODES, DPRequired, PolicyRefused, site_error_code
+from fedhealth.errors import (
+    SITE_ERROR_CODES,
+    DPRequired,
+    FedHealthError,
+    PolicyRefused,
+    site_error_code,
+)
 from fedhealth.protocol.keys import NODE_PARTITION_ID, NODE_SITE_NAME
 
 POLICY_FIELD_TAG = "policy: "
@@ -42,7 +48,10 @@ def error_reply(msg: Message, exc: Exception, phase: str, name: str) -> Message:
         ends with ``[policy: <field>]``, the refused field (not the site's limit).
     """
     code = site_error_code(exc)
-    log.exception("%s failed (error %d): %s", phase, code, exc)
+    if isinstance(exc, FedHealthError):  # catalogued: its message says what and where
+        log.error("%s failed (error %d): %s", phase, code, exc)
+    else:  # a bug or a library's failure: the stack frame stays in the site's log
+        log.exception("%s failed (error %d): %s", phase, code, exc)
     reason = f"site {name}: {SITE_ERROR_CODES[code]}"
     if isinstance(exc, PolicyRefused):  # the policy field, never the site's limit or data
         reason += f" [{POLICY_FIELD_TAG}{exc.field}]"

@@ -94,6 +94,8 @@ def _check_policy(s: SiteSettings) -> CheckItem:
         f"clip norm in [{p.min_max_grad_norm:g}, {p.max_max_grad_norm:g}]",
         f"at most {p.max_local_epochs} local epochs, lr in [{p.min_lr:g}, {p.max_lr:g}]",
         f"models {p.models}" if p.models else "any model",
+        f"at most {p.max_model_parameters:,} parameters, patch {p.max_patch_size}, grid >= "
+        f"{p.min_target_spacing:g} mm, batch {p.max_batch_size}, {p.max_sw_batch_size} windows",
         f"releases also {p.release}" if p.release else "releases only the minimum",
     ]
     return CheckItem("policy", True, "; ".join(item for item in limits if item))

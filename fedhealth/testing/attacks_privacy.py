@@ -68,6 +68,13 @@ def policy_rows(strict: Site, plain: Site) -> list[Row]:
         ("learning rate out of bounds", plain, ("train.lr=50",), "lr"),
         ("a model the site does not train", plain, ("model=segresnet",), "models"),
         ("noise above ceiling", plain, ("privacy.noise_multiplier=40",), "max_noise_multiplier"),
+        ("a model too large for the site", plain,
+         ("model.channels=[64,128,256]", "model.strides=[2,2]"), "max_model_parameters"),
+        ("a patch too large", plain, ("data.patch_size=512",), "max_patch_size"),
+        ("a grid too fine", plain, ("data.target_spacing=0.05",), "min_target_spacing"),
+        ("a batch too large", plain, ("train.batch_size=4096",), "max_batch_size"),
+        ("too many windows at once", plain, ("data.sw_batch_size=4096",), "max_sw_batch_size"),
+        ("more threads than the site has", plain, ("train.num_threads=4096",), "max_num_threads"),
     ]  # fmt: skip
     rows = []
     for name, site, overrides, field in cases:
@@ -77,6 +84,19 @@ def policy_rows(strict: Site, plain: Site) -> list[Row]:
 
         tried = f"a train instruction with {' '.join(overrides) or 'no secure aggregation'}"
         rows.append(_refused_before_training(site, name, tried, send, field))
+
+    def evaluate() -> Any:  # the compute limits hold for evaluation instructions too
+        return plain.deliver(plain.instruction(("data.patch_size=512",), message_type="evaluate"))
+
+    rows.append(
+        _refused_before_training(
+            plain,
+            "an evaluation patch too large",
+            "an evaluate instruction with data.patch_size=512",
+            evaluate,
+            "max_patch_size",
+        )
+    )
     return rows
 
 
@@ -127,7 +147,10 @@ def privacy_rows(workdir: Path, data: Path) -> list[Row]:
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     workdir.mkdir(parents=True, exist_ok=True)
-    strict = Site(workdir / "strict", data, SitePolicy(models=["unet"]))
+    # a site with modest hardware: U-Nets of up to a million parameters
+    strict = Site(
+        workdir / "strict", data, SitePolicy(models=["unet"], max_model_parameters=1_000_000)
+    )
     plain_policy = dataclasses.replace(strict.policy, require_secure_aggregation=False)
     plain = Site(workdir / "plain", data, plain_policy)
     rows = policy_rows(strict, plain)
