@@ -10,6 +10,8 @@
     fedhealth server run|launch --config coordinator.yaml     the coordinator service, runs
     fedhealth app build|sign|keygen              approved app bundles: hash, publisher signature
     fedhealth server enrol|sites|revoke --config coordinator.yaml   site enrolment (operator)
+    fedhealth server status|logs RUN|stop RUN    watch and stop runs (operator)
+    fedhealth compose up [VAR=VALUE...]          the docker-compose topology (no engine: local)
 
 Overrides are Hydra's: ``fedhealth simulate sites=4 rounds=5 strategy=fedprox``.
 """
@@ -26,12 +28,15 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from fedhealth.cli_compose import add_compose_commands
 from fedhealth.cli_data import add_data_commands
 from fedhealth.cli_report import add_report_commands
+from fedhealth.cli_server import add_server_commands
 from fedhealth.errors import FedHealthError
 from fedhealth.protocol.keys import NUM_EXAMPLES
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _setup_logging(*, verbose: bool) -> None:
@@ -63,6 +68,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedhealth.runs.rundir import read_metrics
     from fedhealth.simulation import simulate
 
+    if args.info:
+        from fedhealth.config import config_groups
+
+        for group, options in config_groups().items():
+            print(f"{group}: {', '.join(options)}")
+        print("choose one with an override, e.g. strategy=fedprox model=segresnet privacy=off")
+        return 0
     cfg = compose(args.overrides)
     if args.cfg:
         from fedhealth.config import to_yaml
@@ -110,18 +122,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         hint = attach(run_dir.path, [*paths.values(), *training.values()])
         print(f"MLflow: {hint}" if hint else "MLflow: this run was not tracked (see the log)")
-    return 0
+    return 1 if "stopped" in run_dir.manifest else 0  # stopped early: reported, not complete
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Run ``fedhealth certs init|site|check``: the consortium CA, coordinator TLS, site keys."""
+    from cryptography import x509
+
     from fedhealth.security import certs
+    from fedhealth.security.tlsprobe import describe
 
     directory: Path = args.dir
     if args.certs_cmd == "init":
-        ca = certs.create_ca(directory, rotate=args.rotate)
+        ca = certs.create_ca(
+            directory,
+            certs.unique_ca_name(args.consortium),
+            rotate=args.rotate,
+            organization=args.consortium,
+        )
         server = certs.create_server_cert(ca, directory, args.server_name, rotate=args.rotate)
         print(f"consortium CA: {directory / 'ca.crt'} (key {directory / 'ca.key'}, 0600)")
+        print(f"  {describe(ca.cert)}: sites compare this fingerprint")
         print(f"coordinator TLS: {server} for {', '.join(args.server_name)}")
     elif args.certs_cmd == "site":
         for site in args.names:
@@ -131,6 +152,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     for line in warnings:
         print(f"WARNING: {line}", file=sys.stderr)
     if args.certs_cmd == "check":
+        if (directory / "ca.crt").is_file():
+            ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+            print(f"consortium CA {directory / 'ca.crt'}: {describe(ca_cert)}")
         print(
             "certificates ok" if not warnings else f"{len(warnings)} certificate(s) need attention"
         )
@@ -162,57 +186,10 @@ def cmd_site(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    state = report["daemon"]
-    if isinstance(state, dict):
-        print(
-            f"site {settings.name}: {state.get('state')} since {state.get('since')} "
-            f"(pid {state.get('pid')}, coordinator {state.get('coordinator')})"
-        )
-        for key in (
-            "activity",
-            "last_trained",
-            "last_evaluated",
-            "last_failed",
-            "budget",
-            "reason",
-        ):
-            if state.get(key):
-                print(f"  {key.replace('_', ' ')}: {state[key]}")
-    else:
-        print(f"site {settings.name}: daemon {state}")
-    p = report["privacy"]
-    print(
-        f"  privacy: epsilon {p['epsilon_spent']:.4f} of {p['epsilon_cap']:g} spent in "
-        f"{p['rounds_trained']} round(s)" + (f"; last: {p['last']}" if p.get("last") else "")
-    )
+    from fedhealth.supernode.statustext import format_status
+
+    print(format_status(report))
     return 0
-
-
-def cmd_server(args: argparse.Namespace) -> int:
-    """Run ``fedhealth server run|launch|enrol|sites|revoke``: the coordinator, enrolment."""
-    from fedhealth.superlink.launcher import launch
-    from fedhealth.superlink.service import run
-    from fedhealth.superlink.settings import load
-
-    if args.server_cmd == "run":
-        return run(load(args.config, args.settings, insecure=args.insecure))
-    if args.server_cmd in ("enrol", "sites", "revoke"):
-        from fedhealth.superlink.operator import command
-
-        cmd = "sites-json" if getattr(args, "json", False) else args.server_cmd
-        settings = load(args.config, args.settings, insecure=args.insecure)
-        return command(
-            cmd, settings, name=getattr(args, "name", ""), key=getattr(args, "key", None)
-        )
-    if args.server_cmd in ("status", "logs"):
-        from fedhealth.superlink.runview import command as view
-
-        settings = load(args.config, args.settings, insecure=args.insecure, role="launch")
-        root = args.run_root or settings.state / "runs"
-        return view(args.server_cmd, root, getattr(args, "name", ""), getattr(args, "json", False))
-    given = [f"{k}={v}" for k, v in (("ca", args.ca), ("state_dir", args.state_dir)) if v]
-    settings = load(args.config, given, insecure=args.insecure, role="launch")
-    return launch(settings, args.settings, args.address, args.timeout)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -264,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg", choices=["job"], default=None, help="print the resolved config and exit (Hydra's)"
     )
+    p.add_argument(
+        "--info", choices=["groups"], default=None, help="list the config groups and their options"
+    )
     p.set_defaults(func=cmd_simulate)
 
     add_data_commands(sub)
@@ -275,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["localhost", "127.0.0.1", "::1"],
         help="DNS names / IP addresses sites use to reach the coordinator",
+    )
+    p.add_argument(
+        "--consortium",
+        default="fedhealth consortium",
+        help="the consortium's name: the CA's organisation; its common name adds the date and "
+        "a random tag, so every CA is told apart",
     )
     p = certs_sub.add_parser("site", help="create a site's SuperNode authentication key pair")
     p.add_argument("names", nargs="+")
@@ -304,49 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("settings", nargs="*", help="key=value overrides of site.yaml")
         if name == "status":
-            p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument(
+                "--json", action="store_true", help="print the status as JSON, for machines"
+            )
         p.set_defaults(func=cmd_site)
 
-    server = sub.add_parser("server", help="the coordinator service").add_subparsers(
-        dest="server_cmd", required=True
-    )
-    p = server.add_parser(
-        "run", help="SuperLink with TLS, site enrolment, state db (until SIGTERM)"
-    )
-    p.add_argument("settings", nargs="*", help="key=value overrides of coordinator.yaml")
-    p = server.add_parser("launch", help="submit a run, follow it to the end, write the report")
-    p.add_argument("settings", nargs="*", help="Hydra overrides of the run config")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="the Control API host:port (default: control_host:control_port of --config)",
-    )
-    p.add_argument("--ca", default=None, help="consortium CA certificate (default: from --config)")
-    p.add_argument("--state-dir", default=None, help="where the launcher keeps its Flower config")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
-    p = server.add_parser("enrol", help="bind a site's public key to its name; register it")
-    p.add_argument("name", help="the site's name (its metrics and privacy records)")
-    p.add_argument("--key", type=Path, required=True, help="the site's public key (auth.pub)")
-    p = server.add_parser("sites", help="enrolled sites: key fingerprint, node id, status")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = server.add_parser("revoke", help="unregister a site's node and archive its key")
-    p.add_argument("name", help="the enrolled site")
-    p = server.add_parser("status", help="runs: state, round, last Dice, sites (read-only)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = server.add_parser("logs", help="a run's per-round, per-site lines, refusals and why")
-    p.add_argument("name", help="the run (its directory under the run root)")
-    for name in ("status", "logs"):
-        server.choices[name].add_argument(
-            "--run-root", type=Path, default=None, help="default: <state_dir>/runs"
-        )
-    for name in ("enrol", "sites", "revoke", "status", "logs"):
-        server.choices[name].add_argument("settings", nargs="*", help="overrides of --config")
-    for p in server.choices.values():
-        p.add_argument("--config", type=Path, default=None, help="coordinator.yaml")
-        p.add_argument(
-            "--insecure", action="store_true", help="NO TLS, NO site authentication (labs only)"
-        )
-        p.set_defaults(func=cmd_server)
+    add_server_commands(sub)
 
     app = sub.add_parser("app", help="app bundles (FABs) sites approve").add_subparsers(
         dest="app_cmd", required=True
@@ -364,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd_app)
 
     add_report_commands(sub)
+    add_compose_commands(sub)
     return parser
 
 
@@ -388,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedHealthError as exc:
         print(f"fedhealth: error {exc.describe()}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: what was written is kept (every write is atomic)
+        print("fedhealth: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Run ``fedhealth predict``: segment scans with a run's global model, in their own grid."""
     from fedhealth.training.predict import predict
 
-    written = predict(args.model, args.data, args.out)
+    written = predict(args.model, args.data, args.out, device=args.device)
     for path in written:
         print(path)
     print(f"{len(written)} segmentation(s) in {args.out}; model card: {args.out}/model_card.json")
@@ -95,4 +95,7 @@ def add_data_commands(sub: Any) -> None:
     p.add_argument("--model", required=True, type=Path, help="run dir or its checkpoint file")
     p.add_argument("--data", required=True, type=Path, help="dataset.json or a folder of NIfTI")
     p.add_argument("--out", required=True, type=Path, help="output folder (outside the data)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when PyTorch sees a GPU), cpu, cuda, cuda:N"
+    )
     p.set_defaults(func=cmd_predict)

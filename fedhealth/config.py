@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, cast, get_args, get_origin, get_type_hints
@@ -42,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "compose",
     "config_dir",
+    "config_groups",
     "flatten",
     "from_site_settings",
     "site_settings",
@@ -79,6 +81,34 @@ def config_dir() -> Path:
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"no config.yaml in config directory {path} (set FEDHEALTH_CONFIG_DIR)")
     return path
+
+
+def config_groups() -> dict[str, list[str]]:
+    """List the config groups and their options, as Hydra's config loader sees them.
+
+    Returns
+    -------
+    dict of str to list of str
+        Group path (e.g. ``"model"``, ``"privacy/site_policy"``) -> option names, sorted; the
+        composed defaults are those of ``config.yaml``'s ``defaults`` list.
+
+    Raises
+    ------
+    ConfigError
+        The config directory is missing (as :func:`config_dir`).
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups: dict[str, list[str]] = {}
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        pending = [g for g in loader.list_groups("") if g != "hydra"]
+        while pending:
+            group = pending.pop(0)
+            groups[group] = sorted(loader.get_group_options(group))
+            pending += [f"{group}/{sub}" for sub in loader.list_groups(group)]
+    return dict(sorted(groups.items()))
 
 
 def compose(overrides: list[str] | None = None) -> Config:
@@ -158,6 +188,8 @@ def _check_ranges(cfg: Config) -> None:
         "data.sw_batch_size": cfg.data.sw_batch_size >= 1,
         "train.local_epochs": cfg.train.local_epochs >= 1,
         "train.batch_size": cfg.train.batch_size >= 1,
+        "train.device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device) is not None,
+        "federation.gpus_per_site": cfg.federation.gpus_per_site >= 0,
         "train.lr": cfg.train.lr > 0,
         "train.lr_decay": 0 < cfg.train.lr_decay <= 1,
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
@@ -300,6 +332,10 @@ SITE_KEYS = (
 )
 
 
+SITE_OWN_KEYS = ("train.device",)
+"""Under :data:`SITE_KEYS` but the site's own choice: never sent, ignored when received."""
+
+
 def site_settings(cfg: Config) -> dict[str, bool | int | float | str]:
     """Select the flattened subset of ``cfg`` a site needs (no paths, no class names).
 
@@ -314,7 +350,11 @@ def site_settings(cfg: Config) -> dict[str, bool | int | float | str]:
         The :func:`flatten` entries whose key is in, or starts with an entry of,
         :data:`SITE_KEYS`.
     """
-    return {k: v for k, v in flatten(cfg).items() if k.startswith(SITE_KEYS) or k in SITE_KEYS}
+    return {
+        k: v
+        for k, v in flatten(cfg).items()
+        if (k.startswith(SITE_KEYS) or k in SITE_KEYS) and k not in SITE_OWN_KEYS
+    }
 
 
 def from_site_settings(flat: dict[str, Any]) -> Config:
@@ -335,4 +375,10 @@ def from_site_settings(flat: dict[str, Any]) -> Config:
     ConfigError
         As :func:`unflatten`.
     """
-    return unflatten({k: v for k, v in flat.items() if k.startswith(SITE_KEYS) or k in SITE_KEYS})
+    return unflatten(
+        {
+            k: v
+            for k, v in flat.items()
+            if (k.startswith(SITE_KEYS) or k in SITE_KEYS) and k not in SITE_OWN_KEYS
+        }
+    )

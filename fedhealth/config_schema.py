@@ -113,6 +113,10 @@ class TrainConfig:
         Adam's L2 weight decay.
     num_threads : int, default 1
         Torch CPU threads.
+    device : str, default "auto"
+        Where simulated sites, baselines and ``predict`` train and infer: ``auto`` (CUDA when
+        PyTorch sees a GPU), ``cpu``, ``cuda`` or ``cuda:N``. Never sent to a site: a deployed
+        site's device is its own (site.yaml ``device``).
     """
 
     local_epochs: int = 1
@@ -121,6 +125,7 @@ class TrainConfig:
     lr_decay: float = 0.9
     weight_decay: float = 0.0
     num_threads: int = 1
+    device: str = "auto"
 
 
 @dataclass
@@ -193,12 +198,21 @@ class FederationConfig:
         Simulation: CPUs reserved per virtual site.
     ray_num_cpus : int, default 0
         Simulation: CPUs given to Ray; 0 means all of this machine's.
+    gpus_per_site : float, default 0.0
+        Simulation: GPUs reserved per virtual site (Flower's ``client_resources.num_gpus``;
+        a fraction shares one GPU between sites).
+    ray_address : str, default ""
+        Simulation: join this running Ray cluster (``ray start --head`` on one machine,
+        ``ray start --address=...`` on the others) instead of starting a local Ray instance;
+        ``""``: a local instance on 127.0.0.1.
     secure_aggregation : bool, default True
         Run SecAgg+ so the coordinator sees only the sum of the updates.
     secagg_threshold : float, default 0.51
         Shamir threshold as a fraction of the round's sites, in (0, 1].
     secagg_degree : int, default 0
-        Neighbours per site in the masking graph; 0 means all.
+        Neighbours per site in the masking graph; 0 means all (SecAgg); -1 SecAgg+'s
+        ``2 * ceil(log2 n)`` (near-constant cost per site at scale; the Shamir threshold is then
+        ``secagg_threshold`` of a site's neighbourhood).
     secagg_clipping_range : float, default 8.0
         Each coordinate of a weighted update is clipped to +- this before quantization.
     secagg_max_examples : int, default 1024
@@ -212,6 +226,8 @@ class FederationConfig:
     rejoin_wait: float = 30.0  # fewer sites than the last round sent to: wait this for them
     cpus_per_site: float = 1.0
     ray_num_cpus: int = 0
+    gpus_per_site: float = 0.0
+    ray_address: str = ""
     secure_aggregation: bool = True
     secagg_threshold: float = 0.51
     secagg_degree: int = 0

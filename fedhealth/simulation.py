@@ -54,6 +54,22 @@ def ensure_sites(cfg: Config) -> list[Path]:
 
 
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_ACCEL_ENV = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+
+
+class _PythonEntryPoint(logging.Filter):
+    """Drop Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``.
+
+    fedhealth calls it on purpose: ``flwr run`` would build and install a FAB through a
+    simulation SuperLink for every run and cannot take in-process apps or client mods (the
+    tests' egress capture); ``run_simulation`` is still Flower's documented Python entry point
+    in 1.39. Only that one record is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 """Ray's switch (read when ``ray`` is imported) that, set to ``0``, makes its node address the
 loopback one; ``_node_ip_address="127.0.0.1"`` alone is turned into the host's reachable IP."""
 
@@ -79,10 +95,41 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
         For Flower's ``backend_config["init_args"]``.
     """
     os.environ[RAY_LOOPBACK_ENV] = "0"
+    # Sites ask for no GPU; Ray then leaves CUDA_VISIBLE_DEVICES as it is (its announced future
+    # default). Saying so explicitly is what silences Ray's FutureWarning about it.
+    os.environ.setdefault(RAY_ACCEL_ENV, "0")
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # imported earlier in this process: the switch was read already
         constants.__dict__["ENABLE_RAY_CLUSTER"] = False
     return {"num_cpus": num_cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+
+
+def ray_init_args(cfg: Config) -> dict[str, Any]:
+    """Return Flower's ``init_args`` for Ray: a local instance on loopback, or a cluster to join.
+
+    Parameters
+    ----------
+    cfg : Config
+        ``federation.ray_address`` (``""``: start Ray here, :func:`ray_loopback_args` with
+        ``federation.ray_num_cpus`` or every core) .
+
+    Returns
+    -------
+    dict of str to Any
+        For ``backend_config["init_args"]``. Joining a cluster passes only its address (and,
+        for a cluster on 127.0.0.1, this driver's loopback address): the cluster's nodes bring
+        their own CPUs and GPUs, and Ray places each virtual site where its
+        ``client_resources`` fit. Every node must see the sites' folders and the ledger
+        root at the same paths (a shared file system).
+    """
+    address = cfg.federation.ray_address
+    if not address:
+        return ray_loopback_args(cfg.federation.ray_num_cpus or os.cpu_count() or 1)
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):  # a cluster of nodes on this machine only:
+        loopback = ray_loopback_args(1)  # this driver must register on loopback too
+        return {"address": address, "_node_ip_address": loopback["_node_ip_address"]}
+    return {"address": address}
 
 
 def simulate(
@@ -124,17 +171,27 @@ def simulate(
     """
     dirs = ensure_sites(cfg)
     run_dir = RunDir.create(cfg)
-    num_cpus = cfg.federation.ray_num_cpus or os.cpu_count() or 1
     backend: BackendConfig = {
-        "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": 0.0},
-        "init_args": ray_loopback_args(num_cpus),
+        "client_resources": {
+            "num_cpus": cfg.federation.cpus_per_site,
+            "num_gpus": cfg.federation.gpus_per_site,
+        },
+        "init_args": ray_init_args(cfg),
     }
     if console is not None:
         backend["init_args"]["log_to_driver"] = False
-    with console(run_dir) if console is not None else contextlib.nullcontext():
+    entry_point = _PythonEntryPoint()
+    logging.getLogger("flwr").addFilter(entry_point)
+    with (
+        console(run_dir) if console is not None else contextlib.nullcontext(),
+        contextlib.ExitStack() as cleanup,
+    ):
+        cleanup.callback(logging.getLogger("flwr").removeFilter, entry_point)
         run_simulation(
             server_app=make_server_app(cfg, run_dir),
-            client_app=make_client_app(tuple(map(str, dirs)), cfg.privacy, client_mods),
+            client_app=make_client_app(
+                tuple(map(str, dirs)), cfg.privacy, client_mods, device=cfg.train.device
+            ),
             num_supernodes=cfg.sites,
             backend_config=backend,
         )

@@ -25,6 +25,7 @@ def make_client_app(
     site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
     mods: list[Mod] | None = None,
+    device: str = "auto",
 ) -> ClientApp:
     """Build the site's ClientApp and give its process the site log.
 
@@ -42,6 +43,9 @@ def make_client_app(
     mods : list of Mod, optional
         Flower client mods (default None: none; tests use one to capture every byte a site
         sends, deployments :class:`fedhealth.clientapp.egress.EgressLog`).
+    device : str, default "auto"
+        Simulation: where every virtual site trains (``train.device``); a deployed site's
+        node config ``device`` (site.yaml) wins.
 
     Returns
     -------
@@ -56,20 +60,20 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
-        return handlers.handle(msg, context, "train", site_dirs, privacy)
+        return handlers.handle(msg, context, "train", site_dirs, privacy, device)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
-        return handlers.handle(msg, context, "evaluate", site_dirs, privacy)
+        return handlers.handle(msg, context, "evaluate", site_dirs, privacy, device)
 
     from fedhealth.clientapp.secagg_stages import handle_stage
 
     for stage in STAGES:
 
         def run_stage(msg: Message, context: Context, stage: str = stage) -> Message:
-            return handle_stage(msg, context, stage, site_dirs, privacy)
+            return handle_stage(msg, context, stage, site_dirs, privacy, device)
 
         app.train(stage)(run_stage)
 

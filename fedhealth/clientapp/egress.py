@@ -1,8 +1,13 @@
 """The site's egress log: a Flower client mod that records what leaves the site.
 
-Each reply the ClientApp sends is logged as one JSON line (message type, byte count, sha256) so a
-hospital can audit what crossed its boundary; with ``raw=True`` the payload bytes themselves are
-kept too (tests use this to prove that no image byte ever leaves a site).
+Each reply the ClientApp sends is logged as one JSON line (when, which run, message type, byte
+count, sha256) so a hospital can audit what crossed its boundary; with ``raw=True`` the payload
+bytes themselves are kept too (tests use this to prove that no image byte ever leaves a site).
+
+The file is an audit record and is never rotated or truncated here: each ClientApp process
+appends to it (one line per reply, a few hundred bytes per round, fsynced), and rotating a file
+that several processes append to, without a lock between them, could lose a line. Archive it
+with the hospital's own tools (e.g. logrotate with ``copytruncate``) if it must be bounded.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -57,8 +63,11 @@ def _record_bytes(content: RecordDict) -> bytes:
 class EgressLog:
     """Record every reply the site sends: a Flower client mod.
 
-    Use as ``ClientApp(mods=[EgressLog(path)])``. Each reply becomes one JSON line: message
-    type, round, byte count of :func:`payload_bytes`, its sha256, and whether it is an error.
+    Use as ``ClientApp(mods=[EgressLog(path)])``. Each reply becomes one JSON line: ``time``
+    (UTC, ISO 8601, milliseconds), ``run_id`` (Flower's run id), ``run`` (the fedhealth run
+    name, from the instruction's run key or the run config; None when neither names it),
+    message ``type``, ``round``, ``bytes`` (of :func:`payload_bytes`), its ``sha256``, and
+    whether it is an ``error``.
 
     Parameters
     ----------
@@ -106,6 +115,9 @@ class EgressLog:
             path,
             json.dumps(
                 {
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "run_id": msg.metadata.run_id,
+                    "run": run_name(msg, context),
                     "type": msg.metadata.message_type,
                     "bytes": len(data),
                     "round": None if config is None else config.get(K.SERVER_ROUND),
@@ -118,3 +130,30 @@ class EgressLog:
             with open(path.with_suffix(".bin"), "ab") as handle:
                 handle.write(data)
         return reply
+
+
+def run_name(msg: Message, context: Context) -> str | None:
+    """Name the fedhealth run an instruction belongs to.
+
+    Parameters
+    ----------
+    msg : Message
+        The instruction.
+    context : Context
+        Flower's context of the run.
+
+    Returns
+    -------
+    str or None
+        The run name: from the instruction's run key (``<run_name>@<config hash>``), else the
+        ``run_name`` of the run config (``fedhealth-config``); None when neither names it.
+    """
+    config = msg.content.config_records.get(K.CONFIG)
+    key = None if config is None else config.get(K.RUN_KEY)
+    if isinstance(key, str) and key:
+        return key.partition("@")[0]
+    try:
+        name = json.loads(str(context.run_config.get(K.RUN_CONFIG, ""))).get("run_name")
+    except (ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None

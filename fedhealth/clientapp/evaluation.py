@@ -53,7 +53,7 @@ def evaluate_model(
     seed = derive_seed(cfg.seed, site.name, server_round, "evaluate")
     seed_everything(seed, cfg.train.num_threads)
     model = model_from(msg, cfg)
-    ev = evaluate_items(model, data.test, cfg, seed)
+    ev = evaluate_items(model, data.test, cfg, seed, site.device)
     emit(
         log,
         Evaluated(site=site.name, round=server_round, dice=ev.dice, loss=ev.loss),

@@ -233,7 +233,9 @@ def train_update(
         if stored is not None:  # released before: the same bytes again, nothing new leaves
             state, done = resend(stored, model, site.name, instruction.server_round)
         else:
-            state, done = train_once(model, loader, cfg, instruction, dp, entry, site.name)
+            state, done = train_once(
+                model, loader, cfg, instruction, dp, entry, site.name, site.device
+            )
             if entry is not None:  # stored before it is sent: a retry resends it
                 releases.save(request.run, request.server_round, entry, state, done)
     # the update goes back in the form the global model came in
@@ -268,6 +270,7 @@ def prepare(
     site_dirs: tuple[str, ...] | None,
     privacy: PrivacyConfig | None,
     secure: bool = False,
+    device: str = "auto",
 ) -> Prepared:
     """Read who the site is, its data, the instruction's run config, and seed this phase.
 
@@ -306,7 +309,7 @@ def prepare(
         DP training whose privacy unit is the patient, on a datalist whose training entries
         lack patient ids (before anything is trained or charged).
     """
-    site = Site.from_context(context, site_dirs, privacy)
+    site = Site.from_context(context, site_dirs, privacy, device)
     instruction = Instruction.from_message(msg)
     cfg = from_site_settings(instruction.settings)
     server_round = instruction.server_round
@@ -353,6 +356,7 @@ def handle(
     phase: str,
     site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
+    device: str = "auto",
 ) -> Message:
     """Run ``phase`` for the instruction ``msg`` and build the reply.
 
@@ -378,7 +382,9 @@ def handle(
     """
     name, server_round = node_site_name(context.node_config), None
     try:
-        site, data, cfg, instruction, seed = prepare(msg, context, phase, site_dirs, privacy)
+        site, data, cfg, instruction, seed = prepare(
+            msg, context, phase, site_dirs, privacy, device=device
+        )
         name, server_round = site.name, instruction.server_round
         if phase == "train":
             update = train_update(msg, context, site, data, cfg, instruction, seed)

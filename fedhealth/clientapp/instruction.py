@@ -41,6 +41,10 @@ class Site:
         The site's own seed for deterministic DP noise (node config ``dp-noise-seed`` from
         site.yaml ``dp_noise_seed``; simulation: ``privacy.simulated_noise_seed``). Default
         None: the noise comes from the site's OS entropy. Never read from the run config.
+    device : str, optional
+        Where the site trains and evaluates (node config ``device`` from site.yaml; simulation:
+        ``train.device``): ``auto`` (default), ``cpu``, ``cuda`` or ``cuda:N``. Never read from
+        the run config: the coordinator cannot choose a site's hardware.
     """
 
     name: str
@@ -49,6 +53,7 @@ class Site:
     privacy_unit: str = K.PRIVACY_UNITS[0]
     policy: SitePolicy = field(default_factory=SitePolicy)
     noise_seed: int | None = None
+    device: str = "auto"
 
     def round_noise_seed(self, run_seed: int, server_round: int) -> int | None:
         """Seed the round's DP noise from the site's own seed, if the site set one.
@@ -97,6 +102,7 @@ class Site:
         context: Context,
         site_dirs: tuple[str, ...] | None = None,
         privacy: PrivacyConfig | None = None,
+        device: str = "auto",
     ) -> Site:
         """Read the site from the SuperNode's node config (or a simulation's partition).
 
@@ -113,6 +119,9 @@ class Site:
             Simulation only: every site's budget and ledger root (default None: no ledger).
             A simulated site's policy is ``privacy.site_policy``: in simulation the researcher
             plays every site.
+        device : str, default "auto"
+            Simulation: every virtual site's device (``train.device``); the node config's
+            ``device`` wins when set.
 
         Returns
         -------
@@ -126,6 +135,7 @@ class Site:
             ledger directory without an epsilon cap, or a bad ``privacy-unit``/``site-policy``.
         """
         node = context.node_config
+        device = str(node.get(K.NODE_DEVICE, device))
         unit = str(node.get(K.NODE_PRIVACY_UNIT, K.PRIVACY_UNITS[0]))
         if unit not in K.PRIVACY_UNITS:
             raise ConfigError(
@@ -149,7 +159,7 @@ class Site:
                     Path(str(node[K.NODE_LEDGER_DIR])) / "ledger.sqlite",
                 )
             name = str(node.get(K.NODE_SITE_NAME, data_dir.name))
-            return cls(name, data_dir, budget, unit, policy, noise_seed)
+            return cls(name, data_dir, budget, unit, policy, noise_seed, device)
         if site_dirs is not None and K.NODE_PARTITION_ID in node:
             index = int(node[K.NODE_PARTITION_ID])
             if not 0 <= index < len(site_dirs):
@@ -167,7 +177,7 @@ class Site:
                 if privacy is None or privacy.simulated_noise_seed < 0
                 else (privacy.simulated_noise_seed)
             )
-            return cls(data_dir.name, data_dir, budget, unit, policy, seed)
+            return cls(data_dir.name, data_dir, budget, unit, policy, seed, device)
         raise ConfigError(
             f"node config needs '{K.NODE_DATA_DIR}' (path to the site's dataset directory)"
         )

@@ -26,6 +26,7 @@ from fedhealth.privacy.policy import SitePolicy
 from fedhealth.privacy.records import tag
 from fedhealth.protocol import keys as K
 from fedhealth.training import DPSettings, train
+from fedhealth.training.device import resolve_device
 
 __all__ = ["charge", "train_once"]
 
@@ -108,6 +109,7 @@ def train_once(
     dp: DPSettings | None,
     entry: Entry | None,
     site: str,
+    device: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the round once and check that Opacus ran the phase the ledger charged.
 
@@ -127,6 +129,8 @@ def train_once(
         The ledger entry that charged the round (None without DP).
     site : str
         The site's name, for errors.
+    device : str, default "auto"
+        The site's own device setting (:func:`fedhealth.training.device.resolve_device`).
 
     Returns
     -------
@@ -148,6 +152,7 @@ def train_once(
         weight_decay=cfg.train.weight_decay,
         proximal_mu=instruction.proximal_mu,
         dp=dp,
+        device=resolve_device(device, f"site {site} device"),
     )
     if entry is not None and list(result.history) != [entry.phase]:
         raise LedgerError(
@@ -159,4 +164,4 @@ def train_once(
         K.STEPS: float(result.steps),
         K.TRAIN_SECONDS: time.perf_counter() - started,
     }
-    return model.state_dict(), done
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, done

@@ -49,6 +49,7 @@ def handle_stage(
     stage: str,
     site_dirs: tuple[str, ...] | None = None,
     privacy: PrivacyConfig | None = None,
+    device: str = "auto",
 ) -> Message:
     """Run the site's side of one stage; protocol secrets stay in ``context.state``.
 
@@ -112,7 +113,7 @@ def handle_stage(
                     }
                 )
             elif stage == K.STAGE_MASK:
-                reply = _mask(msg, context, agent, rec, site_dirs, privacy)
+                reply = _mask(msg, context, agent, rec, site_dirs, privacy, device)
             else:
                 dropped = [d for d in _ints(rec, K.SECAGG_DROPPED) if d]
                 survivors = _ints(rec, K.SECAGG_SURVIVORS)
@@ -144,6 +145,7 @@ def _mask(
     rec: Record,
     site_dirs: tuple[str, ...] | None,
     privacy: PrivacyConfig | None,
+    device: str = "auto",
 ) -> RecordDict:
     """Train, then mask the update and its loss for the secure sum (the only stage that trains).
 
@@ -154,7 +156,7 @@ def _mask(
     from fedhealth.clientapp import handlers  # torch, MONAI, Opacus: mask stage only
 
     site, data, cfg, instruction, seed = handlers.prepare(
-        msg, context, "train", site_dirs, privacy, secure=True
+        msg, context, "train", site_dirs, privacy, secure=True, device=device
     )
     update = handlers.train_update(msg, context, site, data, cfg, instruction, seed, secure=True)
     metrics = {**update.metrics, **handlers.folded_evaluation(msg, site, data, cfg, instruction)}

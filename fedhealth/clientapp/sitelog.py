@@ -129,12 +129,17 @@ def install_site_logging(stream: TextIO | None = None, *, events: bool = True) -
     -------
     logging.Handler
         The handler installed (level INFO, the ``fedhealth`` logger no longer propagating to
-        the root logger), or the first handler the ``fedhealth`` logger already had: then
-        nothing changes, the process configured its own logging (a test, a simulation).
+        the root logger; with ``events``, Flower's ``flwr`` logger neither: it prints through
+        its own handler, and the root handler a library such as Opacus adds on import would
+        print each of its lines a second time in the site daemon's log), or the first handler
+        the ``fedhealth`` logger already had: then nothing changes, the process configured its
+        own logging (a test, a simulation).
     """
     site_log = logging.getLogger(SITE_LOGGER)
     if site_log.handlers:
         return site_log.handlers[0]
+    if events:
+        logging.getLogger("flwr").propagate = False
     handler = logging.StreamHandler(stream)
     handler.setFormatter(EventFormatter() if events else logging.Formatter(HUMAN_FORMAT))
     site_log.addHandler(handler)

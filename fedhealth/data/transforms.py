@@ -5,7 +5,7 @@ before ``Spacingd``, as MONAI's tutorials do), resample to an isotropic spacing 
 nearest label), round the label to its classes, z-score each image channel. Training then
 draws one random patch per record (``RandCropByPosNegLabeld``, a foreground or a background
 centre with equal odds) and flips it; evaluation and prediction keep the whole volume for
-sliding-window inference (:func:`fedhealth.training.loop.infer`).
+sliding-window inference (:func:`fedhealth.training.inference.infer`).
 """
 
 from __future__ import annotations

@@ -162,6 +162,8 @@ NODE_POLICY: Final = "site-policy"
 """str: the site's privacy policy as JSON (:class:`fedhealth.privacy.policy.SitePolicy`, site.yaml
 ``policy:``); absent: the policy's defaults (DP and secure aggregation required)."""
 NODE_NOISE_SEED: Final = "dp-noise-seed"
+NODE_DEVICE: Final = "device"
+"""Node config: where the site trains (site.yaml ``device``: auto, cpu, cuda, cuda:N)."""
 """The site's own seed for deterministic DP noise (site.yaml ``dp_noise_seed``; tests only)."""
 PRIVACY_UNITS: Final = ("patient", "scan")
 """The values of :data:`NODE_PRIVACY_UNIT`; the first is the default."""

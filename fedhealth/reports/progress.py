@@ -59,19 +59,22 @@ class RoundProgress(logging.Handler):
     rounds : int
         Rounds planned.
     console : rich.console.Console or None, default None
-        Where to draw (default: stderr).
+        Where to draw (default: stderr). Not a terminal (a pipe, a log file): no bar, only the
+        labelled line of each round.
     """
 
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         super().__init__(level=logging.INFO)
+        console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]rounds"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[last]}"),
-            console=console or Console(stderr=True),
+            console=console,
             transient=False,
+            disable=not console.is_terminal,  # a log file or pipe gets the round lines only
         )
         self.task = self.progress.add_task("rounds", total=rounds, last="round 1 running")
         self.lines: list[str] = []

@@ -106,7 +106,10 @@ def _figure() -> Any:
 
 def _png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    for ax in fig.axes:  # rounds are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,9 @@ class Tracker:
     def __init__(self, run_dir: RunDir, cfg: Config) -> None:
         for chatter in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(chatter).setLevel(logging.WARNING)  # "creating tables", per store
+        # MLflow's own SQLite store query uses SQLAlchemy's deprecated ``noload`` strategy: a
+        # notice for MLflow's developers, not for a run's user (mlflow/store/tracking).
+        warnings.filterwarnings("ignore", message=".*``noload`` loader strategy is deprecated")
         from mlflow.tracking import MlflowClient
 
         self.uri, artifacts = store_uri(cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,10 @@ def _write(path: Path, data: bytes, *, private: bool, rotate: bool) -> Path:
     return path
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, organization: str = "fedhealth consortium") -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedhealth consortium"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -113,12 +114,29 @@ class CA:
         return cls(cert, key)
 
 
+def unique_ca_name(consortium: str) -> str:
+    """Name a new CA so that no two are alike: the consortium, ``CA``, the UTC date, a tag.
+
+    Parameters
+    ----------
+    consortium : str
+        The consortium's name, e.g. ``"brain tumour consortium"``.
+
+    Returns
+    -------
+    str
+        E.g. ``"brain tumour consortium CA 2026-11-30 3f9a"`` (4 random hex digits).
+    """
+    return f"{consortium} CA {_now():%Y-%m-%d} {secrets.token_hex(2)}"
+
+
 def create_ca(
     directory: Path,
     name: str = "fedhealth consortium CA",
     days: int = 730,
     *,
     rotate: bool = False,
+    organization: str = "fedhealth consortium",
 ) -> CA:
     """Create the consortium CA: a P-384 key and a self-signed certificate, path length 0.
 
@@ -135,6 +153,8 @@ def create_ca(
         Validity, in days.
     rotate : bool, default False
         Keyword-only. Replace existing files, keeping each as ``<name>.<UTC time>.bak``.
+    organization : str, default "fedhealth consortium"
+        Keyword-only. The certificate's organisation: the consortium's name.
 
     Returns
     -------
@@ -150,8 +170,8 @@ def create_ca(
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .subject_name(_name(name, organization))
+        .issuer_name(_name(name, organization))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))

@@ -7,6 +7,7 @@ https://eprint.iacr.org/2020/704); import these names from there. The primitives
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,27 @@ class SecAggParams:
             raise SecAggError(f"threshold {self.threshold} must be in [2, {participants}]")
         if participants * (self.quantization_levels + 1 + self.max_examples) >= 1 << MODULUS_BITS:
             raise SecAggError("quantization_levels too large: the sum would wrap modulo 2^32")
+
+
+def auto_degree(n: int) -> int:
+    """SecAgg+'s logarithmic neighbourhood: ``2 * ceil(log2 n)`` neighbours, at most ``n - 1``.
+
+    Bell et al. 2020 (https://arxiv.org/abs/2009.08043) show that a random-looking graph of
+    degree O(log n) keeps the masks secure and the sum recoverable under dropouts, so a site's
+    key agreements, shares and mask expansions stay near constant as the federation grows.
+
+    Parameters
+    ----------
+    n : int
+        Sites in the round (>= 1).
+
+    Returns
+    -------
+    int
+        The degree: ``n - 1`` (every other site) up to 7 sites, 8 at 10, 14 at 100, 20 at
+        1,000.
+    """
+    return max(1, min(n - 1, 2 * math.ceil(math.log2(max(n, 2)))))
 
 
 def neighbour_graph(ids: list[int], degree: int | None = None) -> dict[int, list[int]]:

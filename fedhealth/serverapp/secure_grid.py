@@ -34,7 +34,7 @@ from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejec
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
-from fedhealth.security.secagg import SecAggParams, SecAggServer, neighbour_graph
+from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
 from fedhealth.security.validation import validate_metrics
 from fedhealth.serverapp.delegating_grid import DelegatingGrid
 
@@ -78,7 +78,10 @@ class SecureGrid(DelegatingGrid):
         Shamir threshold as a fraction of the round's sites (at least 2; above one half, so no
         two disjoint groups can each unmask); in (0, 1].
     degree : int, default 0
-        Neighbours per site in the SecAgg+ graph; 0 = all (SecAgg); >= 0.
+        Neighbours per site in the SecAgg+ graph; 0 = all (SecAgg); -1 = SecAgg+'s
+        logarithmic degree (:func:`~fedhealth.security.secagg_primitives.auto_degree`); >= -1.
+        With fewer neighbours than other sites, the Shamir threshold is the fraction of a
+        site's neighbourhood (itself and its neighbours), as in SecAgg+.
     clipping_range : float, default 8.0
         Update values are clipped to ``[-clipping_range, clipping_range]`` before quantisation;
         see :class:`fedhealth.security.secagg.SecAggParams`.
@@ -107,7 +110,7 @@ class SecureGrid(DelegatingGrid):
     ) -> None:
         checks = {
             "threshold_fraction": 0 < threshold_fraction <= 1,
-            "degree": degree >= 0,
+            "degree": degree >= -1,
             "clipping_range": clipping_range > 0,
             "max_examples": max_examples >= 1,
         }
@@ -199,11 +202,14 @@ class SecureGrid(DelegatingGrid):
         node_of = {pid: m.metadata.dst_node_id for pid, m in enumerate(msgs, start=1)}
         by_node = {pid: m for pid, m in enumerate(msgs, start=1)}
         nodes = sorted(by_node)
-        threshold = max(2, math.ceil(self.threshold_fraction * len(nodes)))
+        degree = auto_degree(len(nodes)) if self.degree == -1 else self.degree or len(nodes) - 1
+        graph = neighbour_graph(nodes, degree)
+        # SecAgg+: each secret is shared within a site's neighbourhood (itself + neighbours)
+        neighbourhood = 1 + min(len(peers) for peers in graph.values())
+        threshold = max(2, math.ceil(self.threshold_fraction * neighbourhood))
         if len(nodes) < threshold:
             raise SecAggError(f"{len(nodes)} site(s) sampled, fewer than the threshold {threshold}")
         params = SecAggParams.sized(len(nodes), threshold, self.clipping_range, self.max_examples)
-        graph = neighbour_graph(nodes, self.degree or None)
         server = SecAggServer(params, graph)
 
         setup = {

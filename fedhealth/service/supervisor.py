@@ -1,7 +1,8 @@
 """Keep long-running Flower processes alive, restarting them with exponential backoff.
 
 A supervisor stops its children cleanly on SIGTERM/SIGINT and relays every line they print as
-one structured (JSON) log line. Used by the site daemon (``flower-supernode``) and the
+one structured log record (a child's hook may say at which level, with which words and fields:
+:class:`Relayed`). Used by the site daemon (``flower-supernode``) and the
 coordinator service (``flower-superlink``). Each child is started by
 :func:`fedhealth.service.process.spawn` in its own session, so a stop reaches its own children
 too (a SuperNode's ClientApp processes, a SuperLink's ServerApp), and it dies with the
@@ -23,15 +24,34 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from fedhealth.io import atomic_write_text
 from fedhealth.service.jsonlog import JsonFormatter, setup_json_logging
 from fedhealth.service.process import spawn, stop_groups
 
-__all__ = ["Child", "JsonFormatter", "Supervisor", "setup_json_logging"]
+__all__ = ["Child", "JsonFormatter", "Relayed", "Supervisor", "setup_json_logging"]
 
 log = logging.getLogger("fedhealth.service")
+
+
+class Relayed(NamedTuple):
+    """How the supervisor logs one line a child printed (what a :class:`Child` hook returns).
+
+    Parameters
+    ----------
+    level : int
+        The record's level: a line below the logger's level is not written at all.
+    msg : str
+        The words, without the child's own timestamp and level.
+    fields : dict
+        Structured fields of the record, merged as they are (never as a JSON string); an
+        ``event`` key replaces the default ``child.output``.
+    """
+
+    level: int
+    msg: str
+    fields: dict[str, Any]
 
 
 @dataclass
@@ -50,7 +70,9 @@ class Child:
         Its working directory.
     on_line : callable, optional
         Called as ``on_line(name, line)`` with each non-empty line the child prints (ANSI
-        colours removed); an exception in it is logged, never stops the relay. Default None.
+        colours removed), before the line is logged. It may return a :class:`Relayed`: the line
+        is logged as that, once; None (or an exception in it, which is logged and never stops
+        the relay): as the supervisor reads it. Default None.
     proc, started, restarts, delay, reader, last_exit
         Kept by the supervisor: the running process, when it started (monotonic seconds), how
         often it was restarted, the current backoff (seconds), the thread relaying its output,
@@ -61,7 +83,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
-    on_line: Callable[[str, str], None] | None = None
+    on_line: Callable[[str, str], Relayed | None] | None = None
     proc: subprocess.Popen[str] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -185,14 +207,16 @@ class Supervisor:
             line = _strip_ansi(raw.rstrip())
             if not line.strip():
                 continue
-            log.log(
-                _level(line), line, extra={"fields": {"event": "child.output", "child": child.name}}
-            )
+            relayed = None
             if child.on_line is not None:
                 try:
-                    child.on_line(child.name, line)
+                    relayed = child.on_line(child.name, line)
                 except Exception:  # noqa: BLE001 - a status hook must never stop the relay
                     log.exception("status hook failed on a line from %s", child.name)
+            if relayed is None:
+                relayed = Relayed(_level(line), line, {})
+            fields = {"event": "child.output", "child": child.name, **relayed.fields}
+            log.log(relayed.level, "%s", relayed.msg, extra={"fields": fields})
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
         """Ask :meth:`run` to stop its children and return (a signal handler).
@@ -334,12 +358,16 @@ _LEVELS = (
 )
 
 
+_HTTPX_OK = re.compile(r" httpx: HTTP Request: .* \"HTTP/[\d.]+ [23]\d\d ")
+
+
 def _level(line: str) -> int:
     """Guess the level a child's line was printed at (Flower: ``ERROR :``; uvicorn: ``INFO [``).
 
-    HTTP access lines (a SuperNode polls every few seconds) are logged at debug level only.
+    HTTP access lines and successful httpx requests (an executor polls twice a second) are
+    logged at debug level only.
     """
-    if "[uvicorn.access]" in line:
+    if "[uvicorn.access]" in line or _HTTPX_OK.search(line):
         return logging.DEBUG
     head = line[:40]
     for name, level in _LEVELS:

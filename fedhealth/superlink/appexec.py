@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    # Flower's logger prints through its own handler: propagating to the root one too would
+    # write every Flower line twice into the coordinator's log
+    logging.getLogger("flwr").propagate = False
     try:
         approved = frozenset(check_sha256(h, "appexec: --approved-app") for h in args.approved_app)
     except ConfigError as exc:

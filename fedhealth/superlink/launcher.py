@@ -1,8 +1,10 @@
 """The run launcher (``fedhealth server launch``): submit, follow, resubmit, report.
 
-A run is submitted with ``flwr run`` and followed to the end with a deadline; when the
-coordinator restarted under it, it is resubmitted (it resumes from its last checkpoint); at the
-end the privacy report is written.
+A run is submitted with ``flwr run`` and followed to the end with a deadline, one labelled line
+and a progress bar per completed round (read from the run directory's ``metrics.jsonl``); when the
+coordinator restarted under it, it is resubmitted (it resumes from its last checkpoint), unless
+the operator stopped it (``fedhealth server stop RUN``, or Flower's ``flwr stop``); at the end the
+privacy report is written.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from fedhealth.errors import ConfigError, FederationError
+from fedhealth.errors import CertError, ConfigError, FederationError
+from fedhealth.reports.progress import ROUND_FIELD, RoundProgress, round_summary
 from fedhealth.security.apps import project_dir
 from fedhealth.service.process import flower_env
+from fedhealth.superlink import launches
 from fedhealth.superlink.control import CONNECTION, flwr_cli, server_log, write_connection
+from fedhealth.superlink.runview import round_figures
 from fedhealth.superlink.settings import CoordinatorSettings
 
 log = logging.getLogger("fedhealth.coordinator")
@@ -79,43 +86,88 @@ def launch(
     timeout = timeout or cfg.rounds * (cfg.federation.round_timeout + 60) + 300
     deadline = time.monotonic() + timeout
     run_dir = Path(cfg.run_root) / cfg.run_name
+    with RoundProgress(cfg.rounds) as progress:
+        status, run_id = _submit_and_follow(
+            env,
+            home,
+            run_config,
+            run_dir,
+            cfg.run_name,
+            deadline,
+            poll,
+            max_submissions,
+            progress,
+            target=(address or f"{s.control_host}:{s.control_port}", "" if s.insecure else s.ca),
+        )
+    return _finish(env, cfg, run_dir, status, run_id, launches.stop_requested(home, cfg.run_name))
+
+
+def _submit_and_follow(
+    env: dict[str, str],
+    home: Path,
+    run_config: Path,
+    run_dir: Path,
+    run_name: str,
+    deadline: float,
+    poll: float,
+    max_submissions: int,
+    progress: RoundProgress,
+    target: tuple[str, str] = ("", ""),
+) -> tuple[str, int]:
+    """Submit until the run finishes, is stopped, or fails without progress; (status, run id)."""
     status, run_id = "not submitted", 0
     for submission in range(1, max_submissions + 1):
-        _wait_reachable(env, deadline)
+        _wait_reachable(env, deadline, *target)
         done_before = _rounds_completed(run_dir)
         run_id = flwr_cli(
             env,
             ["run", str(project_dir()), CONNECTION, "--run-config", str(run_config)],
             timeout=300,
         )["run-id"]
+        launches.record_submission(home, run_name, run_dir, run_id, first=submission == 1)
         log.info(
             "run %s submitted as Flower run %s (submission %d)",
-            cfg.run_name,
+            run_name,
             run_id,
             submission,
-            extra={"fields": {"event": "run.submitted", "run": cfg.run_name, "run_id": run_id}},
+            extra={"fields": {"event": "run.submitted", "run": run_name, "run_id": run_id}},
         )
-        status, outage = _follow(env, run_id, deadline, poll)
+        status, outage = _follow(
+            env, run_id, deadline, poll, lambda: _report_rounds(run_dir, progress)
+        )
         # A coordinator restarted under the run: either the launcher saw it go away, or it came
         # back so fast that the run is already marked failed; a failed run that made progress
         # is retried too (it resumes), one that failed before any round is not.
         progressed = _rounds_completed(run_dir) > done_before
-        if status in ("finished:completed", "finished:stopped") or not (outage or progressed):
-            break  # a run the operator stopped (flwr stop / server stop) is never resubmitted
+        stopped = status == "finished:stopped" or launches.stop_requested(home, run_name)
+        if status == "finished:completed" or stopped or not (outage or progressed):
+            _report_rounds(run_dir, progress)
+            return status, run_id  # a run the operator stopped is never resubmitted
         log.warning(
             "coordinator restarted during run %s (Flower run %s: %s); resubmitting, "
             "it resumes from its last checkpoint",
-            cfg.run_name,
+            run_name,
             run_id,
             status,
-            extra={"fields": {"event": "run.resubmit", "run": cfg.run_name}},
+            extra={"fields": {"event": "run.resubmit", "run": run_name}},
         )
         try:
             flwr_cli(env, ["stop", str(run_id), CONNECTION])
         except FederationError:
             pass  # already finished or unknown after the restart
-    else:
-        raise FederationError(f"run {cfg.run_name}: gave up after {max_submissions} submissions")
+    raise FederationError(f"run {run_name}: gave up after {max_submissions} submissions")
+
+
+def _report_rounds(run_dir: Path, progress: RoundProgress) -> None:
+    """Draw every round the run directory completed since the last call."""
+    for figures in round_figures(run_dir)[len(progress.lines) :]:
+        log.info(round_summary(figures), extra={ROUND_FIELD: figures})
+
+
+def _finish(
+    env: dict[str, str], cfg: Any, run_dir: Path, status: str, run_id: int, stop_asked: bool
+) -> int:
+    """Print the outcome, write the privacy report; 0 when every round completed."""
     manifest = (
         json.loads((run_dir / "manifest.json").read_text())
         if (run_dir / "manifest.json").is_file()
@@ -127,17 +179,28 @@ def launch(
     )
     if "stopped" in manifest:
         print(f"run stopped early: {manifest['stopped']['reason']}")
+    elif stop_asked or status == "finished:stopped":
+        print(f"run stopped by the operator (fedhealth server stop / flwr stop {run_id})")
+    reports: list[Path] = []
     if cfg.privacy.enabled and (run_dir / "privacy.jsonl").is_file():
         from fedhealth.reports import privacy as privacy_report
 
         paths = privacy_report.write(privacy_report.load(run_dir), run_dir)
         print(f"privacy budget report: {paths['html'].resolve()} (+ .json, .md)")
+        reports += paths.values()
+    if (run_dir / "metrics.jsonl").is_file():
+        from fedhealth.reports.training import write_training_report
+
+        training = write_training_report(run_dir)
+        print(f"training report: {training['html'].resolve()} (+ .json)")
+        reports += training.values()
+    if reports:
         from fedhealth.runs.tracking import attach
 
-        hint = attach(run_dir, paths.values())
+        hint = attach(run_dir, reports)
         if hint:
             print(f"MLflow: {hint}")
-    if status != "finished:completed":
+    if status not in ("finished:completed", "finished:stopped"):
         print(f"the ServerApp's log (flwr log {run_id}):\n{server_log(env, run_id)}")
     completed = (
         status == "finished:completed"
@@ -198,13 +261,19 @@ def _rounds_completed(run_dir: Path) -> int:
         return -1
 
 
-def _wait_reachable(env: dict[str, str], deadline: float) -> None:
-    """Wait until the Control API answers; FederationError past ``deadline`` (monotonic)."""
+def _wait_reachable(env: dict[str, str], deadline: float, address: str = "", ca: str = "") -> None:
+    """Wait until the Control API answers; FederationError past ``deadline`` (monotonic).
+
+    A certificate that does not verify is not waited out: CertError at once, naming the CA
+    the coordinator's certificate comes from and the CA this side trusts.
+    """
     while True:
         try:
             flwr_cli(env, ["ls", CONNECTION, "--limit", "1"], timeout=30)
             return
         except FederationError as exc:
+            if ca and address and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                _explain_certificate(address, ca)
             if time.monotonic() > deadline:
                 raise FederationError(
                     f"coordinator not reachable before the deadline: {exc}"
@@ -212,10 +281,30 @@ def _wait_reachable(env: dict[str, str], deadline: float) -> None:
             time.sleep(2.0)
 
 
-def _follow(env: dict[str, str], run_id: int, deadline: float, poll: float) -> tuple[str, bool]:
+def _explain_certificate(address: str, ca: str) -> None:
+    """Raise CertError naming both CAs when ``address`` presents a certificate ``ca`` rejects."""
+    from fedhealth.security.tlsprobe import probe
+
+    host, port = address.rsplit(":", 1)
+    try:
+        seen = probe(host.strip("[]"), int(port), ca)
+    except (OSError, ValueError):
+        return  # not reachable now: keep waiting
+    if not seen.ok:
+        raise CertError(f"the coordinator's Control API {address}: {seen.message}")
+
+
+def _follow(
+    env: dict[str, str],
+    run_id: int,
+    deadline: float,
+    poll: float,
+    each_poll: Callable[[], None] = lambda: None,
+) -> tuple[str, bool]:
     """Poll the run's status until it finishes; (status, whether the coordinator went away)."""
     outage = False
     while time.monotonic() < deadline:
+        each_poll()
         try:
             runs = flwr_cli(env, ["ls", CONNECTION, "--run-id", str(run_id)], timeout=30)["runs"]
             status = runs[0]["status"] if runs else "unknown"

@@ -201,8 +201,9 @@ class Gate:
         if run_id is not None:
             self.decided[run_id] = decision
         verdict = "approved" if decision.approved else "refused"
-        if decision.approved:
-            log.info(
+        if decision.approved:  # every message of the run is checked: said once per run
+            log.log(
+                logging.INFO if first else logging.DEBUG,
                 "site %s: run %s app approved (FAB sha256 %s, %s)",
                 self.site,
                 run_id,

@@ -2,7 +2,8 @@
 
 ``fedhealth site run`` supervises ``flower-supernode`` with the site's TLS root, authentication
 key, data directory, ledger and budget (reconnecting with backoff, stopping cleanly on SIGTERM,
-logging JSON lines); ``fedhealth site check`` is the preflight
+logging state changes as JSON lines in a rotated file and as human lines on stderr:
+:mod:`fedhealth.supernode.daemonlog`); ``fedhealth site check`` is the preflight
 (:mod:`fedhealth.supernode.preflight`); ``fedhealth site status`` says what the daemon is doing
 and what the site has spent (:mod:`fedhealth.supernode.sitestatus`, kept current from the site
 events its ClientApps print).
@@ -19,7 +20,8 @@ from fedhealth.errors import ConfigError
 from fedhealth.protocol import keys as K
 from fedhealth.security.apps import AppPolicy
 from fedhealth.service.process import flower_env
-from fedhealth.service.supervisor import Child, Supervisor, setup_json_logging
+from fedhealth.service.supervisor import Child, Relayed, Supervisor
+from fedhealth.supernode.daemonlog import setup_site_logging
 from fedhealth.supernode.settings import SiteSettings
 from fedhealth.supernode.sitestatus import DaemonEvent, watch_line
 
@@ -56,6 +58,7 @@ def node_config(s: SiteSettings) -> str:
         K.NODE_DELTA: s.delta,
         K.NODE_PRIVACY_UNIT: s.privacy_unit,
         K.NODE_POLICY: s.policy.to_json(),
+        K.NODE_DEVICE: s.device,
     }
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())
@@ -165,8 +168,10 @@ def run(s: SiteSettings) -> int:
     """Supervise the SuperNode (and the warm ClientApp executor) until SIGTERM.
 
     Every line they print goes through :func:`~fedhealth.supernode.sitestatus.watch_line`
-    into ``<state_dir>/status.json``; the daemon's own log is ``<state_dir>/daemon.jsonl``.
-    The umask is 077: the ledger, state and logs it and its children create are owner-only.
+    into ``<state_dir>/status.json`` and, once, into the daemon's log: ``<state_dir>/daemon.jsonl``
+    (JSON lines, rotated at ``log_max_bytes``, ``log_backups`` kept) and stderr (human lines),
+    at ``log_level``. The umask is 077: the ledger, state and logs it and its children create
+    are owner-only.
 
     Parameters
     ----------
@@ -183,7 +188,12 @@ def run(s: SiteSettings) -> int:
     policy = check_app_gate(s)  # fails closed: no gate, no SuperNode
     state.mkdir(parents=True, exist_ok=True)
     Path(s.ledger_dir).mkdir(parents=True, exist_ok=True)
-    setup_json_logging(state / "daemon.jsonl")
+    setup_site_logging(
+        state / "daemon.jsonl",
+        level=s.log_level_number,
+        max_bytes=s.log_max_bytes,
+        backups=s.log_backups,
+    )
     if s.insecure:
         log.warning(
             "INSECURE MODE: no TLS and no site authentication; updates travel in "
@@ -201,8 +211,8 @@ def run(s: SiteSettings) -> int:
         ledger=str(s.ledger_path.resolve()),
     )
 
-    def hook(child: str, line: str) -> None:
-        watch_line(sup, child, line)
+    def hook(child: str, line: str) -> Relayed:
+        return watch_line(sup, child, line)
 
     sup.add(Child("supernode", supernode_argv(s), env, state, hook))
     if s.isolation == "warm":

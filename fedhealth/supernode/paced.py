@@ -184,6 +184,22 @@ def push_stranded_replies() -> bool:
     return True
 
 
+def configure_logging() -> None:
+    """Log as the site daemon reads it: every line once, Python's format, no start-up chatter.
+
+    The root logger gets Python's ``<time> <LEVEL> <logger>: <words>`` (unless it has a handler
+    already); Flower's ``flwr`` logger prints through its own handler only (propagating to the
+    root's too printed each of its lines twice); alembic's plugin lines (Flower's state
+    database, at every start) only from WARNING.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pace the SuperNode loop, then run ``flower-supernode`` in this process.
 
@@ -227,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rest = args.supernode_args[1:] if args.supernode_args[:1] == ["--"] else args.supernode_args
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    configure_logging()
     try:
         paced = pace(args.pull_interval)
     except ValueError as exc:

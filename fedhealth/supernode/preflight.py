@@ -210,21 +210,19 @@ def _check_ledger(s: SiteSettings) -> CheckItem:
 
 
 def _check_coordinator(s: SiteSettings, timeout: float) -> CheckItem:
+    from fedhealth.security.tlsprobe import probe
+
     host, port = s.coordinator.rsplit(":", 1)
+    host = host.strip("[]")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            if s.insecure:
-                return CheckItem("coordinator", True, f"{s.coordinator}: TCP reachable (plaintext)")
-            context = ssl.create_default_context(cafile=s.ca)
-            context.set_alpn_protocols(["h2"])
-            with context.wrap_socket(sock, server_hostname=host) as tls:
-                return CheckItem(
-                    "coordinator",
-                    True,
-                    f"{s.coordinator}: reachable, TLS "
-                    f"{tls.version()} certificate verified against {s.ca}",
-                )
+        if s.insecure:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+            return CheckItem("coordinator", True, f"{s.coordinator}: TCP reachable (plaintext)")
+        seen = probe(host, int(port), s.ca, timeout)
     except ssl.SSLError as exc:
         return CheckItem("coordinator", False, f"{s.coordinator}: TLS failed ({exc.reason or exc})")
     except OSError as exc:
         return CheckItem("coordinator", False, f"{s.coordinator}: not reachable ({exc})")
+    if seen.ok:
+        return CheckItem("coordinator", True, f"{s.coordinator}: reachable, {seen.message}")
+    return CheckItem("coordinator", False, f"{s.coordinator}: TLS failed: {seen.message}")

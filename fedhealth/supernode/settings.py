@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from fedhealth.service.settings import load_settings
 from fedhealth.supernode.paced import MAX_INTERVAL
 
 ISOLATION = ("warm", "subprocess")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -36,6 +38,19 @@ class SiteSettings:
         Where the privacy ledger ``ledger.sqlite`` lives (required).
     state_dir : str
         ``status.json``, ``daemon.jsonl`` and Flower's app cache (default ``"state"``).
+    log_level : str
+        ``"info"`` (default): the daemon's log (``daemon.jsonl`` and stderr) holds state
+        changes (connected, run started, round trained or failed, refused, reconnecting, child
+        exits, log rotated); ``"debug"`` adds every message and poll its children print;
+        ``"warning"``, ``"error"``: less.
+    log_max_bytes : int
+        ``daemon.jsonl`` is rotated when it reaches this many bytes (default 10_000_000, at
+        least 1024); the previous file is ``daemon.jsonl.1``.
+    log_backups : int
+        Rotated files kept, ``daemon.jsonl.1`` to ``.N`` (default 5, at least 1; the oldest is
+        deleted): the log takes at most ``log_max_bytes * (log_backups + 1)`` bytes. The
+        egress log and ``apps.jsonl`` are audit records, written by several processes: never
+        rotated by the daemon (a few hundred bytes per round or run).
     epsilon_cap : float
         The site's own cap on epsilon (default 8.0).
     delta : float
@@ -54,6 +69,11 @@ class SiteSettings:
     dp_noise_seed : int or None
         Deterministic DP noise from this seed (default None: the OS's entropy). For tests
         that compare runs only: whoever knows it can reproduce the site's noise. Site-local.
+    device : str
+        Where the site trains and evaluates: ``"auto"`` (default: CUDA when PyTorch sees a
+        GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
+        (:func:`fedhealth.training.device.resolve_device`). Site-local: the coordinator cannot
+        choose a site's hardware.
     appio_port : int
         The SuperNode's local ClientApp API port (default 9094).
     isolation : str
@@ -70,7 +90,8 @@ class SiteSettings:
     stop_grace : float
         On SIGTERM, seconds a running ClientApp may finish (default 30.0).
     egress_log : str
-        Optional JSON-lines record of every reply sent (default ``""``: none).
+        Optional JSON-lines record of every reply sent (default ``""``: none): UTC time,
+        Flower run id, fedhealth run name, message type, round, bytes, sha256.
     insecure : bool
         Plaintext, no authentication: labs only (default False).
     approved_apps : list of str
@@ -90,11 +111,15 @@ class SiteSettings:
     data_dir: str = "???"
     ledger_dir: str = "???"
     state_dir: str = "state"
+    log_level: str = "info"
+    log_max_bytes: int = 10_000_000
+    log_backups: int = 5
     epsilon_cap: float = 8.0
     delta: float = 1e-5
     privacy_unit: str = "patient"
     policy: SitePolicy = field(default_factory=SitePolicy)
     dp_noise_seed: int | None = None
+    device: str = "auto"
     appio_port: int = 9094
     isolation: str = "warm"
     pull_interval: float = 0.5
@@ -147,6 +172,10 @@ class SiteSettings:
             raise ConfigError(
                 f"site config: privacy_unit={self.privacy_unit!r}: one of {PRIVACY_UNITS}"
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"site config: device={self.device!r}: one of auto, cpu, cuda, cuda:N"
+            )
         self.policy.validate("site config: policy")
         if self.isolation not in ISOLATION:
             raise ConfigError(f"site config: isolation={self.isolation!r}: one of {ISOLATION}")
@@ -154,6 +183,13 @@ class SiteSettings:
             raise ConfigError(
                 f"site config: pull_interval={self.pull_interval!r}: need "
                 f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"site config: log_level={self.log_level!r}: one of {LOG_LEVELS}")
+        if self.log_max_bytes < 1024 or self.log_backups < 1:
+            raise ConfigError(
+                f"site config: log_max_bytes={self.log_max_bytes}, log_backups="
+                f"{self.log_backups}: need log_max_bytes >= 1024 and log_backups >= 1"
             )
         from fedhealth.security.apps import INSTALLED, check_sha256
 
@@ -167,6 +203,11 @@ class SiteSettings:
     def apps_log(self) -> Path:
         """The record of every app the site ran or refused, ``<state_dir>/apps.jsonl``."""
         return self.state / "apps.jsonl"
+
+    @property
+    def log_level_number(self) -> int:
+        """``log_level`` as the logging module's number (``"info"``: ``logging.INFO``)."""
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
 
     @property
     def state(self) -> Path:

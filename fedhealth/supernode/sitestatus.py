@@ -3,7 +3,9 @@
 The daemon's state about its ClientApps comes only from site events
 (:mod:`fedhealth.clientapp.events`): a line carrying one updates ``status.json`` by the event's
 name and fields, whatever the human text around it says. Flower's own lines (the SuperNode's id,
-a refused activation, a lost connection) are Flower's wording and are matched as such.
+a refused activation, a lost connection) are Flower's wording and are matched as such. The same
+reading decides how the daemon logs each line, once (:func:`watch_line`): state changes at info
+level, what repeats with every message or poll at debug level.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
@@ -26,10 +29,9 @@ from fedhealth.clientapp.events import (
     parse_line,
 )
 from fedhealth.errors import EventError
-from fedhealth.service.supervisor import Supervisor
+from fedhealth.service.supervisor import Relayed, Supervisor
+from fedhealth.supernode.childlines import read_child_line, relay
 from fedhealth.supernode.settings import SiteSettings
-
-log = logging.getLogger("fedhealth.site")
 
 
 class DaemonEvent(StrEnum):
@@ -41,6 +43,9 @@ class DaemonEvent(StrEnum):
     EVENT_UNREADABLE = "site.event.unreadable"
     APP_GATE = "app.gate"
     APP_REFUSED = "app.refused"
+    CONNECTED = "site.connected"
+    RECONNECTING = "site.reconnecting"
+    RUN_STARTED = "site.run.started"
 
 
 class LastTrained(TypedDict):
@@ -79,8 +84,8 @@ class BudgetStatus(TypedDict):
     at: str
 
 
-def watch_line(sup: Supervisor, child: str, line: str) -> None:
-    """Update the daemon's status from one line a child printed.
+def watch_line(sup: Supervisor, child: str, line: str) -> Relayed:
+    """Update the daemon's status from one line a child printed; say how to log the line.
 
     Parameters
     ----------
@@ -91,40 +96,68 @@ def watch_line(sup: Supervisor, child: str, line: str) -> None:
         The child that printed it (``supernode`` or ``clientapp-executor``), for the log.
     line : str
         The line, ANSI colours removed.
+
+    Returns
+    -------
+    Relayed
+        One record for the line (:func:`fedhealth.supernode.childlines.relay`): a site event
+        at the level printed, its fields as fields; a state change Flower prints (connected,
+        a run's first message, activation or app refused, connection lost or back) at info
+        level or above with its ``event``; a repeat of the same state, and the lines every
+        message or poll prints, at debug level.
     """
+    read = read_child_line(line)
     try:
         event = parse_line(line)
     except EventError as exc:
-        log.warning(
-            "unreadable site event from %s: %s",
-            child,
-            exc,
-            extra={"fields": {"event": DaemonEvent.EVENT_UNREADABLE.value, "child": child}},
+        return Relayed(
+            logging.WARNING,
+            f"unreadable site event from {child}: {exc}",
+            {"event": DaemonEvent.EVENT_UNREADABLE.value, "words": read.text},
         )
-        return
     if event is not None:
         apply_event(sup, event)
-    elif "APP REFUSED for run" in line:  # the app gate's own line (fedhealth.supernode.approval)
-        log.error(
-            "%s",
-            line.split("fedhealth.supernode: ", 1)[-1].strip(),
-            extra={"fields": {"event": DaemonEvent.APP_REFUSED.value}},
+        return relay(read)
+    text = read.text
+    if "APP REFUSED for run" in text:  # the app gate's own line (fedhealth.supernode.approval)
+        sup.set_status(last_refused_app=text.rsplit("FAB sha256 ", 1)[-1].split(" ", 1)[0])
+        return relay(read, event=DaemonEvent.APP_REFUSED.value)
+    if "SuperNode ID:" in text:
+        node_id = text.rsplit(":", 1)[1].strip()
+        sup.set_status(state="connected", node_id=node_id, reason="")
+        return relay(read, event=DaemonEvent.CONNECTED.value, node_id=node_id)
+    if "Connection successful after" in text:
+        sup.set_status(state="connected", reason="")
+        return relay(read, event=DaemonEvent.CONNECTED.value)
+    run = _RUN.match(text) if read.source == "flwr" else None
+    if run is not None:
+        run_id = int(run[1])
+        if sup.status.get("run_id") == run_id:
+            return relay(read)  # chatter: every message of the run says it
+        sup.set_status(run_id=run_id)
+        return Relayed(
+            logging.INFO,
+            f"run {run_id}: first message from the coordinator",
+            {"source": read.source, "event": DaemonEvent.RUN_STARTED.value, "run_id": run_id},
         )
-        sup.set_status(last_refused_app=line.rsplit("FAB sha256 ", 1)[-1].split(" ", 1)[0])
-    elif "SuperNode ID:" in line:
-        sup.set_status(state="connected", node_id=line.rsplit(":", 1)[1].strip(), reason="")
-    elif "Failed to activate SuperNode" in line or "not registered" in line.lower():
-        log.error(
+    if "Failed to activate SuperNode" in text or "not registered" in text.lower():
+        reason = "activation refused: key not enrolled, or the previous session not expired yet"
+        sup.set_status(state="refused", reason=reason)
+        return Relayed(
+            logging.ERROR,
             "the coordinator refused to activate this site: its key is not enrolled, or "
             "the site's previous session has not expired yet (after a crash); retrying",
-            extra={"fields": {"event": DaemonEvent.AUTH_REFUSED.value}},
+            {"source": read.source, "event": DaemonEvent.AUTH_REFUSED.value, "words": text},
         )
-        sup.set_status(
-            state="refused",
-            reason="activation refused: key not enrolled, or the previous session not expired yet",
-        )
-    elif "Connection attempt failed" in line or "UNAVAILABLE" in line:
+    if "Connection attempt failed" in text or "UNAVAILABLE" in text:
+        if sup.status.get("state") == "reconnecting":
+            return relay(read)._replace(level=logging.DEBUG)  # still down: said already
         sup.set_status(state="reconnecting")
+        return relay(read, event=DaemonEvent.RECONNECTING.value)
+    return relay(read)
+
+
+_RUN = re.compile(r"^\[RUN (\d+)(?:, ROUND [^\]]*)?\]$")
 
 
 def apply_event(sup: Supervisor, event: Event) -> None:

@@ -68,6 +68,8 @@ def _child(
 ) -> None:
     for name in [n for n in sys.modules if n.partition(".")[0] in app_packages]:
         del sys.modules[name]
+    # Opacus's import gives the template's root logger a handler: Flower's lines printed twice
+    logging.getLogger("flwr").propagate = False
     target(spec)
 
 

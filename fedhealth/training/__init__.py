@@ -1,11 +1,11 @@
 """Local training and evaluation at a site (MONAI losses and metrics)."""
 
+from fedhealth.training.inference import infer
 from fedhealth.training.loop import (
     DPSettings,
     EvalResult,
     TrainResult,
     evaluate,
-    infer,
     seed_everything,
     train,
 )

@@ -15,6 +15,7 @@ from fedhealth.config import Config
 from fedhealth.data.loading import DatalistItem, SiteData, read_datalist
 from fedhealth.data.sites import check_declared, resolve_site_dirs
 from fedhealth.models import build_model
+from fedhealth.training.device import resolve_device
 from fedhealth.training.loop import EvalResult, seed_everything, train
 from fedhealth.training.scoring import evaluate_items, train_loader
 
@@ -64,7 +65,10 @@ def evaluate_on_sites(
         Site name -> whole-volume Dice and loss on its labelled test cases (``num_examples``
         0 for a site without any).
     """
-    return {name: evaluate_items(model, data.test, cfg, cfg.seed) for name, data in sites.items()}
+    return {
+        name: evaluate_items(model, data.test, cfg, cfg.seed, cfg.train.device)
+        for name, data in sites.items()
+    }
 
 
 def pooled_dice(results: dict[str, EvalResult]) -> float:
@@ -88,7 +92,9 @@ def _fit(items: list[DatalistItem], cfg: Config, seed: int) -> nn.Module:
     seed_everything(seed, cfg.train.num_threads)
     model = build_model(cfg.model)
     loader = train_loader(items, cfg, seed)
-    train(model, loader, cfg.rounds * cfg.train.local_epochs, cfg.train.lr, cfg.train.weight_decay)
+    epochs = cfg.rounds * cfg.train.local_epochs
+    device = resolve_device(cfg.train.device)
+    train(model, loader, epochs, cfg.train.lr, cfg.train.weight_decay, device=device)
     return model
 
 

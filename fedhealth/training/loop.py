@@ -22,6 +22,8 @@ from monai.utils.misc import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedhealth.training.inference import infer
+
 Batch = dict[str, torch.Tensor]
 """A batch: ``"image"`` of shape (B, C, D, H, W) and ``"label"`` of shape (B, 1, D, H, W)."""
 
@@ -178,6 +180,7 @@ def train(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     dp: DPSettings | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with Adam (DP-Adam through Opacus when ``dp`` is given).
 
@@ -205,6 +208,10 @@ def train(
         FedProx's ``mu``; 0 disables the proximal term.
     dp : DPSettings or None, default None
         DP-SGD settings; None trains without DP.
+    device : torch.device or None, default None
+        Where to train (:func:`fedhealth.training.device.resolve_device`); None: where the
+        model is. The model is moved there; batches are copied there per step; the DP noise
+        is drawn there from a generator seeded by the site's secret one.
 
     Returns
     -------
@@ -213,6 +220,8 @@ def train(
         accountant's history.
 
     """
+    device = device or _device_of(model, torch.device("cpu"))
+    model.to(device)
     criterion = loss_fn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     params = list(model.parameters())
@@ -222,6 +231,7 @@ def train(
     if dp is not None:
         from opacus import PrivacyEngine
 
+        from fedhealth.training.device import device_generator
         from fedhealth.training.private import poisson_loader, site_generator
 
         secret = site_generator(dp.noise_seed)  # never sent, never logged
@@ -238,7 +248,7 @@ def train(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=False,  # already Poisson, from the site's generator
-            noise_generator=secret,
+            noise_generator=device_generator(secret, device),
             grad_sample_mode=dp.grad_sample_mode,
         )
         model.forbid_grad_accumulation()  # type: ignore[operator]  # as poisson_sampling=True
@@ -250,7 +260,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             n = batch["image"].shape[0]
             if n:
-                loss = criterion(model(batch["image"]), batch["label"])
+                image = batch["image"].to(device, non_blocking=True)
+                label = batch["label"].to(device, non_blocking=True)
+                loss = criterion(model(image), label)
                 with warnings.catch_warnings():
                     # Opacus's per-sample hooks are full backward hooks and images need no
                     # gradient: torch notes that the first layer's hook sees only its output,
@@ -270,6 +282,12 @@ def train(
         history = tuple(engine.accountant.history)
         model._close()  # type: ignore[operator]  # removes Opacus's hooks and grad_sample
     return TrainResult(loss=last_epoch_loss, num_examples=seen, steps=steps, history=history)
+
+
+def _device_of(model: nn.Module, default: torch.device) -> torch.device:
+    """Where ``model``'s parameters are; ``default`` for a model without any."""
+    first = next(model.parameters(), None)
+    return default if first is None else first.device
 
 
 def _step(
@@ -295,48 +313,6 @@ def _step(
 
 
 @torch.no_grad()
-def infer(
-    model: nn.Module,
-    image: torch.Tensor,
-    patch_size: int,
-    *,
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> torch.Tensor:
-    """Segment whole volumes with MONAI's sliding-window inference (Gaussian-weighted blend).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network, in eval mode; logits of shape (B, K, p, p, p) for (B, C, p, p, p).
-    image : torch.Tensor, shape (B, C, X, Y, Z)
-        Whole volumes (any size: windows past an edge are padded).
-    patch_size : int
-        Window edge ``p``, in voxels: the training patch size.
-    sw_batch_size : int, default 4
-        Keyword-only. Windows per forward pass.
-    overlap : float, default 0.25
-        Keyword-only. Overlap of neighbouring windows, in [0, 1).
-
-    Returns
-    -------
-    torch.Tensor, shape (B, K, X, Y, Z)
-        The blended logits.
-    """
-    from monai.inferers.utils import sliding_window_inference
-
-    out = sliding_window_inference(
-        image,
-        roi_size=(patch_size,) * 3,
-        sw_batch_size=sw_batch_size,
-        predictor=model,
-        overlap=overlap,
-        mode="gaussian",
-    )
-    return cast(torch.Tensor, out)
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -344,6 +320,7 @@ def evaluate(
     *,
     sw_batch_size: int = 4,
     overlap: float = 0.25,
+    device: torch.device | None = None,
 ) -> EvalResult:
     """Measure Dice per class on whole volumes, and Dice+CE loss, by sliding-window inference.
 
@@ -364,12 +341,17 @@ def evaluate(
         Keyword-only. Windows per forward pass.
     overlap : float, default 0.25
         Keyword-only. Overlap of neighbouring windows.
+    device : torch.device or None, default None
+        Keyword-only. Where the model runs (it is moved there); None: where it is. Volumes,
+        logits and the metric stay in host memory.
 
     Returns
     -------
     EvalResult
         Mean loss per volume, Dice (mean and per class) and the number of volumes.
     """
+    if device is not None:
+        model.to(device)
     model.eval()
     criterion = loss_fn()
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)

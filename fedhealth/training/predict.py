@@ -2,7 +2,7 @@
 
 Each scan goes through the run's preprocessing (:func:`fedhealth.data.transforms.preprocess`:
 RAS, resampled, z-scored), is segmented by sliding-window inference
-(:func:`fedhealth.training.loop.infer`), and the class map is mapped back to the scan's own
+(:func:`fedhealth.training.inference.infer`), and the class map is mapped back to the scan's own
 voxel grid and orientation by MONAI's ``Invertd`` (nearest neighbour) and written by
 ``SaveImaged`` as ``<scan>_seg.nii.gz`` (uint8 class values, the scan's affine). The model
 comes from a run directory (its last checkpoint, sha256 verified against the manifest) or from
@@ -33,7 +33,8 @@ from fedhealth.data.transforms import preprocess
 from fedhealth.errors import CheckpointError, DataError
 from fedhealth.models import build_model
 from fedhealth.runs.checkpoint import CheckpointStore
-from fedhealth.training.loop import infer
+from fedhealth.training.device import resolve_device
+from fedhealth.training.inference import infer
 
 __all__ = ["GlobalModel", "load_global_model", "predict", "scans_of"]
 
@@ -162,7 +163,12 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def predict(
-    model_path: Path | str, data: Path | str, out: Path | str, *, copy_card: bool = True
+    model_path: Path | str,
+    data: Path | str,
+    out: Path | str,
+    *,
+    copy_card: bool = True,
+    device: str = "auto",
 ) -> list[Path]:
     """Segment every scan of ``data`` with a run's global model; write NIfTI class maps.
 
@@ -180,6 +186,9 @@ def predict(
         Keyword-only. Also write the model card of the checkpoint used into ``out``
         (:func:`fedhealth.reports.model_card.model_card`); a card of another model there is an
         error.
+    device : str, default "auto"
+        Keyword-only. Where the network runs (:func:`~fedhealth.training.device.resolve_device`);
+        volumes and outputs stay in host memory.
 
     Returns
     -------
@@ -228,6 +237,8 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     pre = preprocess(cfg.data.target_spacing, keys=("image",))
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)
+    on = resolve_device(device, "predict --device")
+    loaded.model.to(on)
     written = []
     for item, target in zip(items, targets, strict=True):
         check_item(item, {}, cfg.model.in_channels)
@@ -240,6 +251,7 @@ def predict(
                 cfg.data.patch_size,
                 sw_batch_size=cfg.data.sw_batch_size,
                 overlap=cfg.data.sw_overlap,
+                device=on,
             )
         classes = logits.argmax(dim=1).to(torch.float32)
         sample["pred"] = MetaTensor(

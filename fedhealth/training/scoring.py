@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from fedhealth.config import Config
 from fedhealth.data.loading import DatalistItem, make_loader
+from fedhealth.training.device import resolve_device
 from fedhealth.training.loop import Batch, EvalResult, evaluate
 
 __all__ = ["evaluate_items", "train_loader"]
@@ -45,7 +46,7 @@ def train_loader(items: Sequence[DatalistItem], cfg: Config, seed: int) -> DataL
 
 
 def evaluate_items(
-    model: nn.Module, items: Sequence[DatalistItem], cfg: Config, seed: int
+    model: nn.Module, items: Sequence[DatalistItem], cfg: Config, seed: int, device: str = "auto"
 ) -> EvalResult:
     """Score ``model`` on whole volumes by sliding-window inference, with the run's settings.
 
@@ -60,6 +61,8 @@ def evaluate_items(
         ``data.sw_overlap``, ``data.target_spacing``, ``data.cache``.
     seed : int
         Passed to the loader (evaluation draws nothing at random).
+    device : str, default "auto"
+        Where the model runs (:func:`fedhealth.training.device.resolve_device`).
 
     Returns
     -------
@@ -83,4 +86,5 @@ def evaluate_items(
         cfg.data.patch_size,
         sw_batch_size=cfg.data.sw_batch_size,
         overlap=cfg.data.sw_overlap,
+        device=resolve_device(device),
     )

@@ -71,3 +71,29 @@ def test_help_states_defaults_and_each_baseline_has_its_own(capsys):
             main(["baseline", kind, "--help"])
         texts.append(capsys.readouterr().out)
     assert "pooled" in texts[0] and "alone" in texts[1]
+
+
+def test_simulate_info_groups_lists_every_group_and_option(capsys):
+    from fedhealth.config import config_dir
+
+    assert main(["simulate", "--info", "groups"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()[:-1])
+    on_disk = {
+        str(p.parent.relative_to(config_dir())) for p in config_dir().rglob("*/*.yaml")
+    }  # every folder of options under configs/
+    assert set(lines) == on_disk
+    assert lines["strategy"] == "fedadam, fedavg, fedprox"
+    assert "segresnet" in lines["model"] and "unet" in lines["model"]
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    import fedhealth.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["simulate"].set_defaults(func=interrupted)
+    assert main(["simulate"]) == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "fedhealth: interrupted"

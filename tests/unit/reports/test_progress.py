@@ -31,6 +31,7 @@ def test_round_records_advance_the_bar_and_other_records_do_not():
     assert progress.lines == ["round 2/5: Dice 0.4313 (a 0.25, b 0.50)"]
     assert "round 2/5: Dice 0.4313" in out.getvalue()
     assert "a line without figures" not in out.getvalue()
+    assert "rounds" not in out.getvalue()  # not a terminal: the round lines, no bar
     assert progress not in coordinator.handlers, "the handler leaves with the bar"
 
 

@@ -132,3 +132,34 @@ def test_site_refuses_to_mask_a_non_finite_update(bad):
         site.masked_input(bad, 1, {})
     with pytest.raises(SecAggError, match="out of bounds"):
         site.masked_input(np.zeros(2), 11, {})
+
+
+def test_logarithmic_graph_at_scale_recovers_the_sum_with_dropouts():
+    """SecAgg+'s k ~ 2 log2 n graph: 40 sites, 10 neighbours each, threshold from the
+    neighbourhood; 3 sites drop before their input, 2 after it."""
+    from fedhealth.security.secagg import auto_degree
+
+    n, degree = 40, auto_degree(40)
+    assert degree == 12 and degree < n - 1
+    rng = np.random.default_rng(3)
+    many = [rng.normal(0, 0.5, 300) for _ in range(n)]
+    counts = [int(c) for c in rng.integers(5, 50, n)]
+    params = SecAggParams(
+        threshold=int(np.ceil(0.51 * (degree + 1))),
+        clipping_range=4.0,
+        quantization_levels=1 << 20,
+        max_examples=1000,
+    )
+    (mean, total), server = _round(
+        many,
+        counts,
+        degree,
+        drop_before_input=(5, 6, 30),
+        drop_before_unmask=(11, 12),
+        params=params,
+    )
+    keep = [i - 1 for i in range(1, n + 1) if i not in (5, 6, 30)]
+    assert total == sum(counts[i] for i in keep)
+    bound = 2 * 4.0 / (1 << 20) * 1000 / 5 * n
+    np.testing.assert_allclose(mean, _fedavg(many, counts, keep), atol=bound)
+    assert max(len(peers) for peers in server.graph.values()) == degree  # not every other site

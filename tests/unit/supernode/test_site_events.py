@@ -102,17 +102,14 @@ def test_lines_without_a_known_event_are_not_events():
         },
     ],
 )
-def test_a_malformed_event_is_an_error_and_leaves_the_status_alone(
-    payload, tmp_path, caplog, monkeypatch
-):
+def test_a_malformed_event_is_an_error_and_leaves_the_status_alone(payload, tmp_path):
     line = f"x {EVENT_MARKER}{json.dumps(payload)}"
     with pytest.raises(EventError, match=payload["event"]):
         parse_line(line)
     sup = Supervisor(tmp_path / "status.json")
-    monkeypatch.setattr(logging.getLogger("fedhealth"), "propagate", True)  # to caplog
-    with caplog.at_level(logging.WARNING, logger="fedhealth.site"):
-        watch_line(sup, "clientapp-executor", line)
-    assert "unreadable site event" in caplog.text
+    relayed = watch_line(sup, "clientapp-executor", line)  # the one record the daemon logs
+    assert relayed.level == logging.WARNING and "unreadable site event" in relayed.msg
+    assert relayed.fields["event"] == "site.event.unreadable"
     assert "last_trained" not in sup.status and "budget" not in sup.status
 
 
