@@ -69,14 +69,9 @@ def launch(
         The coordinator is unreachable or the run unfinished before the deadline, or every
         submission was used.
     """
-    from fedhealth.config import compose
     from fedhealth.serverapp.runconfig import write_run_config
 
-    cfg = compose(overrides)
-    if not cfg.run_name:  # a fixed name, so a resubmitted run finds (and resumes) its directory
-        cfg.run_name = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    if not Path(cfg.run_root).expanduser().is_absolute():  # where the ServerApp writes it: under
-        cfg.run_root = str((s.state / cfg.run_root).resolve())  # the coordinator's state dir
+    cfg = run_config_for(s, overrides)
     home = s.state / "launcher"
     write_connection(s, home, address)
     env = flower_env(home, unbuffered=True)
@@ -209,6 +204,34 @@ def _finish(
         and manifest.get("rounds_completed") == cfg.rounds
     )
     return 0 if completed else 1
+
+
+def run_config_for(s: CoordinatorSettings, overrides: list[str]) -> Any:
+    """Compose the run config the launcher submits: a fixed name and an absolute run root.
+
+    Parameters
+    ----------
+    s : CoordinatorSettings
+        The coordinator's settings (``state_dir``).
+    overrides : list of str
+        Hydra overrides of the run config.
+
+    Returns
+    -------
+    Config
+        ``run_name`` set (the UTC time when not given), so a resubmitted run finds its
+        directory; a relative ``run_root`` resolved once, under the coordinator's
+        ``state_dir``, so the ServerApp (which writes the run) and the launcher (which reads
+        it) name the same directory whatever their working directories.
+    """
+    from fedhealth.config import compose
+
+    cfg = compose(overrides)
+    if not cfg.run_name:
+        cfg.run_name = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    if not Path(cfg.run_root).expanduser().is_absolute():
+        cfg.run_root = str((s.state / cfg.run_root).resolve())
+    return cfg
 
 
 def add_signature(run_config: Path, signature: Path, project: Path) -> str:

@@ -123,3 +123,27 @@ def test_stop_names_the_runs_it_knows_when_the_name_is_unknown(tmp_path, capsys)
     assert "no run named 'brain-9'" in err and "brain-1" in err
     with pytest.raises(Exception, match="not a run name"):
         launches.read(home, "../etc")
+
+
+def test_a_relative_run_root_is_resolved_once_under_the_coordinators_state_dir(tmp_path):
+    import os
+
+    from fedhealth.serverapp.runconfig import write_run_config
+    from fedhealth.superlink.launcher import run_config_for
+    from fedhealth.superlink.settings import load
+
+    s = load(None, [f"state_dir={tmp_path / 'coordinator'}"], insecure=True, role="launch")
+    elsewhere = tmp_path / "operator-shell"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)  # the launcher's working directory is not the ServerApp's
+    try:
+        cfg = run_config_for(s, ["run_root=runs", "run_name=brain-1"])
+    finally:
+        os.chdir(cwd)
+    assert cfg.run_root == str((tmp_path / "coordinator" / "runs").resolve())
+    # what the ServerApp receives names the same absolute directory
+    toml = write_run_config(cfg, tmp_path / "brain-1.toml").read_text()
+    assert str((tmp_path / "coordinator" / "runs").resolve()) in toml
+    assert run_config_for(s, [f"run_root={tmp_path / 'abs'}"]).run_root == str(tmp_path / "abs")
+    assert run_config_for(s, []).run_name  # a fixed name even when none is given
