@@ -164,6 +164,47 @@ def check_app_gate(s: SiteSettings) -> AppPolicy:
     return policy
 
 
+class CertificateExplainer:
+    """Explain, once, a coordinator certificate this site's CA does not verify.
+
+    gRPC reports a foreign, rotated or impostor CA as ``CERTIFICATE_VERIFY_FAILED`` only. At
+    the first such line a child prints, one TLS handshake with the coordinator
+    (:func:`fedhealth.security.tlsprobe.probe`) finds who issued the certificate it presents;
+    the daemon logs that beside the CA the site trusts (subject and SHA-256 fingerprint).
+
+    Parameters
+    ----------
+    s : SiteSettings
+        The site's settings (``coordinator``, ``ca``, ``insecure``).
+    """
+
+    EVENT = "tls.verify_failed"
+
+    def __init__(self, s: SiteSettings) -> None:
+        self.settings, self.done = s, s.insecure or not s.ca
+
+    def __call__(self, line: str) -> str | None:
+        """Look at one child line; return the explanation logged (None: nothing to explain)."""
+        if self.done or "CERTIFICATE_VERIFY_FAILED" not in line:
+            return None
+        self.done = True
+        from fedhealth.security.tlsprobe import probe
+
+        host, port = self.settings.coordinator.rsplit(":", 1)
+        try:
+            seen = probe(host.strip("[]"), int(port), self.settings.ca, timeout=5.0)
+        except (OSError, ValueError) as exc:
+            text = (
+                f"TLS to {self.settings.coordinator} failed and no second look was possible: {exc}"
+            )
+        else:
+            if seen.ok:  # verified now: the failure was another link's, or has passed
+                return None
+            text = f"the coordinator {self.settings.coordinator}: {seen.message}"
+        log.warning(text, extra={"fields": {"event": self.EVENT, "site": self.settings.name}})
+        return text
+
+
 def run(s: SiteSettings) -> int:
     """Supervise the SuperNode (and the warm ClientApp executor) until SIGTERM.
 
@@ -211,7 +252,10 @@ def run(s: SiteSettings) -> int:
         ledger=str(s.ledger_path.resolve()),
     )
 
+    explain = CertificateExplainer(s)
+
     def hook(child: str, line: str) -> Relayed:
+        explain(line)
         return watch_line(sup, child, line)
 
     sup.add(Child("supernode", supernode_argv(s), env, state, hook))

@@ -96,3 +96,29 @@ def test_every_ca_from_certs_init_has_its_own_name(tmp_path: Path, capsys) -> No
     assert fingerprint(a) in out and fingerprint(b) in out
     assert main(["certs", "check", "--dir", str(tmp_path / "a")]) == 0
     assert describe(a) in capsys.readouterr().out
+
+
+def test_the_site_daemon_explains_a_verify_failure_once(
+    coordinator: tuple[int, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedhealth.supernode.daemon import CertificateExplainer
+    from fedhealth.supernode.settings import SiteSettings
+
+    port, ours = coordinator
+    create_ca(tmp_path / "rotated", "brain consortium CA 3", organization="brain consortium")
+    settings = SiteSettings(
+        name="site-a", coordinator=f"127.0.0.1:{port}", ca=str(tmp_path / "rotated/ca.crt")
+    )
+    explain = CertificateExplainer(settings)
+    grpc_line = "Ssl handshake failed: error:1000007d:SSL routines:CERTIFICATE_VERIFY_FAILED"
+    assert explain("INFO : Connection attempt failed, retrying") is None  # not a TLS line
+    with caplog.at_level("WARNING", logger="fedhealth.site"):
+        text = explain(grpc_line)
+        assert explain(grpc_line) is None  # once per daemon run, not once per retry
+    assert text is not None and "CN=brain consortium CA 1" in text
+    assert "trusts only CN=brain consortium CA 3" in text
+    records = [r for r in caplog.records if getattr(r, "fields", {}).get("event")]
+    assert [r.fields["event"] for r in records] == [CertificateExplainer.EVENT]
+    # the consortium's own CA verifies now: nothing to explain
+    right = SiteSettings(name="site-a", coordinator=f"127.0.0.1:{port}", ca=str(ours / "ca.crt"))
+    assert CertificateExplainer(right)(grpc_line) is None
