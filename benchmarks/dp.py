@@ -52,7 +52,10 @@ def step_child(mode: str, overrides: list[str], steps: int = 12, warmup: int = 3
     from fedhealth.data.loading import read_datalist
     from fedhealth.models import DP_READY, build_model
     from fedhealth.simulation import ensure_sites
-    from fedhealth.training import seed_everything
+    from fedhealth.training import (
+        grad_samplers,  # noqa: F401  (as a site trains)
+        seed_everything,
+    )
     from fedhealth.training.loop import loss_fn
     from fedhealth.training.scoring import train_loader
 

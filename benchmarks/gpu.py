@@ -39,7 +39,10 @@ def dp_step(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str,
     from fedhealth.data.loading import read_datalist
     from fedhealth.models import DP_READY, build_model
     from fedhealth.simulation import ensure_sites
-    from fedhealth.training import seed_everything
+    from fedhealth.training import (
+        grad_samplers,  # noqa: F401  (as a site trains)
+        seed_everything,
+    )
     from fedhealth.training.device import device_generator
     from fedhealth.training.private import site_generator
     from fedhealth.training.scoring import train_loader

@@ -29,10 +29,12 @@ from fedhealth.config import ModelConfig
 from fedhealth.errors import ConfigError
 
 # Network -> Opacus grad_sample_mode known to work, each tested in tests/unit/models.
-# UNet: "functorch" (vmap'd per-sample grads; its ConvTranspose3d has no dedicated hook sampler
-# and "ew" cannot handle conv_transpose3d; measured 1.45x a plain step vs 2.1x for "hooks").
+# UNet: "hooks" with fedhealth's groups-trick samplers for Conv3d and ConvTranspose3d
+# (fedhealth/training/grad_samplers.py, registered when fedhealth.training trains with DP):
+# a DP step 1.45x a plain one, against 1.6x with "functorch"; "ew" cannot take
+# conv_transpose3d.
 # SegResNet: its in-place residual ``x += identity`` needs "ew".
-DP_READY: dict[str, str] = {"unet": "functorch", "segresnet": "ew"}
+DP_READY: dict[str, str] = {"unet": "hooks", "segresnet": "ew"}
 """``model.name`` -> the Opacus ``grad_sample_mode`` that network is tested with."""
 
 _ACT = ("leakyrelu", {"negative_slope": 0.1, "inplace": False})

@@ -231,6 +231,7 @@ def train(
     if dp is not None:
         from opacus import PrivacyEngine
 
+        from fedhealth.training import grad_samplers  # noqa: F401  (registers 3D conv samplers)
         from fedhealth.training.device import device_generator
         from fedhealth.training.private import poisson_loader, site_generator
 

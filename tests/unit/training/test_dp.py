@@ -11,7 +11,12 @@ from opacus import PrivacyEngine
 from fedhealth.config import ModelConfig
 from fedhealth.data.loading import make_loader, read_datalist
 from fedhealth.models import DP_READY, build_model
-from fedhealth.training import DPSettings, seed_everything, train
+from fedhealth.training import (
+    DPSettings,
+    grad_samplers,  # noqa: F401  (what a site trains with)
+    seed_everything,
+    train,
+)
 from fedhealth.training.loop import loss_fn
 
 CLIP = 0.05  # small enough that every per-patient gradient here is clipped
