@@ -78,6 +78,7 @@ class RoundProgress(logging.Handler):
         )
         self.task = self.progress.add_task("rounds", total=rounds, last="round 1 running")
         self.lines: list[str] = []
+        self._level = logging.NOTSET
 
     def emit(self, record: logging.LogRecord) -> None:
         """Advance the bar on a round record; ignore every other record."""
@@ -91,11 +92,18 @@ class RoundProgress(logging.Handler):
 
     def __enter__(self) -> RoundProgress:
         self.progress.start()
-        logging.getLogger("fedhealth.coordinator").addHandler(self)
+        coordinator = logging.getLogger("fedhealth.coordinator")
+        # the round records are INFO: the bar must not depend on how the root logger is set
+        self._level = coordinator.level
+        if coordinator.getEffectiveLevel() > logging.INFO:
+            coordinator.setLevel(logging.INFO)
+        coordinator.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("fedhealth.coordinator").removeHandler(self)
+        coordinator = logging.getLogger("fedhealth.coordinator")
+        coordinator.removeHandler(self)
+        coordinator.setLevel(self._level)
         self.progress.stop()
 
 

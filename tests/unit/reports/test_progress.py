@@ -23,7 +23,9 @@ def test_a_round_line_is_labelled_with_its_round_and_each_site():
 def test_round_records_advance_the_bar_and_other_records_do_not():
     out = io.StringIO()
     coordinator = logging.getLogger("fedhealth.coordinator")
-    coordinator.setLevel(logging.INFO)
+    coordinator.setLevel(logging.NOTSET)  # as in a process whose root logger is at WARNING
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.WARNING)
     with RoundProgress(5, Console(file=out, force_terminal=False, width=120)) as progress:
         coordinator.info("a line without figures")
         coordinator.info("round 2/5", extra={ROUND_FIELD: FIGURES})
@@ -33,6 +35,8 @@ def test_round_records_advance_the_bar_and_other_records_do_not():
     assert "a line without figures" not in out.getvalue()
     assert "rounds" not in out.getvalue()  # not a terminal: the round lines, no bar
     assert progress not in coordinator.handlers, "the handler leaves with the bar"
+    assert coordinator.level == logging.NOTSET  # and the logger's level is restored
+    logging.getLogger().setLevel(root_level)
 
 
 def test_library_lines_and_warnings_go_to_the_log_file_not_the_terminal(tmp_path, capsys):
