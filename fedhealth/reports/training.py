@@ -145,7 +145,8 @@ def plot_dice_png(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_title("Global model's Dice per site per round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty report draws no legend
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -174,7 +175,8 @@ def plot_loss_png(report: dict[str, Any]) -> bytes:
     ax.set_ylabel("Dice + cross-entropy loss")
     ax.set_title("Loss per round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty report draws no legend
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
