@@ -72,6 +72,17 @@ SITES = 4
 POLL = 0.1
 PULL_INTERVAL = 0.5  # the site daemon's default pull_interval
 TARGET_S, TARGET_RATIO = 5.0, 0.25
+# Model sizes: the default tiny U-Net, and a real-size 3D U-Net (30.0M parameters, 120 MB in
+# float32), the size of brain-tumour models in use (nnU-Net, SegResNet, SwinUNETR: 5-60M).
+MODELS = {
+    "tiny": (),
+    "large": (
+        "model.channels=[40,80,160,320,640]",
+        "model.strides=[2,2,2,2]",
+        "model.num_res_units=2",
+        "train.batch_size=1",
+    ),
+}
 # What a ClientApp process imports before its handler can work: Flower's runtime, the app (what
 # clients/client_app.py imports; that thin entry itself comes from the run's FAB, not from an
 # installed package), and the site code (torch, MONAI, Opacus).
@@ -208,7 +219,14 @@ def launch_latency(work: Path, concurrent: int, repeats: int = 2) -> dict[str, f
     return {"stock": statistics.median(stock), "ours": statistics.median(warm)}
 
 
-def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str, str]) -> dict:
+def deploy_and_run(
+    work: Path,
+    run: Run,
+    rounds: int,
+    keys: Path,
+    env: dict[str, str],
+    model: tuple[str, ...] = (),
+) -> dict:
     """Deploy a fresh SuperLink and SITES SuperNodes in ``run.mode``, run once; per-round rows."""
     name, mode = run.name, run.mode
     logs = work / name
@@ -259,7 +277,10 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                     f"data-dir='{work / 'data' / f'site-{site}'}' site-name='site-{site}' "
                     # a privacy=off baseline of plain rounds: the sites opt out of DP and SecAgg
                     + node_policy(
-                        require_dp=False, require_secure_aggregation=False, min_secagg_sites=2
+                        require_dp=False,
+                        require_secure_aggregation=False,
+                        min_secagg_sites=2,
+                        release=["train-seconds"],  # what round_costs splits the round by
                     ),
                 ],
             )
@@ -292,6 +313,7 @@ def deploy_and_run(work: Path, run: Run, rounds: int, keys: Path, env: dict[str,
                 "federation.round_timeout=600",
                 f"run_root={work / 'runs'}",
                 f"run_name={name}",
+                *model,
                 *run.overrides,
             ]
         )
@@ -389,6 +411,17 @@ def main() -> int:
         help="also run both modes with secure aggregation (5 phases per round)",
     )
     parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="tiny",
+        help="tiny U-Net, or a real-size 30M-parameter 3D U-Net",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated run names to measure (default: all)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -407,7 +440,11 @@ def main() -> int:
         (work / "flwr-home").mkdir()
         latency = {n: launch_latency(work, n) for n in (1, SITES)}
         runs = [*RUNS, *(SECAGG_RUNS if args.secagg else ())]
-        results = [deploy_and_run(work, run, args.rounds, keys, env) for run in runs]
+        if args.only:
+            runs = [r for r in runs if r.name in args.only.split(",")]
+        results = [
+            deploy_and_run(work, run, args.rounds, keys, env, MODELS[args.model]) for run in runs
+        ]
 
     print(
         f"\nRound overhead: {SITES} sites, TLS + SuperNode auth on loopback, {args.rounds} "
@@ -426,7 +463,9 @@ def main() -> int:
     other = {r["name"]: statistics.mean(x["other"] for x in r["rows"]) for r in results}
     print("non-training time per round (mean over rounds):")
     for run in runs:
-        if run.mode == "ours":
+        if run.mode == "ours" and run.baseline not in other:
+            print(f"  {run.name:<16} {other[run.name]:6.2f} s ({run.baseline} not run)")
+        elif run.mode == "ours":
             stock, ours = other[run.baseline], other[run.name]
             ratio = ours / stock
             print(

@@ -194,7 +194,11 @@ def _check_ranges(cfg: Config) -> None:
         "train.lr_decay": 0 < cfg.train.lr_decay <= 1,
         "strategy.min_sites": 1 <= cfg.strategy.min_sites,
         "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
-        "federation.round_timeout": cfg.federation.round_timeout > 0,
+        "federation.round_timeout": cfg.federation.round_timeout >= 0,
+        "federation.site_link_mbps": cfg.federation.site_link_mbps > 0,
+        "federation.transport_dtype": cfg.federation.transport_dtype
+        in ("float32", "float16", "bfloat16")
+        and (cfg.federation.pack_arrays or cfg.federation.transport_dtype == "float32"),
         "federation.reply_poll_interval": 0.01 <= cfg.federation.reply_poll_interval <= 10,
         "federation.rejoin_wait": cfg.federation.rejoin_wait >= 0,
         "federation.secagg_threshold": 0 < cfg.federation.secagg_threshold <= 1,

@@ -184,8 +184,17 @@ class FederationConfig:
 
     Parameters
     ----------
-    round_timeout : float, default 600.0
-        Deadline for a round's replies, in seconds.
+    round_timeout : float, default 0.0
+        Deadline for a round's replies, in seconds; 0 derives it from the model's size, the
+        transport dtype and ``site_link_mbps`` (:func:`fedhealth.protocol.transport.round_deadline`:
+        600 s plus twice the transfer time).
+    site_link_mbps : float, default 10.0
+        The slowest hospital link the derived deadline allows for, in Mb/s (both ways).
+    transport_dtype : str, default "float32"
+        What the packed model and plain updates travel as: ``float32``, ``float16`` or
+        ``bfloat16`` (half the bytes; widened to float32 at both ends; DP noise is added
+        before rounding; a secure sum keeps its own fixed-point encoding). Needs
+        ``pack_arrays``.
     reply_poll_interval : float, default 0.1
         Seconds between reply pulls (Flower's own: 3 s), in [0.01, 10].
     fold_evaluate : bool, default True
@@ -219,7 +228,9 @@ class FederationConfig:
         Public bound on a site's example count under secure aggregation.
     """
 
-    round_timeout: float = 600.0
+    round_timeout: float = 0.0  # 0: from the model's size and site_link_mbps
+    site_link_mbps: float = 10.0
+    transport_dtype: str = "float32"  # float32, float16 or bfloat16 on the wire
     reply_poll_interval: float = 0.1  # seconds between reply pulls (Flower's own: 3 s)
     fold_evaluate: bool = True  # evaluate round r's model with round r+1's train message
     pack_arrays: bool = True  # the model travels as one float32 vector, not one array per tensor

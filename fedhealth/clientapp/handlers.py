@@ -40,7 +40,7 @@ from fedhealth.models import DP_READY
 from fedhealth.privacy.budget import RoundRequest
 from fedhealth.privacy.resources import check_resources
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import is_packed, pack
+from fedhealth.protocol.packing import pack, packed_dtype
 from fedhealth.protocol.replies import error_reply, node_site_name
 from fedhealth.training import DPSettings, seed_everything
 from fedhealth.training.scoring import train_loader
@@ -238,8 +238,11 @@ def train_update(
             )
             if entry is not None:  # stored before it is sent: a retry resends it
                 releases.save(request.run, request.server_round, entry, state, done)
-    # the update goes back in the form the global model came in
-    arrays = pack(state) if is_packed(received(msg)) else ArrayRecord(state)
+    # the update goes back in the form and wire dtype the global model came in; an update for
+    # a secure sum stays float32 (quantised to the sum's own fixed-point field, never rounded
+    # to 16 bits first). Rounding comes after Opacus's noise: post-processing.
+    wire = packed_dtype(received(msg))
+    arrays = ArrayRecord(state) if wire is None else pack(state, "float32" if secure else wire)
     check_outgoing(arrays, msg, site.name)
     trained = Trained(
         site=site.name,

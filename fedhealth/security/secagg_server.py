@@ -127,17 +127,20 @@ class SecAggServer:
         length = lengths.pop()
         total = np.zeros(length, dtype=np.uint32)
         for vector in self.masked.values():
-            total = total + vector
+            total += vector  # in place: a 30M-value model is 120 MB a copy
         for i in survivors:
             seed = self._rebuild(i, reveals)
-            total = total - prg(seed, length)
+            total -= prg(seed, length)
         for j in dropped:
             s_j = X25519PrivateKey.from_private_bytes(self._rebuild(j, reveals))
             for i in self.graph[j]:
                 if i in survivors and i in self.shared[j]:  # i masked with j: j shared to i
                     pair = prg(agree(s_j, self.publics[i][1], pair_info(i, j, b"mask")), length)
                     # survivor i added +pair if i < j else -pair; remove it
-                    total = total - pair if i < j else total + pair
+                    if i < j:
+                        total -= pair
+                    else:
+                        total += pair
         total = total.astype(np.uint32)
         count_sum = int(total[-1])
         if not 1 <= count_sum <= self.params.max_examples * len(survivors):

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhealth.errors import RunStopped
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import layout, pack, unpack
+from fedhealth.protocol.packing import array_view, layout, pack, unpack
 from fedhealth.reports.progress import ROUND_FIELD
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
@@ -56,7 +56,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
     """
     from fedhealth.config import site_settings
     from fedhealth.models import build_model
-    from fedhealth.serverapp.strategy import build_strategy
+    from fedhealth.protocol.transport import round_deadline
+    from fedhealth.serverapp.strategies import build_strategy
     from fedhealth.training import seed_everything
 
     if run_dir.finished:
@@ -68,7 +69,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
     shapes = layout(model_state) if fed.pack_arrays else None
     initial = pack(model_state) if fed.pack_arrays else ArrayRecord(model_state)
     done = run_dir.resumed_from or 0
-    strategy = build_strategy(cfg, run_dir)
+    deadline = round_deadline(cfg, sum(int(v.numel()) for v in model_state.values()))
+    strategy = build_strategy(cfg, run_dir, deadline)
     if run_dir.resumed_from is not None:
         arrays = run_dir.checkpoints.load(done)  # refuses a file whose sha256 does not match
         tensors = {k: np.ascontiguousarray(arrays[k]) for k in model_state}
@@ -112,7 +114,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
         tensors = (
             unpack(arrays, shapes, f"round {server_round} global model")
             if shapes
-            else {k: v.numpy() for k, v in arrays.items()}
+            else {k: array_view(v) for k, v in arrays.items()}
         )
         lines = run_dir.end_round(
             server_round, tensors, defer_evaluate=strategy.folds(server_round)
@@ -148,7 +150,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.rounds - done,
-            timeout=cfg.federation.round_timeout,
+            timeout=deadline,
             train_config=instruction,
             evaluate_config=instruction,
             evaluate_fn=end_round,

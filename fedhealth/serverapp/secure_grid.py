@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import unflatten
+from fedhealth.protocol.packing import array_view, unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
 from fedhealth.security.validation import validate_metrics
@@ -260,7 +260,7 @@ class SecureGrid(DelegatingGrid):
             )
             masks[n] = content
         template = by_node[nodes[0]].content.array_records[K.ARRAYS]
-        size = sum(a.numpy().size for a in template.values()) + 2  # + the loss and the count
+        size = sum(array_view(a).size for a in template.values()) + 2  # + the loss and the count
         pid_of_node = {node: pid for pid, node in node_of.items()}
 
         def masked(reply: Message) -> MaskedReply:
@@ -335,7 +335,10 @@ class SecureGrid(DelegatingGrid):
 
 def _masked(reply: Message, size: int, max_examples: int, pid: int) -> MaskedReply:
     """Check a mask-stage reply: the vector's length and dtype, the metrics, the site record."""
-    vector = reply.content.array_records[K.MASKED][K.MASKED].numpy()
+    try:
+        vector = array_view(reply.content.array_records[K.MASKED][K.MASKED], "masked vector")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     if vector.shape != (size,) or vector.dtype.kind not in "ui":
         raise ValueError(
             f"masked vector {vector.dtype}{vector.shape}, expected "

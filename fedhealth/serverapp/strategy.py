@@ -19,40 +19,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Final, TypedDict
+from typing import Final
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from fedhealth.config import Config
 from fedhealth.errors import CheckpointError, ConfigError, RunStopped
 from fedhealth.protocol import keys as K
+from fedhealth.protocol.packing import array_view, repack
 from fedhealth.runs.rundir import RunDir
 from fedhealth.serverapp.checks import TRAIN_METRICS, check_evaluation, check_train_replies
 from fedhealth.serverapp.replies import Phase, as_dtype, plain, site_name, sort_replies
 from fedhealth.serverapp.waiting import wait_for_sites
 
-__all__ = ["BASES", "TRAIN_METRICS", "GuardedStrategy", "build_strategy", "site_name"]
+__all__ = ["TRAIN_METRICS", "GuardedStrategy", "site_name"]
 
 log = logging.getLogger("fedhealth.coordinator")
 
-BASES: Final[dict[str, type[FedAvg]]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
-"""``strategy.name`` -> the Flower strategy it runs."""
 MOMENTS: Final = ("m_t", "v_t")
 """FedOpt's state across rounds (FedAdam's first and second moments), by attribute name."""
-
-
-class _Sampling(TypedDict):
-    """Flower's node sampling settings, common to FedAvg, FedProx and FedAdam."""
-
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
 
 
 class GuardedStrategy(Strategy):
@@ -89,6 +77,10 @@ class GuardedStrategy(Strategy):
     rejoin_wait : float, default 0.0
         Seconds to wait for sites of the previous round that are gone before a round goes on
         without them; >= 0.
+    transport : str, default "float32"
+        Wire dtype of a packed global model (:data:`~fedhealth.protocol.packing.TRANSPORT_DTYPES`):
+        the strategy keeps, aggregates and checkpoints float32; each message carries the model
+        rounded to ``transport``, and 16-bit replies are widened before aggregation.
 
     Attributes
     ----------
@@ -124,6 +116,7 @@ class GuardedStrategy(Strategy):
         fold_evaluate: bool = False,
         last_round: int = 0,
         rejoin_wait: float = 0.0,
+        transport: str = "float32",
     ) -> None:
         super().__init__()
         checks = {
@@ -143,8 +136,10 @@ class GuardedStrategy(Strategy):
         self.fold_evaluate, self.last_round = fold_evaluate, last_round
         self.rejoin_wait = rejoin_wait
         self.round_offset = 0
+        self.transport = transport
         self.node_names: dict[int, str] = {}
-        self._reference: ArrayRecord | None = None
+        self._reference: ArrayRecord | None = None  # the model as sent (wire dtype)
+        self._global: ArrayRecord | None = None  # the model as kept (float32)
         self._sent = 0  # sites the last train round was sent to
 
     def __repr__(self) -> str:
@@ -244,11 +239,21 @@ class GuardedStrategy(Strategy):
         """Wait for the sites, then let the wrapped strategy sample them for training."""
         server_round += self.round_offset
         self._wait(grid, server_round)
-        self._reference = arrays
+        self._global, self._reference = arrays, repack(arrays, self.transport)
         if self.folds(server_round - 1):
             config = ConfigRecord({**config, K.EVALUATE_ROUND: server_round - 1})
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        # the wrapped strategy keeps the float32 model (FedAdam steps from it); the wire gets
+        # the transport dtype, one record shared by every message (pushed once)
+        messages = self._on_wire(self.strategy.configure_train(server_round, arrays, config, grid))
         self._sent = len(messages)
+        return messages
+
+    def _on_wire(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        wire = self._reference
+        if wire is not None and wire is not self._global:
+            for msg in messages:
+                msg.content[self.strategy.arrayrecord_key] = wire
         return messages
 
     def configure_evaluate(
@@ -259,7 +264,8 @@ class GuardedStrategy(Strategy):
         if self.folds(server_round):
             return []  # evaluated with the next round's train message
         self._wait(grid, server_round)
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        self._global, self._reference = arrays, repack(arrays, self.transport)
+        return self._on_wire(self.strategy.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -283,7 +289,8 @@ class GuardedStrategy(Strategy):
             self._sorted(server_round, replies, "train"),
             entry=entry,
             evaluated=self.run_dir.log(server_round - 1) if folded else None,
-            reference=self._reference,
+            # a secure sum's mean comes back in float32 whatever the wire dtype
+            reference=self._global if self.secure else self._reference,
             max_examples=self.max_examples,
             server_round=server_round,
             secure=self.secure,
@@ -296,16 +303,20 @@ class GuardedStrategy(Strategy):
             )
             log.warning("%s; stopping the run, global model unchanged", reason)
             raise RunStopped(reason)
-        arrays, aggregated = self.strategy.aggregate_train(
-            server_round, plain(accepted, arrays=True)
-        )
-        if arrays is not None and self._reference is not None:
+        inputs = plain(accepted, arrays=True)
+        key = self.strategy.arrayrecord_key
+        for msg in inputs:  # 16-bit updates are averaged in float32
+            msg.content[key] = repack(msg.content.array_records[key], "float32")
+        arrays, aggregated = self.strategy.aggregate_train(server_round, inputs)
+        if arrays is not None and self._global is not None:
             # FedAdam's step (and any mean of integer buffers) comes back as float64: sites train
             # and reply in the global model's dtypes, which validation then requires exactly.
             arrays = ArrayRecord(
                 {
-                    k: Array(as_dtype(arrays[k].numpy(), ref.dtype))
-                    for k, ref in self._reference.items()
+                    k: arrays[k]
+                    if arrays[k].dtype == ref.dtype
+                    else Array(as_dtype(array_view(arrays[k]), ref.dtype))
+                    for k, ref in self._global.items()
                 }
             )
         return arrays, aggregated
@@ -338,57 +349,3 @@ class GuardedStrategy(Strategy):
 
 def _moment(state: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
     return {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
-
-
-def build_strategy(cfg: Config, run_dir: RunDir) -> GuardedStrategy:
-    """Build the configured Flower strategy, wrapped in :class:`GuardedStrategy`.
-
-    Parameters
-    ----------
-    cfg : Config
-        The run's config: ``strategy`` (algorithm and its settings), ``federation`` (deadlines,
-        secure aggregation, folded evaluation), ``sites`` and ``rounds``.
-    run_dir : RunDir
-        The run directory the strategy records rounds in.
-
-    Returns
-    -------
-    GuardedStrategy
-        Its ``round_offset`` is 0; a resumed run sets it.
-
-    Raises
-    ------
-    ConfigError
-        ``strategy.name`` is not one of :data:`BASES`, or a setting is out of range.
-    """
-    s = cfg.strategy
-    if s.name not in BASES:
-        raise ConfigError(f"strategy.name={s.name!r}: choose one of {sorted(BASES)}")
-    need = max(1, min(s.min_sites, cfg.sites))
-    sampling = _Sampling(
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=need,
-        min_evaluate_nodes=need,
-        min_available_nodes=need,
-    )
-    inner: FedAvg
-    if s.name == "fedprox":
-        inner = FedProx(**sampling, proximal_mu=s.proximal_mu)
-    elif s.name == "fedadam":
-        inner = FedAdam(
-            **sampling, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau
-        )
-    else:
-        inner = FedAvg(**sampling)
-    return GuardedStrategy(
-        inner,
-        run_dir=run_dir,
-        max_examples=s.max_examples_per_site,
-        min_sites=need,
-        wait_timeout=cfg.federation.round_timeout,
-        secure=cfg.federation.secure_aggregation,
-        fold_evaluate=cfg.federation.fold_evaluate and s.fraction_evaluate > 0,
-        last_round=cfg.rounds,
-        rejoin_wait=cfg.federation.rejoin_wait,
-    )

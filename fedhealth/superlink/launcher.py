@@ -51,7 +51,8 @@ def launch(
     address : str, optional
         ``host:port`` of the Control API (default None: ``127.0.0.1:<port>``).
     timeout : float, optional
-        Seconds for the whole run (default None: ``rounds * (round_timeout + 60) + 300``).
+        Seconds for the whole run (default None: ``rounds * (round deadline + 60) + 300``, the
+        deadline from :func:`fedhealth.protocol.transport.round_deadline`).
     poll : float, optional
         Seconds between status polls (default 2.0).
     max_submissions : int, optional
@@ -78,7 +79,9 @@ def launch(
     run_config = write_run_config(cfg, home / f"{cfg.run_name}.toml")
     if s.app_signature:
         add_signature(run_config, Path(s.app_signature), project_dir())
-    timeout = timeout or cfg.rounds * (cfg.federation.round_timeout + 60) + 300
+    from fedhealth.protocol.transport import round_deadline
+
+    timeout = timeout or cfg.rounds * (round_deadline(cfg) + 60) + 300
     deadline = time.monotonic() + timeout
     run_dir = Path(cfg.run_root) / cfg.run_name
     with RoundProgress(cfg.rounds) as progress:

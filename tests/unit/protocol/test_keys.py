@@ -26,7 +26,8 @@ from fedhealth.runs.rundir import RoundLog, RunDir
 from fedhealth.security.validation import validate_accounting, validate_update
 from fedhealth.serverapp.checks import privacy_row
 from fedhealth.serverapp.replies import metrics_of, scalars, site_record, sort_replies
-from fedhealth.serverapp.strategy import TRAIN_METRICS, build_strategy, site_name
+from fedhealth.serverapp.strategies import build_strategy
+from fedhealth.serverapp.strategy import TRAIN_METRICS, site_name
 
 SITE = "site-a"
 NODE = 7

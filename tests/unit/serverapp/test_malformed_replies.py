@@ -33,7 +33,7 @@ from fedhealth.config import compose
 from fedhealth.errors import RunStopped
 from fedhealth.protocol.packing import pack
 from fedhealth.runs.rundir import RunDir
-from fedhealth.serverapp.strategy import build_strategy
+from fedhealth.serverapp.strategies import build_strategy
 
 SEED = 20250917
 MAX_EXAMPLES = 1000

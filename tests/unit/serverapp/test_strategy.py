@@ -8,14 +8,14 @@ from strategy_replies import SHAPES, _arrays, _reply
 from fedhealth.config import compose
 from fedhealth.errors import RunStopped
 from fedhealth.runs.rundir import RunDir, read_metrics
-from fedhealth.serverapp.strategy import build_strategy
+from fedhealth.serverapp.strategies import build_strategy
 
 
 @pytest.fixture
 def strategy(tmp_path, flower_identity):
     cfg = compose([f"run_root={tmp_path}", "sites=4", "strategy.min_sites=2"])
     strat = build_strategy(cfg, RunDir.create(cfg))
-    strat._reference = ArrayRecord(
+    strat._global = strat._reference = ArrayRecord(
         {k: Array(v) for k, v in _arrays(np.random.default_rng(0)).items()}
     )
     return strat

@@ -8,7 +8,8 @@ from strategy_replies import SHAPES, _arrays, _reply
 from fedhealth.config import compose
 from fedhealth.errors import CheckpointError, ConfigError
 from fedhealth.runs.rundir import RunDir
-from fedhealth.serverapp.strategy import GuardedStrategy, build_strategy
+from fedhealth.serverapp.strategies import build_strategy
+from fedhealth.serverapp.strategy import GuardedStrategy
 
 
 class _Grid:
