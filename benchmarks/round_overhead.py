@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import os
 import re
 import statistics
@@ -50,7 +51,7 @@ from pathlib import Path
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec
 
-from fedhealth.config import compose
+from fedhealth.config import Config, compose
 from fedhealth.data.synth import write_cohort
 from fedhealth.errors import FederationError, RunIncomplete
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
@@ -72,6 +73,7 @@ SITES = 4
 POLL = 0.1
 PULL_INTERVAL = 0.5  # the site daemon's default pull_interval
 TARGET_S, TARGET_RATIO = 5.0, 0.25
+MODEL_NAMES = {"tiny": "tiny U-Net", "large": "30.0M-parameter 3D U-Net (120 MB in float32)"}
 # Model sizes: the default tiny U-Net, and a real-size 3D U-Net (30.0M parameters, 120 MB in
 # float32), the size of brain-tumour models in use (nnU-Net, SegResNet, SwinUNETR: 5-60M).
 MODELS = {
@@ -94,6 +96,7 @@ HANDLER_IMPORTS = (
 )
 LAUNCHED = re.compile(r"^(\S+ \S+) INFO fedhealth\.warm: task (\d+) run \d+: launched")
 EXITED = re.compile(r"^(\S+ \S+) \w+ fedhealth\.warm: task (\d+): pid \d+ exited")
+EVENT = re.compile(r"^(\S+ \S+) \w+ fedhealth\.site: .*\[fedhealth-event\] (\{.*\})$")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class Run:
     paced : bool, optional
         Ours only: SuperNode pull interval ``PULL_INTERVAL`` and ClientApp pull backoff 0.05 s
         (default True; False: Flower's own polling).
+    database : bool, optional
+        The SuperLink keeps its state in an SQLite file, as the coordinator service runs it
+        (default False: in memory). Flower 1.39 then keeps message objects (every model
+        chunk) in that file too.
     """
 
     name: str
@@ -129,6 +136,7 @@ class Run:
     baseline: str = "stock"
     folded: bool = False  # the last round has one more phase (its evaluate)
     paced: bool = True  # ours: SuperNode pull interval PULL_INTERVAL, child pull backoff 0.05 s
+    database: bool = False  # the SuperLink's state (and Flower's object store) in SQLite
 
 
 PLAIN = ("train", "evaluate")
@@ -158,6 +166,16 @@ RUNS = (
     # ours as configured by default: evaluation folded into the next train message, one
     # phase per round (the last round adds its evaluate phase)
     Run("ours", "ours", ("train",), folded=True),
+    # ours with the SuperLink's state in SQLite, as the coordinator service runs it
+    Run("ours-sqlite", "ours", ("train",), folded=True, database=True),
+    # ours with the model and the updates on the wire in float16: half the bytes
+    Run(
+        "ours-fp16",
+        "ours",
+        ("train",),
+        overrides=("federation.transport_dtype=float16",),
+        folded=True,
+    ),
 )
 SECAGG_RUNS = (
     Run("stock-secagg", "stock", SECAGG, True, overrides=STOCK),
@@ -234,7 +252,8 @@ def deploy_and_run(
     procs = Procs(logs, env)
     link, control, *ports = free_ports(SITES + 2)
     try:
-        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench", control)
+        database = logs / "superlink.db" if run.database else None
+        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench", control, database)
         for site in range(SITES):
             flwr(
                 env,
@@ -325,14 +344,25 @@ def deploy_and_run(
         procs.stop()
     rows = round_costs(work / "runs" / name)
     phases = [*run.phase_names * rounds, *(["evaluate"] if run.folded else [])]
-    return {
+    result = {
         "name": name,
         "rows": rows,
         "phases": phases,
         "tasks": [_task_log(logs / f"warm-{s}.log") for s in range(SITES)]
         if mode == "ours"
         else None,
+        "bytes": _wire_bytes(cfg, run.secure),
     }
+    if mode == "ours" and not run.secure:
+        result["spans"] = spans(result, work / "runs" / name)
+    return result
+
+
+def _wire_bytes(cfg: Config, secure: bool) -> tuple[int, int]:
+    """(down, up) bytes per site per round of a run, from its model and transport dtype."""
+    from fedhealth.protocol.transport import model_values, wire_bytes
+
+    return wire_bytes(model_values(cfg.model), cfg.federation.transport_dtype, secure=secure)
 
 
 def _wait_for_logs(procs: Procs, logs: Path, needles: list[str], timeout: float) -> None:
@@ -350,18 +380,87 @@ def _wait_for_logs(procs: Procs, logs: Path, needles: list[str], timeout: float)
 
 
 def _task_log(path: Path) -> list[dict]:
-    """One site's tasks in order: acquired/exited wall times (s) from the executor's log."""
+    """One site's tasks in order: acquired/exited wall times (s) and the site's events in it.
+
+    ``events`` maps ``started:<phase>``, ``trained`` and ``evaluated`` to when the site logged
+    them (:mod:`fedhealth.clientapp.events`).
+    """
 
     def stamp(text: str) -> float:
         return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     tasks: dict[str, dict] = {}
+    current: dict | None = None
     for line in path.read_text(errors="replace").splitlines():
         if m := LAUNCHED.match(line):
-            tasks[m[2]] = {"start": stamp(m[1])}
+            current = tasks[m[2]] = {"start": stamp(m[1]), "events": {}}
         elif (m := EXITED.match(line)) and m[2] in tasks:
             tasks[m[2]]["end"] = stamp(m[1])
+            current = None
+        elif current is not None and (m := EVENT.match(line)):
+            event = json.loads(m[2])
+            kind = event["event"].rsplit(".", 1)[-1]
+            name = f"started:{event.get('phase')}" if kind == "started" else kind
+            current["events"][name] = stamp(m[1])
     return [t for t in tasks.values() if "end" in t]
+
+
+SPANS = (
+    ("pull", "message to the site: SuperNode -> ClientApp, FAB, imports"),
+    ("model in+out", "data, global model in, update packed and checked"),
+    ("evaluate", "the previous round's model on the test cases (folded)"),
+    ("push", "the reply: ClientApp -> SuperNode"),
+    ("relay", "SuperNode -> SuperLink -> ServerApp and back, minus its steps below"),
+    ("aggregate", "coordinator: validate and aggregate the replies"),
+    ("checkpoint", "coordinator: write the global model"),
+)
+
+
+def spans(result: dict, run_dir: Path) -> dict[str, float]:
+    """Where a round's non-training time goes: mean seconds per train phase, by span.
+
+    Site spans are the slowest site's, from the warm executors' task logs and the sites'
+    events; ``relay`` is the gap from the last site's exit to the next round's first
+    pickup, minus the coordinator's own ``aggregate`` and ``checkpoint`` seconds
+    (``coordinator_s`` in ``metrics.jsonl``).
+    """
+    from fedhealth.runs.rundir import read_metrics
+
+    lines = {line["round"]: line for line in read_metrics(run_dir)}
+    sites = result["tasks"]
+    rows: dict[str, list[float]] = {name: [] for name, _ in SPANS}
+    count = min(len(t) for t in sites)
+    for k in range(count):
+        line = lines.get(k + 1, {})
+        if "train" not in line or k + 1 >= count:
+            continue
+        train = {name: m.get("train-seconds", 0.0) for name, m in line["train"]["sites"].items()}
+        per_site = []
+        for site, tasks in enumerate(sites):
+            task, ev = tasks[k], tasks[k]["events"]
+            if "started:train" not in ev or "trained" not in ev:
+                continue
+            last = max(ev.get("evaluated", 0.0), ev["trained"])
+            per_site.append(
+                {
+                    "pull": ev["started:train"] - task["start"],
+                    "model in+out": ev["trained"]
+                    - ev["started:train"]
+                    - train.get(f"site-{site}", 0.0),
+                    "evaluate": ev.get("evaluated", 0.0) - ev.get("started:evaluate", 0.0),
+                    "push": task["end"] - last,
+                }
+            )
+        if not per_site:
+            continue
+        for name in ("pull", "model in+out", "evaluate", "push"):
+            rows[name].append(max(p[name] for p in per_site))
+        coordinator = line.get("coordinator_s", {})
+        gap = min(t[k + 1]["start"] for t in sites) - max(t[k]["end"] for t in sites)
+        rows["aggregate"].append(coordinator.get("aggregate", 0.0))
+        rows["checkpoint"].append(coordinator.get("checkpoint", 0.0))
+        rows["relay"].append(gap - rows["aggregate"][-1] - rows["checkpoint"][-1])
+    return {name: statistics.mean(v) for name, v in rows.items() if v}
 
 
 def breakdown(result: dict) -> list[str]:
@@ -448,7 +547,7 @@ def main() -> int:
 
     print(
         f"\nRound overhead: {SITES} sites, TLS + SuperNode auth on loopback, {args.rounds} "
-        f"rounds, tiny U-Net, 4 train / 2 test patients per site, privacy off"
+        f"rounds, {MODEL_NAMES[args.model]}, 4 train / 2 test patients per site, privacy off"
     )
     print("ClientApp start, task acquired -> handler's imports done (slowest of N at once):")
     for n, row in latency.items():
@@ -473,10 +572,36 @@ def main() -> int:
                 f"{ratio:.2f}; <= {TARGET_S:g} s: {'yes' if ours <= TARGET_S else 'NO'}; "
                 f"<= {TARGET_RATIO:g} x stock: {'yes' if ratio <= TARGET_RATIO else 'NO'}"
             )
+    print("bytes per site per round (the arrays' payload, both ways), and what a hospital link")
+    print("adds to a round (down + up, at full link speed):")
+    print(f"  {'run':<17}{'down MB':>9}{'up MB':>9}{'100 Mb/s':>10}{'1 Gb/s':>9}")
+    for result in results:
+        down, up = result["bytes"]
+        print(
+            f"  {result['name']:<17}{down / 1e6:>9.1f}{up / 1e6:>9.1f}"
+            f"{8 * (down + up) / 100e6:>9.1f}s{8 * (down + up) / 1e9:>8.1f}s"
+        )
+    if len({r["name"] for r in results} & {"ours", "ours-secagg"}) == 2:
+        plain, secure = other["ours"], other["ours-secagg"]
+        print(
+            f"secure aggregation with our stack: {secure:.2f} s vs {plain:.2f} s non-training per "
+            f"round: {secure / plain:.2f}x (target <= 1.5x: "
+            f"{'yes' if secure / plain <= 1.5 else 'NO'})"
+        )
     print("where ours' time goes:")
     for result in results:
         if result["tasks"]:
             print("\n".join(breakdown(result)))
+    timed = [r for r in results if r.get("spans")]
+    if timed:
+        print("a train phase's non-training time by span (mean s per round; slowest site):")
+        print(f"  {'span':<14}" + "".join(f"{r['name']:>16}" for r in timed) + "   what")
+        for name, what in SPANS:
+            print(
+                f"  {name:<14}"
+                + "".join(f"{r['spans'].get(name, float('nan')):>16.2f}" for r in timed)
+                + f"   {what}"
+            )
     return 0
 
 

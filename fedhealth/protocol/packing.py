@@ -96,6 +96,28 @@ def array_view(array: Array, what: str = "array") -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+class ViewArray(Array):
+    """A Flower ``Array`` whose :meth:`numpy` is :func:`array_view` (no copy through np.load).
+
+    For arrays that never leave this process (e.g. the replies handed to Flower's FedAvg,
+    which reads each one with ``numpy()`` and writes a new result): read-only values.
+    """
+
+    def numpy(self) -> np.ndarray:
+        """Return the values as a read-only view of the ``.npy`` bytes."""
+        return array_view(self)
+
+
+def viewed(arrays: ArrayRecord) -> ArrayRecord:
+    """Return ``arrays`` with each Array as a :class:`ViewArray` over the same bytes."""
+    return ArrayRecord(
+        {
+            k: ViewArray(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
+            for k, a in arrays.items()
+        }
+    )
+
+
 def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, Array):
         return array_view(value)

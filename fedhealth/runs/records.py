@@ -56,6 +56,7 @@ class MetricsLine(TypedDict):
     checkpoint: CheckpointRef
     train: NotRequired[TrainSummary]
     evaluate: NotRequired[EvaluateSummary]
+    coordinator_s: NotRequired[dict[str, float]]  # aggregate and checkpoint seconds
 
 
 class Resumed(TypedDict):
@@ -141,6 +142,10 @@ class RoundLog:
     secure_sum : SiteMetrics, default {}
         The secure sum's metrics when the round was securely aggregated: the summed sites'
         example count and example-weighted training loss (each site's own stay inside it).
+    seconds : dict[str, float], default {}
+        Where the coordinator's own time went in the round, by step (``aggregate``:
+        validating and aggregating the train replies; ``checkpoint``: writing the global
+        model), in seconds.
     ledgers : LedgerWatch, default a new one
         The run's watch over the sites' ledgers, shared by every round's log
         (:meth:`fedhealth.runs.rundir.RunDir.log`).
@@ -154,4 +159,5 @@ class RoundLog:
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "evaluate": 0})
     secure_sum: SiteMetrics = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     ledgers: LedgerWatch = field(default_factory=LedgerWatch, repr=False, compare=False)

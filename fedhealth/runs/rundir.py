@@ -214,7 +214,9 @@ class RunDir:
             The lines written now, in round order.
         """
         written = self.flush_pending()
+        started = time.perf_counter()
         ckpt, digest = self.checkpoints.save(server_round, arrays)
+        saved = round(time.perf_counter() - started, 3)
         line: MetricsLine = {
             "round": server_round,
             "time": _now(),
@@ -236,6 +238,7 @@ class RunDir:
             }
             if entry.secure_sum:
                 line["train"]["secure_sum"] = entry.secure_sum
+            line["coordinator_s"] = {**entry.seconds, "checkpoint": saved}
         if server_round > 0 and defer_evaluate:
             self.pending = line
             self.manifest["pending_line"] = line

@@ -49,9 +49,11 @@ from numpy.typing import NDArray
 
 from fedhealth.errors import SecAggError
 from fedhealth.security.secagg_primitives import (
+    MASK_CHUNK,
     MODULUS_BITS,
     SecAggParams,
     agree,
+    apply_mask,
     auto_degree,
     dequantize_sum,
     derive_key,
@@ -302,22 +304,22 @@ class SecAggSite:
         if not np.isfinite(update).all():
             raise SecAggError(f"site {self.site_id}: update has NaN or infinite values")
         self._received = dict(received)
-        vector = np.concatenate(
-            [
-                quantize(update.ravel(), weight, self.params, rng),
-                np.array([weight], dtype=np.uint32),
-            ]
-        )
-        masked = vector + prg(self._seed, vector.size)
+        flat = update.ravel()
+        rng = rng or np.random.default_rng()
+        masked = np.empty(flat.size + 1, dtype=np.uint32)
+        # quantised block by block (the rounding draws continue one stream), then each mask
+        # applied in place block by block: no full-size temporaries for a 30M-value model
+        for start in range(0, flat.size, MASK_CHUNK):
+            block = flat[start : start + MASK_CHUNK]
+            masked[start : start + block.size] = quantize(block, weight, self.params, rng)
+        masked[-1] = weight
+        apply_mask(masked, self._seed, +1)
         for j in self.neighbours:
             if j not in received:  # j dropped before sharing its secrets: no mask with it
                 continue
-            pair = prg(
-                agree(self._s, self._publics[j][1], pair_info(self.site_id, j, b"mask")),
-                vector.size,
-            )
-            masked = masked + pair if self.site_id < j else masked - pair
-        return masked.astype(np.uint32)
+            pair = agree(self._s, self._publics[j][1], pair_info(self.site_id, j, b"mask"))
+            apply_mask(masked, pair, +1 if self.site_id < j else -1)
+        return masked
 
     def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
         """Stage 4: reveal the seed share of each survivor, the key share of each dropped site.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -204,6 +205,60 @@ def agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
     return derive_key(private.exchange(X25519PublicKey.from_public_bytes(public)), info)
 
 
+MASK_CHUNK: Final = 1 << 20
+"""Words a mask is generated and applied in at a time (4 MB): a 30M-value model is masked in
+cache-sized blocks instead of several 120 MB temporaries per mask."""
+
+
+def keystream(key: bytes, length: int, chunk: int = MASK_CHUNK) -> Iterator[NDArray[np.uint32]]:
+    """Yield :func:`prg`'s words in consecutive blocks of ``chunk`` (the last one shorter).
+
+    ChaCha20 is a stream cipher: successive ``update`` calls continue one keystream, so the
+    blocks joined are exactly ``prg(key, length)``.
+
+    Parameters
+    ----------
+    key : bytes
+        32 bytes.
+    length : int
+        Words in all.
+    chunk : int, default MASK_CHUNK
+        Words per block, >= 1.
+
+    Yields
+    ------
+    numpy.ndarray of uint32, shape (min(chunk, words left),)
+        Read-only.
+    """
+    encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
+    zeros = bytes(4 * min(chunk, length))
+    for start in range(0, length, chunk):
+        words = min(chunk, length - start)
+        yield np.frombuffer(encryptor.update(zeros[: 4 * words]), dtype="<u4")
+
+
+def apply_mask(vector: NDArray[np.uint32], key: bytes, sign: int) -> None:
+    """Add (``sign`` +1) or subtract (-1) ``prg(key, vector.size)`` in place, modulo 2^32.
+
+    Parameters
+    ----------
+    vector : numpy.ndarray of uint32, shape (n,)
+        Masked or being masked; changed in place.
+    key : bytes
+        The mask's 32-byte seed.
+    sign : int
+        +1 or -1.
+    """
+    offset = 0
+    for words in keystream(key, vector.size):
+        block = vector[offset : offset + words.size]
+        if sign > 0:
+            block += words
+        else:
+            block -= words
+        offset += words.size
+
+
 def prg(key: bytes, length: int) -> NDArray[np.uint32]:
     """Expand a key into ``length`` uint32 mask words: the ChaCha20 keystream under the key.
 
@@ -222,9 +277,9 @@ def prg(key: bytes, length: int) -> NDArray[np.uint32]:
     numpy.ndarray of uint32, shape (length,)
         The mask.
     """
-    encryptor = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
-    stream = encryptor.update(b"\x00" * (4 * length))
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+    out = np.zeros(length, dtype=np.uint32)
+    apply_mask(out, key, +1)
+    return out
 
 
 def pair_info(i: int, j: int, kind: bytes) -> bytes:

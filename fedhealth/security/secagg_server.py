@@ -17,9 +17,9 @@ from fedhealth.errors import SecAggError
 from fedhealth.security.secagg_primitives import (
     SecAggParams,
     agree,
+    apply_mask,
     dequantize_sum,
     pair_info,
-    prg,
 )
 
 
@@ -129,18 +129,14 @@ class SecAggServer:
         for vector in self.masked.values():
             total += vector  # in place: a 30M-value model is 120 MB a copy
         for i in survivors:
-            seed = self._rebuild(i, reveals)
-            total -= prg(seed, length)
+            apply_mask(total, self._rebuild(i, reveals), -1)
         for j in dropped:
             s_j = X25519PrivateKey.from_private_bytes(self._rebuild(j, reveals))
             for i in self.graph[j]:
                 if i in survivors and i in self.shared[j]:  # i masked with j: j shared to i
-                    pair = prg(agree(s_j, self.publics[i][1], pair_info(i, j, b"mask")), length)
+                    pair = agree(s_j, self.publics[i][1], pair_info(i, j, b"mask"))
                     # survivor i added +pair if i < j else -pair; remove it
-                    if i < j:
-                        total -= pair
-                    else:
-                        total += pair
+                    apply_mask(total, pair, -1 if i < j else +1)
         total = total.astype(np.uint32)
         count_sum = int(total[-1])
         if not 1 <= count_sum <= self.params.max_examples * len(survivors):

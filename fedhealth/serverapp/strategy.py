@@ -18,6 +18,7 @@ consortium needs around the algorithm:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Final
 
@@ -29,7 +30,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedhealth.errors import CheckpointError, ConfigError, RunStopped
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import array_view, repack
+from fedhealth.protocol.packing import array_view, repack, viewed
 from fedhealth.runs.rundir import RunDir
 from fedhealth.serverapp.checks import TRAIN_METRICS, check_evaluation, check_train_replies
 from fedhealth.serverapp.replies import Phase, as_dtype, plain, site_name, sort_replies
@@ -278,6 +279,7 @@ class GuardedStrategy(Strategy):
             Fewer than ``min_sites`` valid updates: the global model stays as it was.
         """
         server_round += self.round_offset
+        started = time.perf_counter()
         entry = self.run_dir.log(server_round)
         folded = self.folds(server_round - 1)
         replies = list(replies)
@@ -305,8 +307,8 @@ class GuardedStrategy(Strategy):
             raise RunStopped(reason)
         inputs = plain(accepted, arrays=True)
         key = self.strategy.arrayrecord_key
-        for msg in inputs:  # 16-bit updates are averaged in float32
-            msg.content[key] = repack(msg.content.array_records[key], "float32")
+        for msg in inputs:  # 16-bit updates are averaged in float32, read in place
+            msg.content[key] = viewed(repack(msg.content.array_records[key], "float32"))
         arrays, aggregated = self.strategy.aggregate_train(server_round, inputs)
         if arrays is not None and self._global is not None:
             # FedAdam's step (and any mean of integer buffers) comes back as float64: sites train
@@ -319,6 +321,7 @@ class GuardedStrategy(Strategy):
                     for k, ref in self._global.items()
                 }
             )
+        entry.seconds["aggregate"] = round(time.perf_counter() - started, 3)
         return arrays, aggregated
 
     def aggregate_evaluate(

@@ -1,8 +1,7 @@
 """Real Flower processes on one machine: SuperLink, SuperNodes and the ``flwr`` CLI.
 
 For the end-to-end tests and benchmarks: every wait has a deadline, every process group is
-killed at the end (:func:`fedhealth.service.process.stop_groups`), and each process's log is
-kept for the failure message.
+killed at the end (:func:`fedhealth.service.process.stop_groups`), each log kept for failures.
 """
 
 from __future__ import annotations
@@ -218,7 +217,13 @@ def superlink_listen(fleet: int, control: int) -> list[str]:
 
 
 def start_tls_superlink(
-    procs: Procs, keys: Path, port: int, flwr_home: Path, connection: str, control: int
+    procs: Procs,
+    keys: Path,
+    port: int,
+    flwr_home: Path,
+    connection: str,
+    control: int,
+    database: Path | None = None,
 ) -> None:
     """Start a SuperLink with TLS and SuperNode authentication and wait for its ports.
 
@@ -240,6 +245,8 @@ def start_tls_superlink(
         The name of the connection in ``config.toml`` (``flwr ... <connection>``).
     control : int
         The Control and Runtime APIs' port on 127.0.0.1 (``flwr``, the ServerApp).
+    database : Path or None, default None
+        SQLite state file (message objects too), as the service runs it; None: in memory.
 
     Raises
     ------
@@ -263,6 +270,7 @@ def start_tls_superlink(
             str(keys / "server.key"),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
+            *(["--database", str(database)] if database else []),
         ],
     )
     procs.wait_port(port)

@@ -163,3 +163,32 @@ def test_logarithmic_graph_at_scale_recovers_the_sum_with_dropouts():
     bound = 2 * 4.0 / (1 << 20) * 1000 / 5 * n
     np.testing.assert_allclose(mean, _fedavg(many, counts, keep), atol=bound)
     assert max(len(peers) for peers in server.graph.values()) == degree  # not every other site
+
+
+def test_masks_made_block_by_block_are_the_one_chacha20_keystream():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from fedhealth.security.secagg_primitives import apply_mask, keystream, prg
+
+    key = bytes(range(32))
+    whole = Cipher(algorithms.ChaCha20(key, b"\x00" * 16), mode=None).encryptor()
+    expected = np.frombuffer(whole.update(bytes(4 * 10)), dtype="<u4")
+    np.testing.assert_array_equal(np.concatenate(list(keystream(key, 10, chunk=3))), expected)
+    np.testing.assert_array_equal(prg(key, 10), expected)
+    vector = np.arange(10, dtype=np.uint32)
+    apply_mask(vector, key, +1)
+    apply_mask(vector, key, -1)  # modulo 2^32 both ways
+    np.testing.assert_array_equal(vector, np.arange(10, dtype=np.uint32))
+
+
+def test_a_vector_spanning_several_mask_blocks_sums_exactly():
+    """Updates longer than one mask block (a real-size model is ~30 blocks): the blocks meet
+    without a seam, with dropouts too."""
+    from fedhealth.security.secagg_primitives import MASK_CHUNK
+
+    rng = np.random.default_rng(3)
+    big = [rng.normal(0, 0.5, MASK_CHUNK + 7) for _ in range(4)]
+    counts = [10, 40, 25, 7]
+    (mean, total), _ = _round(big, counts, drop_before_input=(2,))
+    assert total == sum(counts) - 40
+    np.testing.assert_allclose(mean, _fedavg(big, counts, [0, 2, 3]), atol=QUANT_ERROR)
