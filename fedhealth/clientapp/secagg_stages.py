@@ -29,7 +29,7 @@ from fedhealth.clientapp.sitelog import emit_failure
 from fedhealth.errors import ConfigError
 from fedhealth.privacy.policy import node_policy
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import flatten
+from fedhealth.protocol.packing import flatten, packed_dtype, packed_vector
 from fedhealth.protocol.replies import error_reply, node_site_name
 from fedhealth.security.secagg import SecAggParams, SecAggSite
 
@@ -164,7 +164,15 @@ def _mask(
     received = {i: b for i, b in zip(senders, blobs, strict=True) if i}
     # the loss rides inside the sum as one more weighted value: the coordinator learns only
     # the example-weighted mean loss of the summed sites, like the model
-    vector = np.concatenate([flatten(update.arrays), np.array([update.loss], dtype=np.float32)])
+    if (
+        packed_dtype(update.arrays) is not None
+    ):  # float32, quantised block by block: no float64 copy
+        values = packed_vector(update.arrays)
+        vector = np.empty(values.size + 1, dtype=np.float32)
+        vector[:-1] = values
+        vector[-1] = update.loss
+    else:
+        vector = np.concatenate([flatten(update.arrays), np.array([update.loss])])
     masked = agent.masked_input(vector, update.examples, received, rng=np.random.default_rng(seed))
     about: Record = {K.SITE_NAME: site.name, **update.accounting}
     return RecordDict(
