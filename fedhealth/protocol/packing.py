@@ -1,6 +1,6 @@
 """The global model on the wire as one array instead of one array per tensor.
 
-Flower sends every ``Array`` of an ``ArrayRecord`` (and every 5 MB chunk of it) as its own HTTPS
+Flower sends every ``Array`` of an ``ArrayRecord`` (and every 5 MB chunk of it) as its own
 request between SuperNode and SuperLink, two at a time. A MONAI U-Net has one tensor per weight
 and bias (32 for the default), so even a small model costs dozens of requests each way per site
 and round (``benchmarks/round_overhead.py``: 9 s per round of 4 sites on 2 cores). Packed, the
@@ -23,13 +23,12 @@ site's update is never rounded to 16 bits: it is quantised to the secure sum's o
 field from float32. The key names the wire dtype (``packed:float16``), so a record can never
 be read in the wrong one.
 
-:func:`array_view` reads a Flower ``Array``'s ``.npy`` bytes without copying them (Flower's
-``Array.numpy`` copies through ``np.load``, 0.26 s per 120 MB here).
+:func:`fedhealth.protocol.npy.array_view` reads a Flower ``Array``'s ``.npy`` bytes without
+copying them (Flower's ``Array.numpy`` copies through ``np.load``, 0.26 s per 120 MB here).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from typing import Any, Final
@@ -38,6 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedhealth.errors import ConfigError
+from fedhealth.protocol.npy import array_view
 
 TRANSPORT_DTYPES: Final = ("float32", "float16", "bfloat16")
 """What the packed vector may travel as (``federation.transport_dtype``)."""
@@ -56,66 +56,6 @@ def packed_key(dtype: str = "float32") -> str:
 
 PACKED_KEY: Final = packed_key("float32")
 _KEYS: Final = {packed_key(d): d for d in TRANSPORT_DTYPES}
-
-
-def array_view(array: Array, what: str = "array") -> np.ndarray:
-    """Return a Flower ``Array``'s values as a read-only view of its ``.npy`` bytes (no copy).
-
-    Parameters
-    ----------
-    array : Array
-        A numpy-serialised Flower ``Array``.
-    what : str, default "array"
-        What it is, for the error.
-
-    Returns
-    -------
-    np.ndarray
-        Read-only, the header's shape and dtype, sharing ``array.data``'s memory.
-
-    Raises
-    ------
-    ConfigError
-        The bytes are not a ``.npy`` v1/v2 array of a plain dtype, or too short for its header.
-    """
-    data = array.data
-    try:
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f".npy version {version} is not read")
-        if dtype.hasobject:
-            raise ValueError("object arrays are never loaded")
-        flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
-    except ValueError as exc:
-        raise ConfigError(f"{what}: bytes are not a .npy array ({exc})") from None
-    return flat.reshape(shape, order="F" if fortran else "C")
-
-
-class ViewArray(Array):
-    """A Flower ``Array`` whose :meth:`numpy` is :func:`array_view` (no copy through np.load).
-
-    For arrays that never leave this process (e.g. the replies handed to Flower's FedAvg,
-    which reads each one with ``numpy()`` and writes a new result): read-only values.
-    """
-
-    def numpy(self) -> np.ndarray:
-        """Return the values as a read-only view of the ``.npy`` bytes."""
-        return array_view(self)
-
-
-def viewed(arrays: ArrayRecord) -> ArrayRecord:
-    """Return ``arrays`` with each Array as a :class:`ViewArray` over the same bytes."""
-    return ArrayRecord(
-        {
-            k: ViewArray(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype, data=a.data)
-            for k, a in arrays.items()
-        }
-    )
 
 
 def _numpy(value: Any) -> np.ndarray:

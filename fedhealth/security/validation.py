@@ -18,7 +18,6 @@ that come from the site are shortened (``reprlib``) before they go into a reason
 
 from __future__ import annotations
 
-import io
 import math
 import reprlib
 from collections.abc import Iterable, Mapping
@@ -29,6 +28,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhealth.errors import UpdateRejected
 from fedhealth.protocol import keys as K
+from fedhealth.protocol.npy import npy_header
 from fedhealth.protocol.packing import packed_key
 
 WEIGHT_KEY = K.NUM_EXAMPLES
@@ -176,14 +176,7 @@ def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
         )
     data = array.data
     try:  # the header only: a header may claim any shape, loading it could allocate terabytes
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f".npy version {version} is not accepted")
+        shape, _, dtype, offset = npy_header(data)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a rejection, never a crash
         raise UpdateRejected(f"{field}: bytes are not a .npy array ({_r(str(exc))})") from None
     if dtype != want_dtype or tuple(shape) != want_shape:
@@ -191,13 +184,11 @@ def _check_array(site: str, key: str, array: Array, ref: Array) -> None:
             f"{field}: its bytes hold {_r(str(dtype))}{_r(list(shape))}, "
             f"expected {want_dtype}{list(want_shape)}"
         )
-    expected = stream.tell() + want_dtype.itemsize * math.prod(want_shape)
+    expected = offset + want_dtype.itemsize * math.prod(want_shape)
     if len(data) != expected:
         raise UpdateRejected(f"{field} is {len(data)} bytes, its shape and header make {expected}")
     # read in place: the length is exact (checked above), so no copy through np.load
-    values = np.frombuffer(
-        data, dtype=want_dtype, count=math.prod(want_shape), offset=stream.tell()
-    )
+    values = np.frombuffer(data, dtype=want_dtype, count=math.prod(want_shape), offset=offset)
     if values.dtype.kind in "fc" and not np.isfinite(values).all():
         raise UpdateRejected(f"{field} has NaN or infinite values")
     if key == BFLOAT16_KEY and ((values & 0x7F80) == 0x7F80).any():  # exponent all ones

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhealth.errors import RunStopped
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import array_view, layout, pack, unpack
+from fedhealth.protocol.npy import array_view
+from fedhealth.protocol.packing import layout, pack, unpack
 from fedhealth.reports.progress import ROUND_FIELD
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light

@@ -32,7 +32,8 @@ from flwr.serverapp import Grid
 
 from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import array_view, unflatten
+from fedhealth.protocol.npy import array_view
+from fedhealth.protocol.packing import unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
 from fedhealth.security.validation import validate_metrics

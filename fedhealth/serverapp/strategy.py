@@ -30,7 +30,8 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedhealth.errors import CheckpointError, ConfigError, RunStopped
 from fedhealth.protocol import keys as K
-from fedhealth.protocol.packing import array_view, repack, viewed
+from fedhealth.protocol.npy import array_view, viewed
+from fedhealth.protocol.packing import repack
 from fedhealth.runs.rundir import RunDir
 from fedhealth.serverapp.checks import TRAIN_METRICS, check_evaluation, check_train_replies
 from fedhealth.serverapp.replies import Phase, as_dtype, plain, site_name, sort_replies

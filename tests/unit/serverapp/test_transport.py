@@ -14,9 +14,9 @@ from strategy_replies import _reply
 
 from fedhealth.config import compose
 from fedhealth.errors import ConfigError, UpdateRejected
+from fedhealth.protocol.npy import array_view
 from fedhealth.protocol.packing import (
     PACKED_KEY,
-    array_view,
     flatten,
     narrow,
     pack,
@@ -100,8 +100,12 @@ def test_array_view_reads_in_place_and_refuses_what_is_not_a_plain_npy():
     view = array_view(array)
     np.testing.assert_array_equal(view, values)
     assert not view.flags.writeable  # the record's own bytes, not a copy
+    # an object-dtype .npy header followed by bytes that would be unpickled: written by hand,
+    # nothing is pickled here and nothing may be unpickled by the code under test
     buffer = io.BytesIO()
-    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    header = {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    buffer.write(b"\x80\x04N.")  # a pickle stream: None
     poisoned = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
     with pytest.raises(ConfigError, match="object arrays are never loaded"):
         array_view(poisoned, "round 2 update")
