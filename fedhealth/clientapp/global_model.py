@@ -56,7 +56,9 @@ def model_from(msg: Message, cfg: Config) -> nn.Module:
     Raises
     ------
     ConfigError
-        The message has no model, or the model does not match ``cfg.model``.
+        The message has no model, the model does not match ``cfg.model``, or a value of it is
+        NaN or infinite (a float32, float16 or bfloat16 record alike: refused before the site
+        charges its ledger or trains).
     """
     arrays = received(msg)
     # Built on PyTorch's meta device, the network's weights are not initialised only to be
@@ -75,10 +77,21 @@ def model_from(msg: Message, cfg: Config) -> nn.Module:
         model.load_state_dict(state, strict=True, assign=True)
     except (KeyError, RuntimeError) as exc:
         raise ConfigError(f"global model does not match model config: {exc}") from exc
+    _check_finite(state, packed_dtype(arrays) or "float32")
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a non-persistent buffer
         model = build_model(cfg.model)
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _check_finite(state: dict[str, torch.Tensor], wire: str) -> None:
+    """Refuse a global model with a NaN or infinite value, naming the first such tensor."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(
+                f"global model ({wire} on the wire): tensor {key!r} holds NaN or infinite "
+                "values; refused before anything is charged or trained"
+            )
 
 
 def check_outgoing(arrays: ArrayRecord, msg: Message, site: str) -> None:

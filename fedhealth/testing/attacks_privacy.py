@@ -14,6 +14,7 @@ shortened ledger stops training.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +129,68 @@ def secure_sum_too_small(site: Site) -> Row:
     )
 
 
+class _SiteLog(logging.Handler):
+    """Keep the site's log lines (the reply carries only the catalogue text)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def non_finite_global_models(site: Site) -> list[Row]:
+    """Send a global model with a NaN or infinite value, in each wire dtype a site accepts.
+
+    A coordinator chooses the record: one float32 array per tensor, or one packed vector in
+    float16 or bfloat16 (``federation.transport_dtype``). Training from such a model would
+    charge the ledger for an update the site then has to refuse: the site refuses it first.
+    """
+    import numpy as np
+
+    from fedhealth.protocol import keys as K
+    from fedhealth.protocol.packing import pack
+
+    cases = [("float32", float("nan")), ("float16", float("inf")), ("bfloat16", float("nan"))]
+    rows = []
+    for wire, value in cases:
+        msg = site.instruction()
+        state = msg.content.array_records[K.ARRAYS].to_numpy_ndarrays()
+        keys = list(msg.content.array_records[K.ARRAYS].keys())
+        tensors = {k: np.array(v, dtype=np.float32) for k, v in zip(keys, state, strict=True)}
+        tensors[keys[-1]].flat[0] = value
+        if wire == "float32":
+            from flwr.app import Array, ArrayRecord
+
+            record = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        else:
+            record = pack(tensors, wire)
+        msg.content.array_records[K.ARRAYS] = record
+        name = f"{'NaN' if value != value else 'inf'} in a {wire} global model"
+        row = Row(name, f"a train instruction whose global model ({wire}) holds {value}",
+                  f"reply 1003, site log names {keys[-1]!r}; ledger unchanged")  # fmt: skip
+        before, said = site.snapshot(), _SiteLog()
+        logging.getLogger("fedhealth.site").addHandler(said)
+        try:
+            reply = site.deliver(msg)
+        finally:
+            logging.getLogger("fedhealth.site").removeHandler(said)
+        after = site.snapshot()
+        named = any(repr(keys[-1]) in line and "NaN or infinite" in line for line in said.lines)
+        row.evidence += [
+            f"reply: {outcome(reply)}",
+            f"site log names the tensor: {named}",
+            f"ledger files unchanged: {before == after}",
+        ]
+        row.refused = reply.has_error() and reply.error.code == 1003 and named and before == after
+        row.happened = (
+            "refused before training, nothing charged" if row.refused else "NOT refused first"
+        )
+        rows.append(row)
+    return rows
+
+
 def privacy_rows(workdir: Path, data: Path) -> list[Row]:
     """Run every privacy row against fresh sites under ``workdir`` (``data`` is only read).
 
@@ -155,6 +218,7 @@ def privacy_rows(workdir: Path, data: Path) -> list[Row]:
     plain = Site(workdir / "plain", data, plain_policy)
     rows = policy_rows(strict, plain)
     rows.append(secure_sum_too_small(strict))
+    rows += non_finite_global_models(plain)
     rows.append(replays(plain, one_patient_fewer(data, workdir / "changed-data")))
     rows.append(retry_while_training(plain))
     rows.append(same_instruction_twice(plain))

@@ -5,6 +5,7 @@ model."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -237,3 +238,28 @@ def test_a_site_loads_the_wire_model_into_float32_parameters(flower_identity, dt
     check_outgoing(pack(loaded, "float32"), msg, "site-0")
     with pytest.raises(ConfigError, match="global model: packed array of shape .*needs 56404"):
         model_from(msg, compose(["model.channels=[8,16,64]"]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [("float32", "nan"), ("float16", "inf"), ("bfloat16", "-inf"), (None, "nan")],
+)
+def test_a_site_refuses_a_non_finite_global_model_naming_the_tensor(flower_identity, dtype, value):
+    """Any wire dtype (None: one array per tensor): refused when loaded, before any charge."""
+    from flwr.app import ArrayRecord, Message
+
+    from fedhealth.clientapp.global_model import model_from
+    from fedhealth.models import build_model
+
+    cfg = compose([])
+    state = build_model(cfg.model).state_dict()
+    key = list(state)[3]
+    state[key].view(-1)[-1] = float(value)
+    record = ArrayRecord(state) if dtype is None else pack(state, dtype)
+    msg = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type="train")
+    with pytest.raises(ConfigError, match=f"tensor '{re.escape(key)}' holds NaN or infinite"):
+        model_from(msg, cfg)
+    state[key].view(-1)[-1] = 0.0  # the same model, finite: loaded
+    record = ArrayRecord(state) if dtype is None else pack(state, dtype)
+    msg = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type="train")
+    assert torch.isfinite(model_from(msg, cfg).state_dict()[key]).all()
