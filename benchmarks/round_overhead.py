@@ -22,6 +22,10 @@ off).
 (d) ours-per-tensor: (b) with the model sent as one array per tensor (Flower's one HTTPS
     request per array) instead of one packed vector (``federation.pack_arrays``);
 (e) ours-unfolded: (b) with an evaluate phase in every round, to show what folding saves;
+(f) ours-sqlite: (b) with the SuperLink's state in an SQLite file and its message objects in
+    memory, as ``fedhealth server run`` runs it (:mod:`fedhealth.superlink.link`);
+    ours-sqlite-objects: the objects in that file too (Flower's own ``--database`` behaviour);
+(g) ours-fp16: (b) with the model and updates in float16 on the wire;
 --secagg adds stock and ours with secure aggregation (four train stages per round, plus an
 evaluate phase in stock).
 
@@ -122,10 +126,12 @@ class Run:
     paced : bool, optional
         Ours only: SuperNode pull interval ``PULL_INTERVAL`` and ClientApp pull backoff 0.05 s
         (default True; False: Flower's own polling).
-    database : bool, optional
-        The SuperLink keeps its state in an SQLite file, as the coordinator service runs it
-        (default False: in memory). Flower 1.39 then keeps message objects (every model
-        chunk) in that file too.
+    database : str, optional
+        ``""`` (default): the SuperLink keeps everything in memory (Flower's default).
+        ``"memory"``: its state in an SQLite file and message objects in memory, as the
+        coordinator service runs it (:mod:`fedhealth.superlink.link`). ``"database"``: message
+        objects (every model chunk) in that file too, Flower 1.39's own behaviour with
+        ``--database`` (``coordinator.yaml`` ``object_store: database``).
     """
 
     name: str
@@ -136,7 +142,7 @@ class Run:
     baseline: str = "stock"
     folded: bool = False  # the last round has one more phase (its evaluate)
     paced: bool = True  # ours: SuperNode pull interval PULL_INTERVAL, child pull backoff 0.05 s
-    database: bool = False  # the SuperLink's state (and Flower's object store) in SQLite
+    database: str = ""  # "memory": state in SQLite, objects in memory; "database": both SQLite
 
 
 PLAIN = ("train", "evaluate")
@@ -166,8 +172,10 @@ RUNS = (
     # ours as configured by default: evaluation folded into the next train message, one
     # phase per round (the last round adds its evaluate phase)
     Run("ours", "ours", ("train",), folded=True),
-    # ours with the SuperLink's state in SQLite, as the coordinator service runs it
-    Run("ours-sqlite", "ours", ("train",), folded=True, database=True),
+    # ours with the SuperLink's state in SQLite and message objects in memory, as the
+    # coordinator service runs it; then with the objects in SQLite too (Flower's own choice)
+    Run("ours-sqlite", "ours", ("train",), folded=True, database="memory"),
+    Run("ours-sqlite-objects", "ours", ("train",), folded=True, database="database"),
     # ours with the model and the updates on the wire in float16: half the bytes
     Run(
         "ours-fp16",
@@ -253,7 +261,9 @@ def deploy_and_run(
     link, control, *ports = free_ports(SITES + 2)
     try:
         database = logs / "superlink.db" if run.database else None
-        start_tls_superlink(procs, keys, link, work / "flwr-home", "bench", control, database)
+        start_tls_superlink(
+            procs, keys, link, work / "flwr-home", "bench", control, database, run.database
+        )
         for site in range(SITES):
             flwr(
                 env,

@@ -1,7 +1,8 @@
 """The coordinator service (``fedhealth server run``): the SuperLink, supervised.
 
-``flower-superlink`` runs with TLS, site authentication and its SQLite state database,
-restarted with backoff; the enrolled sites are registered once it listens.
+``flower-superlink`` runs with TLS, site authentication and its SQLite state database (message
+objects in memory: :mod:`fedhealth.superlink.link`), restarted with backoff; the enrolled sites
+are registered once it listens.
 """
 
 from __future__ import annotations
@@ -38,15 +39,21 @@ def superlink_argv(s: CoordinatorSettings) -> list[str]:
     Returns
     -------
     list of str
-        ``flower-superlink`` with its gRPC Fleet API on ``host:port`` (the sites' one door),
+        ``flower-superlink`` (through :mod:`fedhealth.superlink.link` unless ``object_store``
+        is ``"database"``) with its gRPC Fleet API on ``host:port`` (the sites' one door),
         its Control and Runtime APIs on ``control_host:control_port`` (loopback), its database
         in the state directory, no runtime dependency installation, TLS plus SuperNode
         authentication (or ``--insecure``), and ``--isolation process``: ServerApps are
         started by :mod:`fedhealth.superlink.appexec`, approved ones only.
     """
     bin_dir = Path(sys.executable).parent
+    link = (
+        [str(bin_dir / "flower-superlink")]
+        if s.object_store == "database"
+        else [sys.executable, "-m", "fedhealth.superlink.link"]
+    )
     argv = [
-        str(bin_dir / "flower-superlink"),
+        *link,
         "--fleet-api-type",
         "grpc-rere",
         "--fleet-api-address",

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from fedhealth.errors import ConfigError
 from fedhealth.service.settings import load_settings
+from fedhealth.superlink.link import OBJECT_STORES
 
 ROLES = ("run", "launch")
 
@@ -45,6 +46,11 @@ class CoordinatorSettings:
         The longest wait between restarts, in seconds (default 60.0).
     insecure : bool
         Plaintext, any site may join: labs only (default False).
+    object_store : str
+        Where the SuperLink keeps message objects (models and updates in flight): ``"memory"``
+        (default; the link state stays in the SQLite database, :mod:`fedhealth.superlink.link`)
+        or ``"database"`` (Flower's own choice with ``--database``: in the SQLite file too,
+        8.4 s more per round for a 30M-parameter model with 4 sites).
     approved_apps : list of str
         sha256 of the app bundles (FABs) whose ServerApp the coordinator runs, as ``fedhealth
         app build`` prints them (default none: the FAB of the installed fedhealth project,
@@ -66,6 +72,7 @@ class CoordinatorSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     insecure: bool = False
+    object_store: str = "memory"
     approved_apps: list[str] = field(default_factory=list)
     app_signature: str = ""
 
@@ -113,6 +120,10 @@ class CoordinatorSettings:
         for key in ("port", "control_port"):
             if not 0 < getattr(self, key) < 65536:
                 raise ConfigError(f"coordinator config: {key}={getattr(self, key)}: not a port")
+        if self.object_store not in OBJECT_STORES:
+            raise ConfigError(
+                f"coordinator config: object_store={self.object_store}: one of {OBJECT_STORES}"
+            )
         if self.port == self.control_port:
             raise ConfigError(
                 f"coordinator config: port={self.port} and control_port={self.control_port}: "

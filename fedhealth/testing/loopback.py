@@ -224,6 +224,7 @@ def start_tls_superlink(
     connection: str,
     control: int,
     database: Path | None = None,
+    object_store: str = "memory",
 ) -> None:
     """Start a SuperLink with TLS and SuperNode authentication and wait for its ports.
 
@@ -246,7 +247,12 @@ def start_tls_superlink(
     control : int
         The Control and Runtime APIs' port on 127.0.0.1 (``flwr``, the ServerApp).
     database : Path or None, default None
-        SQLite state file (message objects too), as the service runs it; None: in memory.
+        SQLite state file, as the service runs it; None: everything in memory (Flower's
+        default, ``flower-superlink`` itself).
+    object_store : str, default "memory"
+        With ``database``: ``"memory"`` keeps message objects in memory as the service does
+        (:mod:`fedhealth.superlink.link`); ``"database"`` puts them in the SQLite file too
+        (Flower's own behaviour).
 
     Raises
     ------
@@ -257,10 +263,15 @@ def start_tls_superlink(
         f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
         f'address = "127.0.0.1:{control}"\nroot-certificates = "{keys / "ca.crt"}"\n'
     )
+    link = (
+        ["python", "-m", "fedhealth.superlink.link"]
+        if database and object_store == "memory"
+        else ["flower-superlink"]
+    )
     procs.start(
         "superlink",
         [
-            "flower-superlink",
+            *link,
             *superlink_listen(port, control),
             "--ssl-ca-certfile",
             str(keys / "ca.crt"),
