@@ -562,33 +562,33 @@ def main() -> int:
     print("ClientApp start, task acquired -> handler's imports done (slowest of N at once):")
     for n, row in latency.items():
         print(f"  N={n}: stock {row['stock']:5.2f} s   ours {row['ours']:5.2f} s")
-    print(f"  {'run':<17}{'round':>6}{'wall s':>9}{'train s':>9}{'other s':>9}")
+    print(f"  {'run':<21}{'round':>6}{'wall s':>9}{'train s':>9}{'other s':>9}")
     for result in results:
         for row in result["rows"]:
             print(
-                f"  {result['name']:<17}{row['round']:>6}{row['wall']:>9.2f}{row['train']:>9.2f}"
+                f"  {result['name']:<21}{row['round']:>6}{row['wall']:>9.2f}{row['train']:>9.2f}"
                 f"{row['other']:>9.2f}"
             )
     other = {r["name"]: statistics.mean(x["other"] for x in r["rows"]) for r in results}
     print("non-training time per round (mean over rounds):")
     for run in runs:
         if run.mode == "ours" and run.baseline not in other:
-            print(f"  {run.name:<16} {other[run.name]:6.2f} s ({run.baseline} not run)")
+            print(f"  {run.name:<20} {other[run.name]:6.2f} s ({run.baseline} not run)")
         elif run.mode == "ours":
             stock, ours = other[run.baseline], other[run.name]
             ratio = ours / stock
             print(
-                f"  {run.name:<16} {ours:6.2f} s vs {run.baseline} {stock:6.2f} s: ratio "
+                f"  {run.name:<20} {ours:6.2f} s vs {run.baseline} {stock:6.2f} s: ratio "
                 f"{ratio:.2f}; <= {TARGET_S:g} s: {'yes' if ours <= TARGET_S else 'NO'}; "
                 f"<= {TARGET_RATIO:g} x stock: {'yes' if ratio <= TARGET_RATIO else 'NO'}"
             )
     print("bytes per site per round (the arrays' payload, both ways), and what a hospital link")
     print("adds to a round (down + up, at full link speed):")
-    print(f"  {'run':<17}{'down MB':>9}{'up MB':>9}{'100 Mb/s':>10}{'1 Gb/s':>9}")
+    print(f"  {'run':<21}{'down MB':>9}{'up MB':>9}{'100 Mb/s':>10}{'1 Gb/s':>9}")
     for result in results:
         down, up = result["bytes"]
         print(
-            f"  {result['name']:<17}{down / 1e6:>9.1f}{up / 1e6:>9.1f}"
+            f"  {result['name']:<21}{down / 1e6:>9.1f}{up / 1e6:>9.1f}"
             f"{8 * (down + up) / 100e6:>9.1f}s{8 * (down + up) / 1e9:>8.1f}s"
         )
     if len({r["name"] for r in results} & {"ours", "ours-secagg"}) == 2:
@@ -605,11 +605,14 @@ def main() -> int:
     timed = [r for r in results if r.get("spans")]
     if timed:
         print("a train phase's non-training time by span (mean s per round; slowest site):")
-        print(f"  {'span':<14}" + "".join(f"{r['name']:>16}" for r in timed) + "   what")
+        width = {r["name"]: max(16, len(r["name"]) + 2) for r in timed}
+        print(f"  {'span':<14}" + "".join(f"{n:>{w}}" for n, w in width.items()) + "   what")
         for name, what in SPANS:
             print(
                 f"  {name:<14}"
-                + "".join(f"{r['spans'].get(name, float('nan')):>16.2f}" for r in timed)
+                + "".join(
+                    f"{r['spans'].get(name, float('nan')):>{width[r['name']]}.2f}" for r in timed
+                )
                 + f"   {what}"
             )
     return 0

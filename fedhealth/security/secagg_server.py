@@ -137,7 +137,6 @@ class SecAggServer:
                     pair = agree(s_j, self.publics[i][1], pair_info(i, j, b"mask"))
                     # survivor i added +pair if i < j else -pair; remove it
                     apply_mask(total, pair, -1 if i < j else +1)
-        total = total.astype(np.uint32)
         count_sum = int(total[-1])
         if not 1 <= count_sum <= self.params.max_examples * len(survivors):
             raise SecAggError(f"unmasked example count {count_sum} is out of bounds")
