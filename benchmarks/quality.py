@@ -51,7 +51,7 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
     Each seed trains both (same init, same data order); the pooled Dice difference is reported
     per seed and as a mean with its standard deviation across seeds.
     """
-    gaps = []
+    gaps, base = [], []
     for seed in seeds:
         dice = {}
         for wire in ("float32", dtype):
@@ -78,16 +78,24 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
             print(f"{site:<12}{a:>12.4f}{b:>12.4f}{b - a:>+12.4f}")
         gap = dice[dtype][1] - dice["float32"][1]
         gaps.append(gap)
+        base.append(dice["float32"][1])
         print(f"{'pooled':<12}{dice['float32'][1]:>12.4f}{dice[dtype][1]:>12.4f}{gap:>+12.4f}")
         print(f"wall time {dice['float32'][2]:.0f}s float32, {dice[dtype][2]:.0f}s {dtype}")
     mean = statistics.fmean(gaps)
     spread = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
+    error = spread / len(gaps) ** 0.5
     print(
         f"\npooled Dice difference {dtype} - float32 over seeds {seeds}: "
         + ", ".join(f"{g:+.4f}" for g in gaps)
         + f"; mean {mean:+.4f} (sd {spread:.4f}); |mean| <= 0.005: "
         + ("yes" if abs(mean) <= 0.005 else "NO")
     )
+    if len(gaps) > 1:  # what the mean can resolve, and how far float32 alone moves by seed
+        print(
+            f"standard error of the mean {error:.4f} (resolves 0.005: "
+            f"{'yes' if 2 * error <= 0.005 else 'NO'}); float32's own pooled Dice across these "
+            f"seeds: sd {statistics.stdev(base):.4f}"
+        )
     return 0
 
 

@@ -204,16 +204,8 @@ def superlink_listen(fleet: int, control: int) -> list[str]:
         ``--fleet-api-type grpc-rere --fleet-api-address 127.0.0.1:<fleet> --host 127.0.0.1
         --port <control>``.
     """
-    return [
-        "--fleet-api-type",
-        "grpc-rere",
-        "--fleet-api-address",
-        f"127.0.0.1:{fleet}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(control),
-    ]
+    fleet_api = ["--fleet-api-type", "grpc-rere", "--fleet-api-address", f"127.0.0.1:{fleet}"]
+    return [*fleet_api, "--host", "127.0.0.1", "--port", str(control)]
 
 
 def start_tls_superlink(
@@ -247,12 +239,10 @@ def start_tls_superlink(
     control : int
         The Control and Runtime APIs' port on 127.0.0.1 (``flwr``, the ServerApp).
     database : Path or None, default None
-        SQLite state file, as the service runs it; None: everything in memory (Flower's
-        default, ``flower-superlink`` itself).
+        SQLite state file, as the service runs it; None: everything in memory.
     object_store : str, default "memory"
-        With ``database``: ``"memory"`` keeps message objects in memory as the service does
-        (:mod:`fedhealth.superlink.link`); ``"database"`` puts them in the SQLite file too
-        (Flower's own behaviour).
+        With ``database``: message objects in memory (:mod:`fedhealth.superlink.link`, as the
+        service runs it) or, ``"database"``, in the file too (``flower-superlink`` itself).
 
     Raises
     ------
@@ -263,11 +253,8 @@ def start_tls_superlink(
         f'[superlink]\ndefault = "{connection}"\n[superlink.{connection}]\n'
         f'address = "127.0.0.1:{control}"\nroot-certificates = "{keys / "ca.crt"}"\n'
     )
-    link = (
-        ["python", "-m", "fedhealth.superlink.link"]
-        if database and object_store == "memory"
-        else ["flower-superlink"]
-    )
+    own = database and object_store == "memory"
+    link = ["python", "-m", "fedhealth.superlink.link"] if own else ["flower-superlink"]
     procs.start(
         "superlink",
         [
