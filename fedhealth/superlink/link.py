@@ -10,10 +10,12 @@ non-training time per round than the in-memory store.
 This entry point runs the same ``flower-superlink`` (same arguments, same code) with one change:
 when ``--database`` names a SQLite file, the link state (nodes and their keys, runs, message
 metadata) stays in that file and the objects go to Flower's ``InMemoryObjectStore``, the store
-Flower itself uses without ``--database``. Objects live only while their message is in flight;
-when the SuperLink process dies its ServerApp's round fails with it, and the launcher resumes the
-run from its last checkpoint (``fedhealth server launch``), which sends every object anew.
-``coordinator.yaml`` ``object_store: database`` keeps Flower's behaviour.
+Flower itself uses without ``--database``. Objects live only while their message is in flight.
+The price: a SuperLink that dies loses the objects of the messages then in flight, so that
+round fails for the sites they were sent to (with the objects in SQLite they would outlive a
+restart); a run that stops is resumed from its last checkpoint by ``fedhealth server launch``,
+which sends every object anew (``tests/e2e/test_reliability.py`` kills the coordinator at round
+3). ``coordinator.yaml`` ``object_store: database`` keeps Flower's behaviour.
 
 Usage: ``python -m fedhealth.superlink.link <flower-superlink arguments>``.
 """
