@@ -4,8 +4,8 @@ Flower 1.39 builds its object store (every chunk of every model and update a mes
 from the same ``--database`` as its link state (``flwr.superlink.config_loader.
 get_objectstore_linkstate_factories``): with a SQLite file, each 120 MB model of a 30M-parameter
 U-Net is written to disk as blobs and read back once per site, each reply too. Measured with
-``benchmarks/round_overhead.py --model large`` (4 sites, TLS, 2 cores) that is 8.4 s more
-non-training time per round than the in-memory store.
+``benchmarks/round_overhead.py --model large`` (4 sites, TLS, 2 cores) that is 5.9 to 8.4 s
+more non-training time per round than the in-memory store (two runs).
 
 This entry point runs the same ``flower-superlink`` (same arguments, same code) with one change:
 when ``--database`` names a SQLite file, the link state (nodes and their keys, runs, message

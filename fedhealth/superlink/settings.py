@@ -50,7 +50,7 @@ class CoordinatorSettings:
         Where the SuperLink keeps message objects (models and updates in flight): ``"memory"``
         (default; the link state stays in the SQLite database, :mod:`fedhealth.superlink.link`)
         or ``"database"`` (Flower's own choice with ``--database``: in the SQLite file too,
-        8.4 s more per round for a 30M-parameter model with 4 sites).
+        5.9-8.4 s more per round for a 30M-parameter model with 4 sites).
     approved_apps : list of str
         sha256 of the app bundles (FABs) whose ServerApp the coordinator runs, as ``fedhealth
         app build`` prints them (default none: the FAB of the installed fedhealth project,
