@@ -15,7 +15,8 @@ off).
     evaluation folded into the next round's train message (``federation.fold_evaluate``,
     the default): one message phase per round, the last round adds its evaluate phase;
     the SuperNode polls every 0.5 s (:mod:`fedhealth.supernode.paced`; Flower: 3 s after
-    an empty pull) and each ClientApp pulls its message with a 0.05 s backoff (Flower: 1 s, 2 s);
+    an empty pull) and its own state for a reply every 0.05 s (Flower: 0.5 s), each ClientApp
+    pulls its message with a 0.05 s backoff (Flower: 1 s, 2 s);
     the model travels as one packed float32 array (:mod:`fedhealth.protocol.packing`);
 (c) ours-flower-polls: (b) with Flower's own SuperNode and pull backoff, to show what (b)'s
     polling saves;
@@ -26,6 +27,9 @@ off).
     memory, as ``fedhealth server run`` runs it (:mod:`fedhealth.superlink.link`);
     ours-sqlite-objects: the objects in that file too (Flower's own ``--database`` behaviour);
 (g) ours-fp16: (b) with the model and updates in float16 on the wire;
+(h) ours-glibc-malloc: (b) with glibc's default allocator settings, as stock runs (ours: the
+    thresholds of :data:`fedhealth.service.process.MALLOC_SETTINGS`, no page zeroing for
+    model-sized buffers);
 --secagg adds stock and ours with secure aggregation (four train stages per round, plus an
 evaluate phase in stock).
 
@@ -59,6 +63,7 @@ from fedhealth.config import Config, compose
 from fedhealth.data.synth import write_cohort
 from fedhealth.errors import FederationError, RunIncomplete
 from fedhealth.security.certs import create_ca, create_server_cert, create_site_keys
+from fedhealth.service.process import MALLOC_SETTINGS
 from fedhealth.supernode.warm import WarmExecutor
 from fedhealth.testing.loopback import (
     BIN,
@@ -132,6 +137,10 @@ class Run:
         coordinator service runs it (:mod:`fedhealth.superlink.link`). ``"database"``: message
         objects (every model chunk) in that file too, Flower 1.39's own behaviour with
         ``--database`` (``coordinator.yaml`` ``object_store: database``).
+    malloc : bool, optional
+        Ours only: the processes run with :data:`~fedhealth.service.process.MALLOC_SETTINGS`, as
+        :func:`~fedhealth.service.process.flower_env` sets them (default True; False and stock:
+        glibc's defaults).
     """
 
     name: str
@@ -143,6 +152,7 @@ class Run:
     folded: bool = False  # the last round has one more phase (its evaluate)
     paced: bool = True  # ours: SuperNode pull interval PULL_INTERVAL, child pull backoff 0.05 s
     database: str = ""  # "memory": state in SQLite, objects in memory; "database": both SQLite
+    malloc: bool = True  # ours: MALLOC_SETTINGS in the processes' environment (stock: never)
 
 
 PLAIN = ("train", "evaluate")
@@ -172,6 +182,8 @@ RUNS = (
     # ours as configured by default: evaluation folded into the next train message, one
     # phase per round (the last round adds its evaluate phase)
     Run("ours", "ours", ("train",), folded=True),
+    # ours with glibc's allocator defaults: every model-sized buffer mapped and zeroed anew
+    Run("ours-glibc-malloc", "ours", ("train",), folded=True, malloc=False),
     # ours with the SuperLink's state in SQLite and message objects in memory, as the
     # coordinator service runs it; then with the objects in SQLite too (Flower's own choice)
     Run("ours-sqlite", "ours", ("train",), folded=True, database="memory"),
@@ -257,6 +269,8 @@ def deploy_and_run(
     name, mode = run.name, run.mode
     logs = work / name
     logs.mkdir()
+    if mode == "stock" or not run.malloc:
+        env = {k: v for k, v in env.items() if k not in MALLOC_SETTINGS}
     procs = Procs(logs, env)
     link, control, *ports = free_ports(SITES + 2)
     try:

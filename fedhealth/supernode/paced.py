@@ -8,9 +8,12 @@ coordinator sent it: in a round of a few seconds that is the largest single cost
 (``benchmarks/round_overhead.py``). Flower has no option for it.
 
 This launcher runs the unchanged ``flower-supernode`` entry point in this process after giving
-that one module a ``time`` whose ``sleep`` is capped at ``--pull-interval`` seconds. Every sleep in
-that module is a poll (of the SuperLink for a message, of local state for a reply or an object),
-so capping them changes how often the SuperNode asks, never what it does. The patch is checked
+that one module a ``time`` whose ``sleep`` is capped: the 3 s sleep after an empty pull at
+``--pull-interval`` seconds, the 0.5 s polls of the SuperNode's own state (a reply the ClientApp
+has finished, an object of it) at :data:`LOCAL_POLL`. Every sleep in that module is one of those
+two polls, so capping them changes how often the SuperNode asks, never what it does. A local poll
+is a lookup in this process's memory; the 0.5 s wait cost every message phase up to half a second
+before the reply left the site, four times per round under SecAgg+. The patch is checked
 against the module's source first: if a Flower release changes the loop, the SuperNode runs stock
 and says so, rather than running a patch that no longer fits.
 
@@ -46,15 +49,24 @@ EXPECTED = ("time.sleep(3)",)
 CLOCKS = ("time", "monotonic", "perf_counter")
 DEFAULT_INTERVAL = 0.5
 MAX_INTERVAL = 3.0  # Flower's own sleep after an empty pull: a longer cap would change nothing
+PULL_SLEEP = 3.0  # Flower's sleep after a pull of the SuperLink found no message
+LOCAL_SLEEP = 0.5  # Flower's sleep between polls of the SuperNode's own state
+LOCAL_POLL = 0.05
+"""Seconds between the SuperNode's polls of its own state (Flower: 0.5 s)."""
 
 
 def paced_time(interval: float) -> SimpleNamespace:
-    """Make a stand-in for the ``time`` module whose ``sleep(s)`` sleeps ``min(s, interval)``.
+    """Make a stand-in for the ``time`` module whose ``sleep`` is capped.
+
+    ``sleep(s)`` sleeps ``min(s, interval)`` for the wait after an empty pull of the SuperLink
+    (:data:`PULL_SLEEP`), ``min(s, LOCAL_POLL)`` for a poll of the SuperNode's own state
+    (:data:`LOCAL_SLEEP`) and ``s`` otherwise when it is shorter than both.
 
     Parameters
     ----------
     interval : float
-        The longest sleep, in seconds, in (0, :data:`MAX_INTERVAL`].
+        The longest wait between pulls of the SuperLink, in seconds, in
+        (0, :data:`MAX_INTERVAL`].
 
     Returns
     -------
@@ -70,7 +82,8 @@ def paced_time(interval: float) -> SimpleNamespace:
         raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
 
     def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, interval))
+        cap = LOCAL_POLL if seconds == LOCAL_SLEEP else interval
+        time.sleep(min(seconds, cap))
 
     return SimpleNamespace(
         sleep=sleep, **{name: getattr(time, name) for name in CLOCKS}, pull_interval=interval
@@ -89,7 +102,8 @@ def check_module(module: ModuleType) -> None:
     ------
     PatchMismatch
         ``module.time`` is not the ``time`` module, the source no longer holds
-        :data:`EXPECTED`, or it uses ``time`` for more than sleeping and the clocks.
+        :data:`EXPECTED`, it uses ``time`` for more than sleeping and the clocks, or it sleeps
+        for other than the two known polls (:data:`PULL_SLEEP`, :data:`LOCAL_SLEEP`).
     """
     if getattr(module, "time", None) is not time:
         raise PatchMismatch(f"{module.__name__}.time is not the time module")
@@ -97,13 +111,33 @@ def check_module(module: ModuleType) -> None:
     missing = [needle for needle in EXPECTED if needle not in source]
     if missing:
         raise PatchMismatch(f"{module.__name__} no longer contains {missing}")
+    tree = ast.parse(source)
     used = {
         node.attr
-        for node in ast.walk(ast.parse(source))
+        for node in ast.walk(tree)
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)
         and node.value.id == "time"
     }
+    sleeps = [
+        node.args[0] if node.args else node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "sleep"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "time"
+    ]
+    known = (PULL_SLEEP, LOCAL_SLEEP)
+    odd = sorted(
+        {
+            ast.unparse(arg)
+            for arg in sleeps
+            if not (isinstance(arg, ast.Constant) and arg.value in known)
+        }
+    )
+    if odd:
+        raise PatchMismatch(f"{module.__name__} sleeps for {odd} s, which the patch does not know")
     unknown = sorted(used - {"sleep", *CLOCKS})
     if unknown:
         raise PatchMismatch(
@@ -112,7 +146,7 @@ def check_module(module: ModuleType) -> None:
 
 
 def pace(interval: float) -> bool:
-    """Cap the SuperNode loop's sleeps at ``interval``.
+    """Cap the SuperNode loop's sleeps: pulls at ``interval``, local polls at :data:`LOCAL_POLL`.
 
     Parameters
     ----------
@@ -220,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "--pull-interval",
         type=float,
         default=DEFAULT_INTERVAL,
-        help="seconds between the SuperNode's polls (stock Flower: 3 s after an "
-        "empty pull, 0.5 s while waiting for a reply)",
+        help="most seconds between the SuperNode's pulls of the SuperLink (stock Flower: 3 s "
+        f"after an empty pull); its own state is polled every {LOCAL_POLL:g} s (Flower: 0.5 s)",
     )
     parser.add_argument(
         "--enforce-approval",

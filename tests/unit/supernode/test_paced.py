@@ -34,6 +34,14 @@ def test_paced_sleep_is_capped_at_the_interval_and_short_sleeps_are_kept():
     paced.sleep(0.01)
     short = time.monotonic() - started
     assert 0.05 <= capped < 1.0 and 0.01 <= short < 0.05
+    paced = supernode.paced_time(0.5)
+    started = time.monotonic()
+    paced.sleep(0.5)  # the SuperNode's poll of its own state for a finished reply
+    local = time.monotonic() - started
+    started = time.monotonic()
+    paced.sleep(3)
+    pull = time.monotonic() - started
+    assert supernode.LOCAL_POLL <= local < 0.25 and 0.5 <= pull < 1.5, (local, pull)
     assert paced.monotonic is time.monotonic and paced.time is time.time
     for bad in (0, -1, 3.5):
         with pytest.raises(ValueError, match="pull interval"):
@@ -88,6 +96,20 @@ def test_a_loop_the_patch_does_not_fit_is_left_alone(tmp_path):
     )
     with pytest.raises(supernode.PatchMismatch, match="is not the time module"):
         supernode.check_module(renamed)
+    new_sleep = _module_from(
+        tmp_path,
+        "loop_with_a_new_sleep",
+        """
+        import time
+        def loop(backoff):
+            time.sleep(3)
+            time.sleep(0.5)
+            time.sleep(backoff)
+            time.sleep(10)
+    """,
+    )
+    with pytest.raises(supernode.PatchMismatch, match=r"sleeps for \['10', 'backoff'\] s"):
+        supernode.check_module(new_sleep)
 
 
 @pytest.mark.slow
