@@ -15,8 +15,9 @@ off).
     evaluation folded into the next round's train message (``federation.fold_evaluate``,
     the default): one message phase per round, the last round adds its evaluate phase;
     the SuperNode polls every 0.5 s (:mod:`fedhealth.supernode.paced`; Flower: 3 s after
-    an empty pull) and its own state for a reply every 0.05 s (Flower: 0.5 s), each ClientApp
-    pulls its message with a 0.05 s backoff (Flower: 1 s, 2 s);
+    an empty pull; right after a message 0.1 s, doubling) and its own state for a reply every
+    0.05 s (Flower: 0.5 s), each ClientApp pulls its message with a 0.05 s backoff (Flower:
+    1 s, 2 s);
     the model travels as one packed float32 array (:mod:`fedhealth.protocol.packing`);
 (c) ours-flower-polls: (b) with Flower's own SuperNode and pull backoff, to show what (b)'s
     polling saves;

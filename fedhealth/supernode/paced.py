@@ -53,14 +53,20 @@ PULL_SLEEP = 3.0  # Flower's sleep after a pull of the SuperLink found no messag
 LOCAL_SLEEP = 0.5  # Flower's sleep between polls of the SuperNode's own state
 LOCAL_POLL = 0.05
 """Seconds between the SuperNode's polls of its own state (Flower: 0.5 s)."""
+FIRST_RETRY = 0.1
+"""Seconds before the first re-pull after a message: doubled after each empty pull up to the
+pull interval. Under SecAgg+ the next stage's message follows a reply within about a second;
+three extra pulls per message find it up to 0.4 s sooner than a flat 0.5 s interval."""
 
 
 def paced_time(interval: float) -> SimpleNamespace:
     """Make a stand-in for the ``time`` module whose ``sleep`` is capped.
 
-    ``sleep(s)`` sleeps ``min(s, interval)`` for the wait after an empty pull of the SuperLink
-    (:data:`PULL_SLEEP`), ``min(s, LOCAL_POLL)`` for a poll of the SuperNode's own state
-    (:data:`LOCAL_SLEEP`) and ``s`` otherwise when it is shorter than both.
+    ``sleep(s)`` sleeps ``min(s, LOCAL_POLL)`` for a poll of the SuperNode's own state
+    (:data:`LOCAL_SLEEP`) and ``min(s, interval)`` otherwise; the wait after an empty pull of
+    the SuperLink (:data:`PULL_SLEEP`) is shorter right after a message: ``after_message()``
+    (called when a pull returns one) makes the next waits :data:`FIRST_RETRY`, doubling up to
+    ``interval``.
 
     Parameters
     ----------
@@ -71,7 +77,8 @@ def paced_time(interval: float) -> SimpleNamespace:
     Returns
     -------
     SimpleNamespace
-        ``sleep`` (capped), the clocks of :data:`CLOCKS` unchanged, and ``pull_interval``.
+        ``sleep`` (capped), ``after_message``, the clocks of :data:`CLOCKS` unchanged, and
+        ``pull_interval``.
 
     Raises
     ------
@@ -81,12 +88,25 @@ def paced_time(interval: float) -> SimpleNamespace:
     if not 0 < interval <= MAX_INTERVAL:
         raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
 
+    retry = [interval]  # the next wait after an empty pull
+
     def sleep(seconds: float) -> None:
-        cap = LOCAL_POLL if seconds == LOCAL_SLEEP else interval
+        if seconds == LOCAL_SLEEP:
+            cap = LOCAL_POLL
+        elif seconds == PULL_SLEEP:
+            cap, retry[0] = retry[0], min(2 * retry[0], interval)
+        else:
+            cap = interval
         time.sleep(min(seconds, cap))
 
+    def after_message() -> None:
+        retry[0] = min(FIRST_RETRY, interval)
+
     return SimpleNamespace(
-        sleep=sleep, **{name: getattr(time, name) for name in CLOCKS}, pull_interval=interval
+        sleep=sleep,
+        after_message=after_message,
+        **{name: getattr(time, name) for name in CLOCKS},
+        pull_interval=interval,
     )
 
 
@@ -211,6 +231,8 @@ def push_stranded_replies() -> bool:
         if run_id is None and (waiting := kwargs["state"].get_messages(is_reply=True)):
             log.info("a reply of run %s waits: pushing it", waiting[0].metadata.run_id)
             return waiting[0].metadata.run_id
+        if run_id is not None and (after := getattr(module.time, "after_message", None)):
+            after()  # paced (pace): re-pull soon once this message's reply has gone
         return run_id
 
     pull_or_push.pushes_stranded_replies = True  # type: ignore[attr-defined]
@@ -255,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=DEFAULT_INTERVAL,
         help="most seconds between the SuperNode's pulls of the SuperLink (stock Flower: 3 s "
-        f"after an empty pull); its own state is polled every {LOCAL_POLL:g} s (Flower: 0.5 s)",
+        f"after an empty pull; after a message {FIRST_RETRY:g} s, doubling up to this); its "
+        f"own state is polled every {LOCAL_POLL:g} s (Flower: 0.5 s)",
     )
     parser.add_argument(
         "--enforce-approval",

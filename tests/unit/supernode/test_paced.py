@@ -200,3 +200,39 @@ def test_a_reply_left_waiting_after_an_empty_pull_is_pushed(monkeypatch):
     assert pull(state=state) == 7  # a pulled message is passed through
     state.replies = [SimpleNamespace(metadata=SimpleNamespace(run_id=42))]
     assert pull(state=state) == 42  # nothing pulled, a reply waits: the loop pushes it
+
+
+def test_after_a_message_the_next_pulls_back_off_from_a_short_wait(monkeypatch):
+    """Under SecAgg+ the next stage's message follows a reply within about a second: the
+    SuperNode re-pulls after 0.1 s, 0.2 s, 0.4 s, then every pull interval."""
+    slept: list[float] = []
+    paced = supernode.paced_time(0.5)
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    paced.sleep(3)  # idle since start: the pull interval
+    paced.after_message()
+    for _ in range(5):
+        paced.sleep(3)
+    paced.sleep(0.5)  # a poll of local state, unaffected
+    assert slept == [0.5, 0.1, 0.2, 0.4, 0.5, 0.5, supernode.LOCAL_POLL]
+
+
+def test_a_pulled_message_resets_the_pull_backoff(monkeypatch):
+    module = importlib.import_module(supernode.MODULE)
+    paced = supernode.paced_time(0.5)
+    monkeypatch.setattr(module, "time", paced)
+    pulled: list[int | None] = [None, 7]
+    monkeypatch.setattr(module, supernode.PULL, lambda *, state: pulled.pop(0))
+    assert supernode.push_stranded_replies()
+    pull = getattr(module, supernode.PULL)
+
+    class State:
+        def get_messages(self, is_reply):
+            return []
+
+    slept: list[float] = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    assert pull(state=State()) is None
+    paced.sleep(3)
+    assert pull(state=State()) == 7
+    paced.sleep(3)
+    assert slept == [0.5, supernode.FIRST_RETRY]
