@@ -22,6 +22,7 @@ from fedhealth.data.sites import check_declared, resolve_site_dirs
 from fedhealth.errors import RunIncomplete
 from fedhealth.runs.rundir import RunDir
 from fedhealth.serverapp.app import make_server_app
+from fedhealth.service.process import MALLOC_SETTINGS
 
 log = logging.getLogger("fedhealth.simulate")
 
@@ -82,7 +83,10 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
     replaces ``127.0.0.1`` given as ``_node_ip_address`` by that address unless Ray believes it
     is not a cluster (:data:`RAY_LOOPBACK_ENV` ``=0``). This sets that switch for this process
     and its Ray children (and in Ray's constants when ``ray`` is already imported), and turns
-    the dashboard off. Measured with ``ss -ltnp``: loopback only.
+    the dashboard off. Measured with ``ss -ltnp``: loopback only. Ray's processes (the simulated
+    sites' actors among them) also inherit glibc's allocator settings of Flower's own processes
+    (:data:`~fedhealth.service.process.MALLOC_SETTINGS`, unless this environment sets them): a
+    training step of a 30M-parameter U-Net 0.72 s -> 0.57-0.63 s on 2 cores.
 
     Parameters
     ----------
@@ -95,6 +99,8 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
         For Flower's ``backend_config["init_args"]``.
     """
     os.environ[RAY_LOOPBACK_ENV] = "0"
+    for name, value in MALLOC_SETTINGS.items():  # read by glibc when Ray's processes start
+        os.environ.setdefault(name, value)
     # Sites ask for no GPU; Ray then leaves CUDA_VISIBLE_DEVICES as it is (its announced future
     # default). Saying so explicitly is what silences Ray's FutureWarning about it.
     os.environ.setdefault(RAY_ACCEL_ENV, "0")

@@ -277,3 +277,50 @@ def test_a_16_bit_wire_halves_the_bytes_both_ways_and_keeps_float32_at_both_ends
     norm = sum(float((model32[k] ** 2).sum()) for k in model32)
     assert (diff / norm) ** 0.5 < 0.1
     assert abs(dice16 - dice32) < 0.05
+
+
+# A Ray worker started the way simulate() starts Ray: which allocator settings it runs with, and
+# how many pages it faults in for five 120 MB buffers (a 30M-parameter model, float32).
+RAY_WORKER = """
+import json, sys
+from fedhealth.simulation import ray_loopback_args
+import ray
+ray.init(**ray_loopback_args(1), log_to_driver=False)
+
+@ray.remote
+def worker():
+    import os, resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        buffer = bytearray(120_000_000)
+        del buffer
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {k: os.environ.get(k) for k in sys.argv[1:]}, faults
+
+print(json.dumps(ray.get(worker.remote())))
+ray.shutdown()
+"""
+
+
+def test_rays_processes_run_with_the_allocator_settings(tmp_path):
+    """The simulated sites train in Ray's workers: they inherit MALLOC_SETTINGS, so a freed
+    model-sized buffer is reused, not mapped and zeroed anew (5 x 29,297 pages with glibc's
+    defaults)."""
+    import subprocess
+    import sys
+
+    from fedhealth.service.process import MALLOC_SETTINGS
+
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
+    done = subprocess.run(
+        [sys.executable, "-c", RAY_WORKER.replace("sys.argv[1:]", repr(list(MALLOC_SETTINGS)))],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings, faults = json.loads(done.stdout.strip().splitlines()[-1])
+    assert settings == MALLOC_SETTINGS
+    assert faults < 3 * 30_000, faults
