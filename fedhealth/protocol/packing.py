@@ -343,7 +343,7 @@ def unflatten(vector: np.ndarray, template: ArrayRecord) -> ArrayRecord:
     """
     if is_packed(template):
         size = _numpy(template[next(iter(template.keys()))]).size
-        return ArrayRecord({PACKED_KEY: Array(vector[:size].astype(np.float32))})
+        return ArrayRecord({PACKED_KEY: Array(vector[:size].astype(np.float32, copy=False))})
     out, offset = {}, 0
     for key in sorted(template):
         ref = _numpy(template[key])

@@ -345,9 +345,16 @@ def quantize(
 
 
 def dequantize_sum(
-    total: NDArray[np.uint32], count_sum: int, survivors: int, params: SecAggParams
-) -> NDArray[np.float64]:
+    total: NDArray[np.uint32],
+    count_sum: int,
+    survivors: int,
+    params: SecAggParams,
+    dtype: type[np.floating[Any]] = np.float64,
+) -> NDArray[np.floating[Any]]:
     """Turn the unmasked integer sum into the weighted mean ``sum_i w_i x_i / sum_i w_i``.
+
+    Computed in float64 block by block (:data:`MASK_CHUNK` values at a time) and stored in
+    ``dtype``: no full-size float64 temporaries for a 30M-value model.
 
     Parameters
     ----------
@@ -359,14 +366,23 @@ def dequantize_sum(
         Number of sites in the sum.
     params : SecAggParams
         The round's parameters.
+    dtype : numpy floating type, default numpy.float64
+        The returned array's dtype (the coordinator asks for float32, the model's).
 
     Returns
     -------
-    numpy.ndarray of float64, shape (n,)
-        The example-weighted mean update (exact up to clipping and quantization).
+    numpy.ndarray of ``dtype``, shape (n,)
+        The example-weighted mean update (exact up to clipping and quantization, then rounded
+        to ``dtype``).
     """
-    scaled_sum = total.astype(np.float64)  # one copy; the rest in place (30M values: 240 MB)
-    scaled_sum *= 2 * params.clipping_range / params.quantization_levels
-    scaled_sum -= survivors * params.clipping_range
-    scaled_sum *= params.max_examples / count_sum
-    return scaled_sum
+    out = np.empty(total.size, dtype=dtype)
+    step = 2 * params.clipping_range / params.quantization_levels
+    shift = survivors * params.clipping_range
+    scale = params.max_examples / count_sum
+    for start in range(0, total.size, MASK_CHUNK):
+        block = total[start : start + MASK_CHUNK].astype(np.float64)
+        block *= step
+        block -= shift
+        block *= scale
+        out[start : start + block.size] = block
+    return out

@@ -7,6 +7,7 @@ SecAgg+ (Bell et al. 2020, https://eprint.iacr.org/2020/704); the stages are des
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -90,7 +91,11 @@ class SecAggServer:
             )
         return survivors, dropped
 
-    def aggregate(self, reveals: dict[int, dict[int, bytes]]) -> tuple[NDArray[np.float64], int]:
+    def aggregate(
+        self,
+        reveals: dict[int, dict[int, bytes]],
+        dtype: type[np.floating[Any]] = np.float64,
+    ) -> tuple[NDArray[np.floating[Any]], int]:
         """Unmask the sum from the survivors' reveals.
 
         Survivors' self masks are rebuilt from their seed shares and removed; dropped sites'
@@ -101,10 +106,12 @@ class SecAggServer:
         ----------
         reveals : dict of int to dict of int to bytes
             Revealing site -> (owner -> share), from stage 4.
+        dtype : numpy floating type, default numpy.float64
+            The mean's dtype (computed in float64 either way, block by block).
 
         Returns
         -------
-        mean : numpy.ndarray of float64, shape (n,)
+        mean : numpy.ndarray of ``dtype``, shape (n,)
             The example-weighted mean update, ``n`` the masked length minus one.
         count_sum : int
             The survivors' total example count.
@@ -140,7 +147,7 @@ class SecAggServer:
         count_sum = int(total[-1])
         if not 1 <= count_sum <= self.params.max_examples * len(survivors):
             raise SecAggError(f"unmasked example count {count_sum} is out of bounds")
-        return dequantize_sum(total[:-1], count_sum, len(survivors), self.params), count_sum
+        return dequantize_sum(total[:-1], count_sum, len(survivors), self.params, dtype), count_sum
 
     def _rebuild(self, owner: int, reveals: dict[int, dict[int, bytes]]) -> bytes:
         shares = [r[owner] for r in reveals.values() if owner in r]

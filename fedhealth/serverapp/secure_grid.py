@@ -293,7 +293,7 @@ class SecureGrid(DelegatingGrid):
             for n in survivors
         }
         reveals = self._stage(K.STAGE_UNMASK, unmask, node_of, timeout, _reveals)
-        mean, count = server.aggregate(reveals)
+        mean, count = server.aggregate(reveals, np.float32)  # the model's dtype: no float64 copy
         log.info(
             "secure aggregation: %d site(s) summed, %d dropped, %d examples",
             len(survivors),

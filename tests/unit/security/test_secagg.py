@@ -192,3 +192,19 @@ def test_a_vector_spanning_several_mask_blocks_sums_exactly():
     (mean, total), _ = _round(big, counts, drop_before_input=(2,))
     assert total == sum(counts) - 40
     np.testing.assert_allclose(mean, _fedavg(big, counts, [0, 2, 3]), atol=QUANT_ERROR)
+
+
+def test_the_mean_in_float32_is_the_float64_mean_rounded_across_blocks():
+    """The coordinator asks for the model's float32: dequantised block by block in float64,
+    stored in float32, the same values as the float64 mean rounded once (blocks meet without a
+    seam)."""
+    from fedhealth.security.secagg_primitives import MASK_CHUNK, dequantize_sum
+
+    total = np.random.default_rng(4).integers(0, 5 << 20, 2 * MASK_CHUNK + 3, dtype=np.uint32)
+    wide = dequantize_sum(total, 123, 5, PARAMS)
+    narrow = dequantize_sum(total, 123, 5, PARAMS, np.float32)
+    assert wide.dtype == np.float64 and narrow.dtype == np.float32
+    # the formula, whole-vector: (q * 2c / L - n c) * M / W
+    expected = (total * (2 * 4.0 / (1 << 20)) - 5 * 4.0) * (1000 / 123)
+    np.testing.assert_array_equal(wide, expected)
+    np.testing.assert_array_equal(narrow, wide.astype(np.float32))
