@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejected
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.npy import array_view
-from fedhealth.protocol.packing import unflatten
+from fedhealth.protocol.packing import is_packed, unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
 from fedhealth.security.validation import validate_metrics
@@ -293,15 +293,16 @@ class SecureGrid(DelegatingGrid):
             for n in survivors
         }
         reveals = self._stage(K.STAGE_UNMASK, unmask, node_of, timeout, _reveals)
-        mean, count = server.aggregate(reveals, np.float32)  # the model's dtype: no float64 copy
+        template = by_node[survivors[0]].content.array_records[K.ARRAYS]
+        # a packed model is float32 whatever its wire dtype: no float64 copy of the mean; one
+        # array per tensor keeps float64 until each is cast to its own dtype
+        mean, count = server.aggregate(reveals, np.float32 if is_packed(template) else np.float64)
         log.info(
             "secure aggregation: %d site(s) summed, %d dropped, %d examples",
             len(survivors),
             len(dropped),
             count,
         )
-
-        template = by_node[survivors[0]].content.array_records[K.ARRAYS]
         loss = float(mean[-1])  # the summed sites' example-weighted mean training loss
         aggregate = Message(
             RecordDict(

@@ -44,9 +44,10 @@ of all CPU time, in training, in the ClientApp's unpacking and in the SuperLink,
 ServerApp. With both thresholds at 1 GiB, blocks under 1 GiB come from the heap and a freed one
 is reused without a page fault (``benchmarks/round_overhead.py``, rows ``ours`` and
 ``ours-glibc-malloc``: 10.6-11.1 s against 12.7-13.6 s of non-training time per round, three
-runs). The cost: each process may keep up to 1 GiB of freed heap resident. Values already in
-the environment win (an operator's own setting; glibc reads an empty value as 0, i.e. every
-block mapped)."""
+runs). The cost: a process keeps its peak heap instead of handing freed memory back (glibc
+returns only a free heap top over 1 GiB): the SuperLink about the models of every site in flight
+at once, a site's processes a few copies of the model. Values already in the environment win
+(an operator's own setting; glibc reads an empty value as 0, i.e. every block mapped)."""
 
 _PR_SET_PDEATHSIG = 1
 # What ``stdin`` / ``stdout`` of :func:`spawn` accept (as for :class:`subprocess.Popen`).

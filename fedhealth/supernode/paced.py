@@ -43,6 +43,15 @@ log = logging.getLogger("fedhealth.supernode")
 
 MODULE = "flwr.supernode.start_client_internal"
 PULL = "_pull_and_store_message"
+NODESTATE = "flwr.supernode.nodestate.in_memory_nodestate"
+# What waiting_reply reads in NODESTATE: the message store, its lock, the retrieved flag that
+# Flower's get_messages sets on what it returns
+NODESTATE_EXPECTED = (
+    "self.msg_store: dict[str, MessageEntry]",
+    "self.lock_msg_store = RLock()",
+    "is_retrieved: bool = False",
+    "entry.is_retrieved = True",
+)
 # What the patch expects to find in MODULE: the 3 s sleep after an empty pull, and no other use of
 # ``time`` than sleeping and reading clocks.
 EXPECTED = ("time.sleep(3)",)
@@ -54,9 +63,13 @@ LOCAL_SLEEP = 0.5  # Flower's sleep between polls of the SuperNode's own state
 LOCAL_POLL = 0.05
 """Seconds between the SuperNode's polls of its own state (Flower: 0.5 s)."""
 FIRST_RETRY = 0.1
-"""Seconds before the first re-pull after a message: doubled after each empty pull up to the
-pull interval. Under SecAgg+ the next stage's message follows a reply within about a second;
-three extra pulls per message find it up to 0.4 s sooner than a flat 0.5 s interval."""
+"""Seconds before the first re-pull after a message, doubled after each empty pull until the
+waits add up to one pull interval (0.1, 0.2, 0.2 s for 0.5 s), then every interval. Under SecAgg+
+the next stage's message follows a reply within about a second; the extra pulls find it up to
+0.4 s sooner, never later, than a flat interval (the pulls fall on the flat schedule's times and
+between them)."""
+SLEEPS = {PULL_SLEEP: 1, LOCAL_SLEEP: 2}
+"""The sleeps the patch expects in :data:`MODULE`, by length: how many calls of each."""
 
 
 def paced_time(interval: float) -> SimpleNamespace:
@@ -65,8 +78,8 @@ def paced_time(interval: float) -> SimpleNamespace:
     ``sleep(s)`` sleeps ``min(s, LOCAL_POLL)`` for a poll of the SuperNode's own state
     (:data:`LOCAL_SLEEP`) and ``min(s, interval)`` otherwise; the wait after an empty pull of
     the SuperLink (:data:`PULL_SLEEP`) is shorter right after a message: ``after_message()``
-    (called when a pull returns one) makes the next waits :data:`FIRST_RETRY`, doubling up to
-    ``interval``.
+    (called when a pull returns one) makes the next waits :data:`FIRST_RETRY`, doubling, until
+    they add up to ``interval``.
 
     Parameters
     ----------
@@ -88,19 +101,20 @@ def paced_time(interval: float) -> SimpleNamespace:
     if not 0 < interval <= MAX_INTERVAL:
         raise ValueError(f"pull interval {interval!r}: need 0 < interval <= {MAX_INTERVAL:g} s")
 
-    retry = [interval]  # the next wait after an empty pull
+    burst = [interval, interval]  # the next wait after an empty pull, the burst's time left
 
     def sleep(seconds: float) -> None:
         if seconds == LOCAL_SLEEP:
             cap = LOCAL_POLL
         elif seconds == PULL_SLEEP:
-            cap, retry[0] = retry[0], min(2 * retry[0], interval)
+            cap = min(burst[0], burst[1]) if burst[1] > 1e-9 else interval
+            burst[0], burst[1] = 2 * burst[0], burst[1] - cap
         else:
             cap = interval
         time.sleep(min(seconds, cap))
 
     def after_message() -> None:
-        retry[0] = min(FIRST_RETRY, interval)
+        burst[0], burst[1] = min(FIRST_RETRY, interval), interval
 
     return SimpleNamespace(
         sleep=sleep,
@@ -122,8 +136,8 @@ def check_module(module: ModuleType) -> None:
     ------
     PatchMismatch
         ``module.time`` is not the ``time`` module, the source no longer holds
-        :data:`EXPECTED`, it uses ``time`` for more than sleeping and the clocks, or it sleeps
-        for other than the two known polls (:data:`PULL_SLEEP`, :data:`LOCAL_SLEEP`).
+        :data:`EXPECTED`, it uses ``time`` for more than sleeping and the clocks, or its sleeps
+        are not exactly :data:`SLEEPS` (one after an empty pull, two polls of local state).
     """
     if getattr(module, "time", None) is not time:
         raise PatchMismatch(f"{module.__name__}.time is not the time module")
@@ -148,21 +162,23 @@ def check_module(module: ModuleType) -> None:
         and isinstance(node.func.value, ast.Name)
         and node.func.value.id == "time"
     ]
-    known = (PULL_SLEEP, LOCAL_SLEEP)
-    odd = sorted(
-        {
-            ast.unparse(arg)
-            for arg in sleeps
-            if not (isinstance(arg, ast.Constant) and arg.value in known)
-        }
-    )
-    if odd:
-        raise PatchMismatch(f"{module.__name__} sleeps for {odd} s, which the patch does not know")
     unknown = sorted(used - {"sleep", *CLOCKS})
     if unknown:
         raise PatchMismatch(
             f"{module.__name__} uses time.{unknown}, which the patch does not provide"
         )
+    odd = sorted(
+        {
+            ast.unparse(arg)
+            for arg in sleeps
+            if not (isinstance(arg, ast.Constant) and arg.value in SLEEPS)
+        }
+    )
+    if odd:
+        raise PatchMismatch(f"{module.__name__} sleeps for {odd} s, which the patch does not know")
+    counts = {n: sum(isinstance(a, ast.Constant) and a.value == n for a in sleeps) for n in SLEEPS}
+    if counts != SLEEPS:
+        raise PatchMismatch(f"{module.__name__} sleeps {counts} times by length, not {SLEEPS}")
 
 
 def pace(interval: float) -> bool:
@@ -210,13 +226,16 @@ def push_stranded_replies() -> bool:
     new run's message, the push stage sends (and drops) the stale reply at once, and the new
     run's reply, done a moment later, waits for a pull that never comes (the coordinator waits
     for that very reply). Wrapped here: a pull that finds nothing while a reply waits returns
-    that reply's run id, so the loop goes on to push it.
+    that reply's run id, so the loop goes on to push it. The reply is looked at, not taken:
+    Flower's ``get_messages`` marks what it returns as retrieved, and the push stage, which asks
+    again, would then wait forever (:func:`waiting_reply`).
 
     Returns
     -------
     bool
         True when installed (or already); False when the loop's pull is not called with
-        ``state=`` as this expects (the SuperNode then runs as stock Flower does).
+        ``state=`` as this expects, or the SuperNode's state is not the one
+        :func:`waiting_reply` reads (the SuperNode then runs as stock Flower does).
     """
     module = importlib.import_module(MODULE)
     pull = getattr(module, PULL)
@@ -225,12 +244,17 @@ def push_stranded_replies() -> bool:
     if f"{PULL}(\n                state=state," not in inspect.getsource(module):
         log.warning("stranded replies not handled: %s.%s is called differently", MODULE, PULL)
         return False
+    nodestate = importlib.import_module(NODESTATE)
+    missing = [n for n in NODESTATE_EXPECTED if n not in inspect.getsource(nodestate)]
+    if missing:
+        log.warning("stranded replies not handled: %s lacks %s", NODESTATE, missing)
+        return False
 
     def pull_or_push(*args: Any, **kwargs: Any) -> Any:
         run_id = pull(*args, **kwargs)
-        if run_id is None and (waiting := kwargs["state"].get_messages(is_reply=True)):
-            log.info("a reply of run %s waits: pushing it", waiting[0].metadata.run_id)
-            return waiting[0].metadata.run_id
+        if run_id is None and (reply := waiting_reply(kwargs["state"])) is not None:
+            log.info("a reply of run %s waits: pushing it", reply.metadata.run_id)
+            return reply.metadata.run_id
         if run_id is not None and (after := getattr(module.time, "after_message", None)):
             after()  # paced (pace): re-pull soon once this message's reply has gone
         return run_id
@@ -238,6 +262,33 @@ def push_stranded_replies() -> bool:
     pull_or_push.pushes_stranded_replies = True  # type: ignore[attr-defined]
     setattr(module, PULL, pull_or_push)
     return True
+
+
+def waiting_reply(state: Any) -> Any:
+    """Return a reply waiting in the SuperNode's state to be pushed, without taking it.
+
+    Reads Flower 1.39's ``InMemoryNodeState`` message store under its lock (checked against
+    :data:`NODESTATE_EXPECTED` when :func:`push_stranded_replies` installs): an entry not yet
+    retrieved whose message replies to another.
+
+    Parameters
+    ----------
+    state : flwr.supernode.nodestate.InMemoryNodeState
+        The SuperNode's state.
+
+    Returns
+    -------
+    flwr.app.Message or None
+        The first waiting reply; None when there is none or the state is of another kind.
+    """
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if not isinstance(store, dict) or lock is None:
+        return None
+    with lock:
+        for entry in store.values():
+            if not entry.is_retrieved and entry.message.metadata.reply_to_message_id:
+                return entry.message
+    return None
 
 
 def configure_logging() -> None:

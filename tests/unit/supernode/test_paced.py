@@ -110,6 +110,20 @@ def test_a_loop_the_patch_does_not_fit_is_left_alone(tmp_path):
     )
     with pytest.raises(supernode.PatchMismatch, match=r"sleeps for \['10', 'backoff'\] s"):
         supernode.check_module(new_sleep)
+    one_more_poll = _module_from(
+        tmp_path,
+        "loop_with_one_more_poll",
+        """
+        import time
+        def loop():
+            time.sleep(3)
+            time.sleep(0.5)
+            time.sleep(0.5)
+            time.sleep(0.5)  # a new wait: local or remote, the patch cannot tell
+    """,
+    )
+    with pytest.raises(supernode.PatchMismatch, match="times by length"):
+        supernode.check_module(one_more_poll)
 
 
 @pytest.mark.slow
@@ -173,38 +187,57 @@ def test_launcher_runs_flowers_supernode_against_a_real_superlink(tmp_path):
                 proc.kill()
 
 
+def _node_state():
+    """The SuperNode's own state (Flower's in-memory NodeState), as flower-supernode makes it."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    return NodeStateFactory(ObjectStoreFactory()).state()
+
+
+def _reply(run_id: int):
+    """A ClientApp's reply as the SuperNode stores it (its id set, replying to an instruction)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app.metadata import Metadata
+
+    metadata = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=5,
+        dst_node_id=0,
+        reply_to_message_id="a" * 64,
+        group_id="1",
+        created_at=time.time(),
+        ttl=600,
+        message_type="train",
+    )
+    reply = Message(RecordDict({"c": ConfigRecord({"loss": 0.5})}), metadata=metadata)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    return reply
+
+
 def test_a_reply_left_waiting_after_an_empty_pull_is_pushed(monkeypatch):
     """After a coordinator restart: the new run's reply must not wait for a pull that never
-    comes (Flower's loop pushes only after a pull that returned a message)."""
-    from types import SimpleNamespace
-
+    comes (Flower's loop pushes only after a pull that returned a message). The reply is only
+    looked at: Flower's push stage must still find it (get_messages marks what it returns)."""
     module = importlib.import_module(supernode.MODULE)
     pulled: list[int | None] = [None, 7, None]
-
-    def flower_pull(*, state):
-        return pulled.pop(0)
-
-    class State:
-        replies: list = []
-
-        def get_messages(self, is_reply):
-            assert is_reply is True
-            return list(self.replies)
-
-    monkeypatch.setattr(module, supernode.PULL, flower_pull)
+    monkeypatch.setattr(module, supernode.PULL, lambda *, state: pulled.pop(0))
     assert supernode.push_stranded_replies()
     assert supernode.push_stranded_replies()  # once only: not wrapped twice
     pull = getattr(module, supernode.PULL)
-    state = State()
+    state = _node_state()
     assert pull(state=state) is None  # nothing pulled, nothing waiting: the loop sleeps
     assert pull(state=state) == 7  # a pulled message is passed through
-    state.replies = [SimpleNamespace(metadata=SimpleNamespace(run_id=42))]
+    state.store_message(_reply(42))
     assert pull(state=state) == 42  # nothing pulled, a reply waits: the loop pushes it
+    # what Flower's push stage asks for next: the reply is still there to be sent
+    assert [m.metadata.run_id for m in state.get_messages(is_reply=True)] == [42]
 
 
 def test_after_a_message_the_next_pulls_back_off_from_a_short_wait(monkeypatch):
     """Under SecAgg+ the next stage's message follows a reply within about a second: the
-    SuperNode re-pulls after 0.1 s, 0.2 s, 0.4 s, then every pull interval."""
+    SuperNode re-pulls after 0.1 s, 0.2 s, 0.2 s, then every pull interval."""
     slept: list[float] = []
     paced = supernode.paced_time(0.5)
     monkeypatch.setattr(supernode.time, "sleep", slept.append)
@@ -213,7 +246,15 @@ def test_after_a_message_the_next_pulls_back_off_from_a_short_wait(monkeypatch):
     for _ in range(5):
         paced.sleep(3)
     paced.sleep(0.5)  # a poll of local state, unaffected
-    assert slept == [0.5, 0.1, 0.2, 0.4, 0.5, 0.5, supernode.LOCAL_POLL]
+    # the burst's waits add up to one interval: its pulls fall on the flat schedule's times
+    # (0.5 s after the reply) and between them, never after
+    assert slept == [0.5, 0.1, 0.2, 0.2, 0.5, 0.5, supernode.LOCAL_POLL]
+    slept.clear()
+    paced = supernode.paced_time(3.0)
+    paced.after_message()
+    for _ in range(6):
+        paced.sleep(3)
+    assert slept == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.5, 3.0])
 
 
 def test_a_pulled_message_resets_the_pull_backoff(monkeypatch):
@@ -225,14 +266,11 @@ def test_a_pulled_message_resets_the_pull_backoff(monkeypatch):
     assert supernode.push_stranded_replies()
     pull = getattr(module, supernode.PULL)
 
-    class State:
-        def get_messages(self, is_reply):
-            return []
-
+    state = _node_state()
     slept: list[float] = []
     monkeypatch.setattr(supernode.time, "sleep", slept.append)
-    assert pull(state=State()) is None
+    assert pull(state=state) is None
     paced.sleep(3)
-    assert pull(state=State()) == 7
+    assert pull(state=state) == 7
     paced.sleep(3)
     assert slept == [0.5, supernode.FIRST_RETRY]
