@@ -68,8 +68,9 @@ waits add up to one pull interval (0.1, 0.2, 0.2 s for 0.5 s), then every interv
 the next stage's message follows a reply within about a second; the extra pulls find it up to
 0.4 s sooner, never later, than a flat interval (the pulls fall on the flat schedule's times and
 between them)."""
-SLEEPS = {PULL_SLEEP: 1, LOCAL_SLEEP: 2}
-"""The sleeps the patch expects in :data:`MODULE`, by length: how many calls of each."""
+SLEEPS = ("0.5", "0.5", "3")
+"""Every ``time.sleep`` argument the patch expects in :data:`MODULE`, as written there (sorted):
+two polls of local state, one wait after an empty pull."""
 
 
 def paced_time(interval: float) -> SimpleNamespace:
@@ -167,18 +168,9 @@ def check_module(module: ModuleType) -> None:
         raise PatchMismatch(
             f"{module.__name__} uses time.{unknown}, which the patch does not provide"
         )
-    odd = sorted(
-        {
-            ast.unparse(arg)
-            for arg in sleeps
-            if not (isinstance(arg, ast.Constant) and arg.value in SLEEPS)
-        }
-    )
-    if odd:
-        raise PatchMismatch(f"{module.__name__} sleeps for {odd} s, which the patch does not know")
-    counts = {n: sum(isinstance(a, ast.Constant) and a.value == n for a in sleeps) for n in SLEEPS}
-    if counts != SLEEPS:
-        raise PatchMismatch(f"{module.__name__} sleeps {counts} times by length, not {SLEEPS}")
+    found = tuple(sorted(ast.unparse(arg) for arg in sleeps))
+    if found != SLEEPS:
+        raise PatchMismatch(f"{module.__name__} sleeps for {list(found)} s, not {list(SLEEPS)}")
 
 
 def pace(interval: float) -> bool:
@@ -328,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=DEFAULT_INTERVAL,
         help="most seconds between the SuperNode's pulls of the SuperLink (stock Flower: 3 s "
-        f"after an empty pull; after a message {FIRST_RETRY:g} s, doubling up to this); its "
-        f"own state is polled every {LOCAL_POLL:g} s (Flower: 0.5 s)",
+        f"after an empty pull; after a message from {FIRST_RETRY:g} s, doubling, until the "
+        f"waits add up to this); its own state is polled every {LOCAL_POLL:g} s (Flower: 0.5 s)",
     )
     parser.add_argument(
         "--enforce-approval",
