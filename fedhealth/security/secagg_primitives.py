@@ -367,7 +367,7 @@ def dequantize_sum(
     params : SecAggParams
         The round's parameters.
     dtype : numpy floating type, default numpy.float64
-        The returned array's dtype (the coordinator asks for float32, the model's).
+        The returned array's dtype (the coordinator asks for float32 for a packed model).
 
     Returns
     -------
