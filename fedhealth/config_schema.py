@@ -226,6 +226,9 @@ class FederationConfig:
         Each coordinate of a weighted update is clipped to +- this before quantization.
     secagg_max_examples : int, default 1024
         Public bound on a site's example count under secure aggregation.
+    secagg_key_ahead : bool, default True
+        Set up the next round's keys (advertise, share) while the coordinator aggregates and
+        checkpoints; False runs all four stages inside each round.
     """
 
     round_timeout: float = 0.0  # 0: from the model's size and site_link_mbps
@@ -244,6 +247,7 @@ class FederationConfig:
     secagg_degree: int = 0
     secagg_clipping_range: float = 8.0
     secagg_max_examples: int = 1024
+    secagg_key_ahead: bool = True  # next round's advertise and share while this one aggregates
 
 
 @dataclass

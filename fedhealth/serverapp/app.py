@@ -101,6 +101,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
             clipping_range=fed.secagg_clipping_range,
             max_examples=fed.secagg_max_examples,
             ledgers=run_dir.ledgers,
+            last_round=cfg.rounds if fed.secagg_key_ahead else None,
         )
     instruction = ConfigRecord({**site_settings(cfg), K.RUN_KEY: run_dir.key})
     tracker = _tracker(run_dir, cfg)

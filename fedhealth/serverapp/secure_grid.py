@@ -12,6 +12,12 @@ Flower's own SecAgg+ runs only on its legacy workflow, so this module carries th
 * :func:`fedhealth.clientapp.secagg_stages.handle_stage` is the site's side. Its protocol
   secrets live in the SuperNode's ``context.state`` between stages and never leave the site.
 
+The first two stages do not depend on the model: once a round's unmask replies are in, the
+next round's keys are set up (advertise, share) while the coordinator aggregates and checkpoints.
+The next round uses them if it samples the same sites and each completed both stages (else it
+keys again). A site still gets four stages a round, one message at a time: any later call first
+waits for that keying.
+
 Every stage has the round's deadline. A site that fails a stage is dropped; when fewer than the
 threshold remain, the round fails cleanly: the strategy receives no update and the global model
 stays as it was.
@@ -21,13 +27,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid
 
 from fedhealth.errors import ConfigError, LedgerShrank, SecAggError, UpdateRejected
@@ -36,33 +42,50 @@ from fedhealth.protocol.npy import array_view
 from fedhealth.protocol.packing import is_packed, unflatten
 from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
-from fedhealth.security.validation import validate_metrics
 from fedhealth.serverapp.delegating_grid import DelegatingGrid
+from fedhealth.serverapp.secagg_replies import (
+    MaskedReply,
+    parse_blobs,
+    parse_masked,
+    parse_publics,
+    parse_reveals,
+    server_round_of,
+)
 
 log = logging.getLogger("fedhealth.secagg")
 
 T = TypeVar("T")
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, UpdateRejected)
+"""What a parser raises on a reply it cannot read: that site is dropped."""
 
 
-@dataclass(frozen=True)
-class MaskedReply:
-    """A site's checked reply to the mask stage.
+@dataclass
+class Keys:
+    """Stages 1-2 of one secure sum: the sites' keys and routed shares.
 
     Parameters
     ----------
-    vector : np.ndarray
-        The masked, quantised update, then its training loss, with the example count as its
-        last word; shape ``(model size + 2,)``, unsigned or signed integers.
-    metrics : MetricRecord
-        The site's validated plaintext metrics (what its policy releases: epsilon, the ledger's
-        standing; passed on to the strategy, metrics only).
-    site : ConfigRecord
-        The site's ``site`` record (its name and privacy unit).
+    nodes : tuple of int
+        The Flower node ids asked, sorted; protocol id ``k`` is ``nodes[k - 1]``.
+    server : SecAggServer
+        The sum's parameters, graph, public keys and encrypted shares.
+    errors : list of Message
+        Error replies of these stages (passed on to the strategy with the round's).
     """
 
-    vector: np.ndarray
-    metrics: MetricRecord
-    site: ConfigRecord
+    nodes: tuple[int, ...]
+    server: SecAggServer
+    errors: list[Message] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every site advertised its keys and shared its secrets."""
+        return len(self.server.shared) == len(self.nodes)
+
+    @property
+    def node_of(self) -> dict[int, int]:
+        """Protocol id (1..n) -> Flower node id."""
+        return dict(enumerate(self.nodes, start=1))
 
 
 class SecureGrid(DelegatingGrid):
@@ -92,6 +115,10 @@ class SecureGrid(DelegatingGrid):
         The run's watch over the sites' reported ledgers: a mask reply whose ledger shrank is
         dropped before its masked update enters the sum (its masks are then removed as a
         dropped site's).
+    last_round : int or None, default None
+        The run's last server round: after the unmask stage of any earlier round (as its
+        instructions' ``config`` record names it), the same sites' keys for the next round are
+        set up in the background. None never keys ahead.
 
     Raises
     ------
@@ -108,6 +135,7 @@ class SecureGrid(DelegatingGrid):
         clipping_range: float = 8.0,
         max_examples: int = 1024,
         ledgers: LedgerWatch | None = None,
+        last_round: int | None = None,
     ) -> None:
         checks = {
             "threshold_fraction": 0 < threshold_fraction <= 1,
@@ -120,13 +148,17 @@ class SecureGrid(DelegatingGrid):
         super().__init__(grid)
         self.threshold_fraction, self.degree = threshold_fraction, degree
         self.clipping_range, self.max_examples = clipping_range, max_examples
-        self.ledgers = ledgers
-        self._errors: list[Message] = []
+        self.ledgers, self.last_round = ledgers, last_round
+        self._ahead: threading.Thread | None = None
+        self._next: Keys | None = None
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Run a train round as secure aggregation; pass any other messages through.
+
+        Either way, keys being set up ahead are waited for first: no site gets two messages
+        at once.
 
         Parameters
         ----------
@@ -143,29 +175,58 @@ class SecureGrid(DelegatingGrid):
             When the protocol fails, only the error replies (the model stays as it was).
         """
         msgs = list(messages)
+        self.join()
         if not msgs or msgs[0].metadata.message_type != "train":
             return self.grid.send_and_receive(msgs, timeout=timeout)
-        self._errors = []
+        ahead, self._next = self._next, None
+        nodes = tuple(sorted({m.metadata.dst_node_id for m in msgs}))
+        keys: Keys | None = None
         try:
-            return [*self._secure_round(msgs, timeout), *self._errors]
+            if ahead is not None and ahead.nodes == nodes and ahead.complete:
+                keys = ahead
+            else:  # other sites, or one failed while keyed ahead: it gets another chance
+                if ahead is not None:
+                    log.info("the keys set up ahead do not fit this round: keying again")
+                keys = self._new_keys(nodes)
+                self._exchange(keys, timeout)
+            return [*self._secure_round(msgs, keys, timeout), *keys.errors]
         except SecAggError as exc:
             log.warning("secure aggregation failed, no update this round: %s", exc)
         except Exception:  # noqa: BLE001 - whatever a site sent, the coordinator goes on
             log.exception("secure aggregation failed on a malformed reply, no update this round")
-        return list(self._errors)  # the strategy sees who failed; the model stays as it was
+        return [] if keys is None else list(keys.errors)  # the strategy sees who failed
+
+    def join(self) -> None:
+        """Wait for the next round's keys being set up ahead, if they are (kept for it)."""
+        if self._ahead is not None:
+            self._ahead.join()
+            self._ahead = None
+
+    def _key_ahead(self, nodes: tuple[int, ...], timeout: float | None) -> None:
+        def run() -> None:
+            try:
+                keys = self._new_keys(nodes)
+                self._exchange(keys, timeout)
+                self._next = keys
+            except Exception:  # noqa: BLE001 - the next round keys afresh
+                log.exception("setting up the next round's keys failed; the round will retry")
+
+        self._ahead = threading.Thread(target=run, name="secagg-key-ahead", daemon=True)
+        self._ahead.start()
 
     def _stage(
         self,
         stage: str,
         contents: dict[int, RecordDict],
-        node_of: dict[int, int],
+        keys: Keys,
         timeout: float | None,
         parse: Callable[[Message], T],
     ) -> dict[int, T]:
         """Send each protocol id its content; return the parsed replies by protocol id.
 
-        An error reply, or one ``parse`` cannot read, drops that site.
+        An error reply (kept in ``keys.errors``), or one ``parse`` cannot read, drops that site.
         """
+        node_of = keys.node_of
         pid_of = {node: pid for pid, node in node_of.items()}
         out = [
             Message(content, node_of[pid], f"train.{stage}") for pid, content in contents.items()
@@ -177,18 +238,11 @@ class SecureGrid(DelegatingGrid):
                 continue
             if reply.has_error():
                 log.warning("%s: site %d dropped (%s)", stage, pid, reply.error.reason)
-                self._errors.append(reply)  # passed on: the strategy counts failures/refusals
+                keys.errors.append(reply)  # passed on: the strategy counts failures/refusals
                 continue
             try:
                 replies[pid] = parse(reply)
-            except (
-                KeyError,
-                TypeError,
-                ValueError,
-                IndexError,
-                AttributeError,
-                UpdateRejected,
-            ) as exc:
+            except MALFORMED as exc:
                 log.warning(
                     "%s: site %d dropped: malformed reply (%s: %.200s)",
                     stage,
@@ -198,21 +252,23 @@ class SecureGrid(DelegatingGrid):
                 )
         return replies
 
-    def _secure_round(self, msgs: list[Message], timeout: float | None) -> list[Message]:
-        # Protocol ids 1..n (Flower node ids are unsigned 64-bit, beyond ConfigRecord's ints).
-        node_of = {pid: m.metadata.dst_node_id for pid, m in enumerate(msgs, start=1)}
-        by_node = {pid: m for pid, m in enumerate(msgs, start=1)}
-        nodes = sorted(by_node)
-        degree = auto_degree(len(nodes)) if self.degree == -1 else self.degree or len(nodes) - 1
-        graph = neighbour_graph(nodes, degree)
+    def _new_keys(self, nodes: tuple[int, ...]) -> Keys:
+        """Size the sum and draw its SecAgg+ graph for these Flower nodes (nothing is sent)."""
+        pids = list(range(1, len(nodes) + 1))
+        degree = auto_degree(len(pids)) if self.degree == -1 else self.degree or len(pids) - 1
+        graph = neighbour_graph(pids, degree)
         # SecAgg+: each secret is shared within a site's neighbourhood (itself + neighbours)
         neighbourhood = 1 + min(len(peers) for peers in graph.values())
         threshold = max(2, math.ceil(self.threshold_fraction * neighbourhood))
-        if len(nodes) < threshold:
-            raise SecAggError(f"{len(nodes)} site(s) sampled, fewer than the threshold {threshold}")
-        params = SecAggParams.sized(len(nodes), threshold, self.clipping_range, self.max_examples)
-        server = SecAggServer(params, graph)
+        if len(pids) < threshold:
+            raise SecAggError(f"{len(pids)} site(s) sampled, fewer than the threshold {threshold}")
+        params = SecAggParams.sized(len(pids), threshold, self.clipping_range, self.max_examples)
+        return Keys(nodes, SecAggServer(params, graph))
 
+    def _exchange(self, keys: Keys, timeout: float | None) -> None:
+        """Stages 1-2: the sites' public keys advertised, their encrypted shares routed."""
+        server, graph, params = keys.server, keys.server.graph, keys.server.params
+        pids = list(keys.node_of)
         setup = {
             n: RecordDict(
                 {
@@ -224,15 +280,14 @@ class SecureGrid(DelegatingGrid):
                             K.SECAGG_CLIP: params.clipping_range,
                             K.SECAGG_LEVELS: params.quantization_levels,
                             K.SECAGG_MAX_EXAMPLES: params.max_examples,
-                            K.SECAGG_SIZE: len(nodes),
+                            K.SECAGG_SIZE: len(pids),
                         }
                     )
                 }
             )
-            for n in nodes
+            for n in pids
         }
-        server.publics.update(self._stage(K.STAGE_ADVERTISE, setup, node_of, timeout, _publics))
-
+        server.publics.update(self._stage(K.STAGE_ADVERTISE, setup, keys, timeout, parse_publics))
         shares = {}
         for n in server.publics:
             peers = [p for p in [n, *graph[n]] if p in server.publics]
@@ -247,12 +302,18 @@ class SecureGrid(DelegatingGrid):
                     )
                 }
             )
-        server.shared.update(self._stage(K.STAGE_SHARE, shares, node_of, timeout, _blobs))
+        server.shared.update(self._stage(K.STAGE_SHARE, shares, keys, timeout, parse_blobs))
 
-        inbox = server.route()
+    def _secure_round(
+        self, msgs: list[Message], keys: Keys, timeout: float | None
+    ) -> list[Message]:
+        """Stages 3-4 with ``keys``; then, unless this is the last round, key the next."""
+        server = keys.server
+        by_node = {m.metadata.dst_node_id: m for m in msgs}
+        by_pid = {pid: by_node[node] for pid, node in keys.node_of.items()}
         masks = {}
-        for n, received in inbox.items():
-            content = RecordDict({**by_node[n].content})
+        for n, received in server.route().items():
+            content = RecordDict({**by_pid[n].content})
             content[K.SECAGG] = ConfigRecord(
                 {
                     K.SECAGG_FROM: list(received) or [0],
@@ -260,26 +321,26 @@ class SecureGrid(DelegatingGrid):
                 }
             )
             masks[n] = content
-        template = by_node[nodes[0]].content.array_records[K.ARRAYS]
+        template = msgs[0].content.array_records[K.ARRAYS]
         size = sum(array_view(a).size for a in template.values()) + 2  # + the loss and the count
-        pid_of_node = {node: pid for pid, node in node_of.items()}
 
         def masked(reply: Message) -> MaskedReply:
-            pid = pid_of_node.get(reply.metadata.src_node_id, 0)
-            parsed = _masked(reply, size, self.max_examples, pid)
+            pid = keys.nodes.index(reply.metadata.src_node_id) + 1
+            parsed = parse_masked(reply, size, self.max_examples, pid)
             name = str(parsed.site.get(K.SITE_NAME, pid))
             if self.ledgers is not None and K.EPSILON in parsed.metrics:  # before the sum
                 metrics = dict(parsed.metrics.items())
-                self.ledgers.check(name, _round(by_node[pid]), ledger_fields(metrics, name))
+                round_ = server_round_of(by_pid[pid])
+                self.ledgers.check(name, round_, ledger_fields(metrics, name))
             elif self.ledgers is not None and name in self.ledgers.stopped:  # epsilon left out
                 raise LedgerShrank(
                     f"{self.ledgers.stopped[name]}; no update of site {name} is taken"
                 )
             return parsed
 
-        site_replies = self._stage(K.STAGE_MASK, masks, node_of, timeout, masked)
-        for node, parsed in site_replies.items():
-            server.masked[node] = parsed.vector.astype(np.uint32)
+        site_replies = self._stage(K.STAGE_MASK, masks, keys, timeout, masked)
+        for pid, parsed in site_replies.items():
+            server.masked[pid] = parsed.vector.astype(np.uint32, copy=False)
 
         survivors, dropped = server.survivors_and_dropped()
         unmask = {
@@ -292,8 +353,11 @@ class SecureGrid(DelegatingGrid):
             )
             for n in survivors
         }
-        reveals = self._stage(K.STAGE_UNMASK, unmask, node_of, timeout, _reveals)
-        template = by_node[survivors[0]].content.array_records[K.ARRAYS]
+        reveals = self._stage(K.STAGE_UNMASK, unmask, keys, timeout, parse_reveals)
+        server_round = server_round_of(msgs[0])
+        if self.last_round is not None and 0 < server_round < self.last_round:
+            self._key_ahead(keys.nodes, timeout)  # the sites are idle until the next round
+        template = by_pid[survivors[0]].content.array_records[K.ARRAYS]
         # a packed model is float32 whatever its wire dtype: no float64 copy of the mean; one
         # array per tensor keeps float64 until each is cast to its own dtype
         mean, count = server.aggregate(reveals, np.float32 if is_packed(template) else np.float64)
@@ -318,7 +382,7 @@ class SecureGrid(DelegatingGrid):
                     ),
                 }
             ),
-            reply_to=by_node[survivors[0]],
+            reply_to=by_pid[survivors[0]],
         )
         per_site = [
             Message(
@@ -328,72 +392,8 @@ class SecureGrid(DelegatingGrid):
                         K.SITE: ConfigRecord({**site_replies[n].site, K.SECAGG_METRICS_ONLY: True}),
                     }
                 ),
-                reply_to=by_node[n],
+                reply_to=by_pid[n],
             )
             for n in survivors
         ]
         return [aggregate, *per_site]
-
-
-def _masked(reply: Message, size: int, max_examples: int, pid: int) -> MaskedReply:
-    """Check a mask-stage reply: the vector's length and dtype, the metrics, the site record."""
-    try:
-        vector = array_view(reply.content.array_records[K.MASKED][K.MASKED], "masked vector")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    if vector.shape != (size,) or vector.dtype.kind not in "ui":
-        raise ValueError(
-            f"masked vector {vector.dtype}{vector.shape}, expected "
-            f"({size},): the model, the loss and the example count"
-        )
-    metrics = reply.content.metric_records[K.METRICS]
-    # the count and the loss are inside the sum; a count the site releases is still checked
-    validate_metrics(dict(metrics.items()), max_examples, f"protocol id {pid}", (), weighted=False)
-    return MaskedReply(vector, metrics, reply.content.config_records[K.SITE])
-
-
-def _round(msg: Message) -> int:
-    """Return the server round an instruction names in its ``config`` record (0: none)."""
-    config = msg.content.config_records.get(K.CONFIG)
-    value = None if config is None else config.get(K.SERVER_ROUND)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _bytes(value: ConfigRecordValues) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError(f"expected bytes, got {type(value).__name__}")
-    return value
-
-
-def _ints(value: ConfigRecordValues) -> list[int]:
-    out = [v for v in value if isinstance(v, int)] if isinstance(value, list) else None
-    if out is None or not isinstance(value, list) or len(out) != len(value):
-        raise TypeError(f"expected a list of int, got {type(value).__name__}")
-    return out
-
-
-def _bytes_list(value: ConfigRecordValues) -> list[bytes]:
-    out = [v for v in value if isinstance(v, bytes)] if isinstance(value, list) else None
-    if out is None or not isinstance(value, list) or len(out) != len(value):
-        raise TypeError(f"expected a list of bytes, got {type(value).__name__}")
-    return out
-
-
-def _publics(reply: Message) -> tuple[bytes, bytes]:
-    rec = reply.content.config_records[K.SECAGG]
-    keys = (_bytes(rec[K.SECAGG_PUBLIC_C]), _bytes(rec[K.SECAGG_PUBLIC_S]))
-    if any(len(k) > 1024 for k in keys):
-        raise ValueError("public key too long")
-    return keys
-
-
-def _blobs(reply: Message) -> dict[int, bytes]:
-    rec = reply.content.config_records[K.SECAGG]
-    to, blobs = _ints(rec[K.SECAGG_TO]), _bytes_list(rec[K.SECAGG_BLOBS])
-    return {int(d): b for d, b in zip(to, blobs, strict=True)}
-
-
-def _reveals(reply: Message) -> dict[int, bytes]:
-    rec = reply.content.config_records[K.SECAGG]
-    owners, shares = _ints(rec[K.SECAGG_OWNERS]), _bytes_list(rec[K.SECAGG_SHARES])
-    return {int(o): sh for o, sh in zip(owners, shares, strict=True)}
