@@ -533,7 +533,28 @@ def breakdown(result: dict) -> list[str]:
             f"{statistics.mean(v[1] for v in values):>8.2f}"
             f"{statistics.mean(idle) if idle else float('nan'):>12.2f}"
         )
+    if gaps := between_rounds(result):
+        out.append(
+            f"    between rounds (last unmask task's exit -> first pickup of the next mask "
+            f"stage): {' '.join(f'{g:.2f}' for g in gaps)} s"
+        )
     return out
+
+
+def between_rounds(result: dict) -> list[float]:
+    """Seconds from a secure round's last unmask task exit to the next mask stage's first pickup.
+
+    The stretch keying ahead (``federation.secagg_key_ahead``) overlaps with the coordinator's
+    aggregation and checkpoint; empty for a run without secure aggregation.
+    """
+    sites, phases = result["tasks"], result["phases"]
+    count = min(len(t) for t in sites)
+    gaps = []
+    for k, name in enumerate(phases[:count]):
+        nxt = k + 3  # unmask, then the next round's advertise, share, mask
+        if name == "secagg_unmask" and nxt < count and phases[nxt] == "secagg_mask":
+            gaps.append(min(s[nxt]["start"] for s in sites) - max(s[k]["end"] for s in sites))
+    return gaps
 
 
 def main() -> int:
