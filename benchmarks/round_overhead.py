@@ -32,7 +32,8 @@ off).
     thresholds of :data:`fedhealth.service.process.MALLOC_SETTINGS`, no page zeroing for
     model-sized buffers);
 --secagg adds stock and ours with secure aggregation (four train stages per round, plus an
-evaluate phase in stock).
+evaluate phase in stock), and ours-secagg-serial: ours-secagg with every stage inside its round
+(``federation.secagg_key_ahead=false``; ours sets up the next round's keys while it aggregates).
 
 Prints the ClientApp start latency (task acquired -> handler's imports done), then per round the
 wall time (``elapsed_s`` in metrics.jsonl), the slowest site's ``train-seconds`` and the rest,

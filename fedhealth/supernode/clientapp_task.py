@@ -46,6 +46,10 @@ PULL_BACKOFF: PullBackoff = {
 _PULL = "pull_and_inflate_object_from_tree"  # the name run_clientapp calls it by
 
 
+FAST_PULL = functools.partial(pull_and_inflate_object_from_tree, **PULL_BACKOFF)
+"""Flower's pull with :data:`PULL_BACKOFF`."""
+
+
 def fast_pull() -> None:
     """Make this process's ClientApp pull its message with :data:`PULL_BACKOFF`.
 
@@ -56,13 +60,18 @@ def fast_pull() -> None:
     PatchMismatch
         Flower's ``run_clientapp`` no longer pulls with ``pull_and_inflate_object_from_tree``.
     """
+    _replace(_PULL, pull_and_inflate_object_from_tree, FAST_PULL)
+
+
+def _replace(name: str, stock: object, replacement: object) -> None:
+    """Replace ``name`` in Flower's ``run_clientapp`` module, once, if it is still ``stock``."""
     namespace = vars(run_clientapp_module)
-    current = namespace.get(_PULL)
-    if isinstance(current, functools.partial):
+    current = namespace.get(name)
+    if current is replacement:
         return
-    if current is not pull_and_inflate_object_from_tree:
-        raise PatchMismatch(f"flwr.supernode.runtime.run_clientapp no longer pulls with {_PULL}")
-    namespace[_PULL] = functools.partial(pull_and_inflate_object_from_tree, **PULL_BACKOFF)
+    if current is not stock:
+        raise PatchMismatch(f"flwr.supernode.runtime.run_clientapp no longer calls {name}")
+    namespace[name] = replacement
 
 
 _INSTALL = "install_from_fab"  # the name run_clientapp calls it by
@@ -130,13 +139,7 @@ def install_fab_once() -> None:
     PatchMismatch
         Flower's ``run_clientapp`` no longer installs with ``install_from_fab``.
     """
-    namespace = vars(run_clientapp_module)
-    current = namespace.get(_INSTALL)
-    if current is install_once:
-        return
-    if current is not install_from_fab:
-        raise PatchMismatch(f"flwr.supernode.runtime.run_clientapp no longer calls {_INSTALL}")
-    namespace[_INSTALL] = install_once
+    _replace(_INSTALL, install_from_fab, install_once)
 
 
 def run_clientapp_task(spec: ExecutionSpec) -> None:
