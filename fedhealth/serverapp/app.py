@@ -91,10 +91,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
 
         grid = EnrolledGrid(grid)
     grid = PolledGrid(grid, interval=fed.reply_poll_interval)
+    secure = None
     if fed.secure_aggregation:
         from fedhealth.serverapp.secure_grid import SecureGrid
 
-        grid = SecureGrid(
+        grid = secure = SecureGrid(
             grid,
             threshold_fraction=fed.secagg_threshold,
             degree=fed.secagg_degree,
@@ -158,6 +159,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: RunDir, *, enrolled: bool =
             evaluate_fn=end_round,
         )
     except RunStopped as stop:
+        if secure is not None:
+            secure.finish()  # keys set up ahead for a round that will not come
         log.warning("run stopped cleanly: %s", stop)
         if tracker is not None:
             tracker.log_lines(run_dir.flush_pending())

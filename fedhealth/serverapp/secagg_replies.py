@@ -1,4 +1,4 @@
-"""Parse the sites' replies to the secure-aggregation stages (``SecureGrid``).
+"""What the coordinator keeps of a secure sum (``SecureGrid``): its keys, the sites' parsed replies.
 
 Every parser raises ``KeyError``, ``TypeError``, ``ValueError`` or ``IndexError`` on a reply it
 cannot read; :class:`~fedhealth.serverapp.secure_grid.SecureGrid` then drops that site.
@@ -6,7 +6,7 @@ cannot read; :class:`~fedhealth.serverapp.secure_grid.SecureGrid` then drops tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
@@ -15,7 +15,39 @@ from flwr.app.typing import ConfigRecordValues
 from fedhealth.errors import ConfigError
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.npy import array_view
+from fedhealth.security.secagg import SecAggServer
 from fedhealth.security.validation import validate_metrics
+
+
+@dataclass
+class Keys:
+    """Stages 1-2 of one secure sum: the sites' keys and routed shares.
+
+    Parameters
+    ----------
+    nodes : tuple of int
+        The Flower node ids asked, in a fresh random order per keying; protocol id ``k`` is
+        ``nodes[k - 1]`` (so a SecAgg+ graph of fewer neighbours than sites changes each round,
+        whatever the node ids).
+    server : SecAggServer
+        The sum's parameters, graph, public keys and encrypted shares.
+    errors : list of Message
+        Error replies of these stages (passed on to the strategy with the round's).
+    """
+
+    nodes: tuple[int, ...]
+    server: SecAggServer
+    errors: list[Message] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every site advertised its keys and shared its secrets."""
+        return len(self.server.shared) == len(self.nodes)
+
+    @property
+    def node_of(self) -> dict[int, int]:
+        """Protocol id (1..n) -> Flower node id."""
+        return dict(enumerate(self.nodes, start=1))
 
 
 @dataclass(frozen=True)

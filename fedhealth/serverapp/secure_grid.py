@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -44,6 +44,7 @@ from fedhealth.runs.ledgers import LedgerWatch, ledger_fields
 from fedhealth.security.secagg import SecAggParams, SecAggServer, auto_degree, neighbour_graph
 from fedhealth.serverapp.delegating_grid import DelegatingGrid
 from fedhealth.serverapp.secagg_replies import (
+    Keys,
     MaskedReply,
     parse_blobs,
     parse_masked,
@@ -57,35 +58,6 @@ log = logging.getLogger("fedhealth.secagg")
 T = TypeVar("T")
 MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, UpdateRejected)
 """What a parser raises on a reply it cannot read: that site is dropped."""
-
-
-@dataclass
-class Keys:
-    """Stages 1-2 of one secure sum: the sites' keys and routed shares.
-
-    Parameters
-    ----------
-    nodes : tuple of int
-        The Flower node ids asked, sorted; protocol id ``k`` is ``nodes[k - 1]``.
-    server : SecAggServer
-        The sum's parameters, graph, public keys and encrypted shares.
-    errors : list of Message
-        Error replies of these stages (passed on to the strategy with the round's).
-    """
-
-    nodes: tuple[int, ...]
-    server: SecAggServer
-    errors: list[Message] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """Whether every site advertised its keys and shared its secrets."""
-        return len(self.server.shared) == len(self.nodes)
-
-    @property
-    def node_of(self) -> dict[int, int]:
-        """Protocol id (1..n) -> Flower node id."""
-        return dict(enumerate(self.nodes, start=1))
 
 
 class SecureGrid(DelegatingGrid):
@@ -175,14 +147,16 @@ class SecureGrid(DelegatingGrid):
             When the protocol fails, only the error replies (the model stays as it was).
         """
         msgs = list(messages)
+        if not msgs:  # nothing sent (a folded round's evaluate): the keying goes on meanwhile
+            return []
         self.join()
-        if not msgs or msgs[0].metadata.message_type != "train":
+        if msgs[0].metadata.message_type != "train":
             return self.grid.send_and_receive(msgs, timeout=timeout)
         ahead, self._next = self._next, None
         nodes = tuple(sorted({m.metadata.dst_node_id for m in msgs}))
         keys: Keys | None = None
         try:
-            if ahead is not None and ahead.nodes == nodes and ahead.complete:
+            if ahead is not None and sorted(ahead.nodes) == list(nodes) and ahead.complete:
                 keys = ahead
             else:  # other sites, or one failed while keyed ahead: it gets another chance
                 if ahead is not None:
@@ -201,6 +175,19 @@ class SecureGrid(DelegatingGrid):
         if self._ahead is not None:
             self._ahead.join()
             self._ahead = None
+
+    def finish(self, timeout: float = 60.0) -> None:
+        """Wait up to ``timeout`` seconds for keys being set up ahead, then drop them.
+
+        For a run that ends early (stopped after a round that is not its last): the keying
+        thread is a daemon, so a site that never answers cannot keep the ServerApp alive.
+        """
+        if self._ahead is not None:
+            self._ahead.join(timeout)
+            if self._ahead.is_alive():
+                log.warning("the next round's keying still runs after %.0f s; left behind", timeout)
+            self._ahead = None
+        self._next = None
 
     def _key_ahead(self, nodes: tuple[int, ...], timeout: float | None) -> None:
         def run() -> None:
@@ -254,6 +241,8 @@ class SecureGrid(DelegatingGrid):
 
     def _new_keys(self, nodes: tuple[int, ...]) -> Keys:
         """Size the sum and draw its SecAgg+ graph for these Flower nodes (nothing is sent)."""
+        order = list(nodes)
+        secrets.SystemRandom().shuffle(order)  # protocol ids: not chosen by node ids
         pids = list(range(1, len(nodes) + 1))
         degree = auto_degree(len(pids)) if self.degree == -1 else self.degree or len(pids) - 1
         graph = neighbour_graph(pids, degree)
@@ -263,7 +252,7 @@ class SecureGrid(DelegatingGrid):
         if len(pids) < threshold:
             raise SecAggError(f"{len(pids)} site(s) sampled, fewer than the threshold {threshold}")
         params = SecAggParams.sized(len(pids), threshold, self.clipping_range, self.max_examples)
-        return Keys(nodes, SecAggServer(params, graph))
+        return Keys(tuple(order), SecAggServer(params, graph))
 
     def _exchange(self, keys: Keys, timeout: float | None) -> None:
         """Stages 1-2: the sites' public keys advertised, their encrypted shares routed."""
@@ -356,7 +345,8 @@ class SecureGrid(DelegatingGrid):
         reveals = self._stage(K.STAGE_UNMASK, unmask, keys, timeout, parse_reveals)
         server_round = server_round_of(msgs[0])
         if self.last_round is not None and 0 < server_round < self.last_round:
-            self._key_ahead(keys.nodes, timeout)  # the sites are idle until the next round
+            # the survivors (alive a moment ago) are idle until the next round
+            self._key_ahead(tuple(sorted(keys.nodes[p - 1] for p in survivors)), timeout)
         template = by_pid[survivors[0]].content.array_records[K.ARRAYS]
         # a packed model is float32 whatever its wire dtype: no float64 copy of the mean; one
         # array per tensor keeps float64 until each is cast to its own dtype

@@ -30,8 +30,9 @@ class RecordingGrid(FakeGrid):
     (two messages to one site at once), and answers with an error for node 14 in the calls whose
     index is in ``fail_calls``."""
 
-    def __init__(self, updates, counts, fail_calls=()):
+    def __init__(self, updates, counts, fail_calls=(), delay=0.02):
         super().__init__(updates, counts)
+        self.delay = delay
         self.calls: list[tuple[str, list[int]]] = []
         self.fail_calls = set(fail_calls)
         self.lock = threading.Lock()
@@ -43,7 +44,7 @@ class RecordingGrid(FakeGrid):
             self.overlaps += 1
             self.lock.acquire()
         try:
-            time.sleep(0.02)  # a call takes time: an overlapping one would be caught
+            time.sleep(self.delay)  # a call takes time: an overlapping one would be caught
             index = len(self.calls)
             kind = messages[0].metadata.message_type
             self.calls.append((kind, sorted(m.metadata.dst_node_id for m in messages)))
@@ -167,3 +168,49 @@ def test_a_site_failing_while_keyed_ahead_gets_another_chance_in_the_round(
     assert not [r for r in replies if r.has_error()]
     assert [kind for kind, _ in grid.calls[4:10]] == [*KEYING, *ROUND]
     assert any("keying again" in m for m in caplog.messages)
+
+
+def test_only_the_rounds_survivors_are_keyed_ahead(updates, secure_grid):
+    grid = RecordingGrid(updates, COUNTS, fail_calls={2})  # site 14 fails round 1's mask stage
+    secure = secure_grid(grid, last_round=3)
+    _check_sum(_round(secure, updates, 1), updates, (11, 12, 13))
+    _check_sum(_round(secure, updates, 2), updates, NODES)  # 14 is back: keyed in the round
+    assert grid.calls[4:8] == [(kind, [11, 12, 13]) for kind in KEYING] + [
+        (kind, list(NODES)) for kind in KEYING
+    ]
+
+
+def test_a_call_with_nothing_to_send_does_not_wait_for_the_keying(updates, secure_grid):
+    grid = RecordingGrid(updates, COUNTS, delay=0.3)
+    secure = secure_grid(grid, last_round=3)
+    _round(secure, updates, 1)
+    started = time.monotonic()
+    assert list(secure.send_and_receive([], timeout=10)) == []  # a folded round's evaluate
+    assert time.monotonic() - started < 0.2
+    assert len(grid.calls) < 6  # the keying (two calls of 0.3 s) still runs
+    _round(secure, updates, 2)
+    assert [kind for kind, _ in grid.calls[:8]] == list(ROUND) * 2
+
+
+def test_a_run_that_ends_early_drops_the_keys_set_up_ahead(updates, secure_grid):
+    grid = RecordingGrid(updates, COUNTS)
+    secure = secure_grid(grid, last_round=3)
+    _round(secure, updates, 1)
+    secure.finish()
+    assert len(grid.calls) == 6  # waited for
+    _round(secure, updates, 2)  # a resumed run keys afresh
+    assert [kind for kind, _ in grid.calls[6:10]] == list(ROUND)
+
+
+def test_protocol_ids_are_drawn_afresh_for_every_sum(secure_grid):
+    """With fewer neighbours than sites, a site's neighbours change from round to round, whatever
+    the node ids (a site cannot pick its neighbours by the id it connects with)."""
+    secure = secure_grid(object(), degree=2)
+    nodes = tuple(range(101, 109))
+    neighbourhoods = set()
+    for _ in range(10):
+        keys = secure._new_keys(nodes)
+        graph = keys.server.graph
+        neighbourhoods.add(frozenset(keys.nodes[p - 1] for p in graph[keys.nodes.index(101) + 1]))
+    assert sorted(keys.nodes) == list(nodes)
+    assert len(neighbourhoods) > 1
