@@ -22,6 +22,7 @@ from fedhealth.security.apps import AppPolicy
 from fedhealth.service.process import flower_env
 from fedhealth.service.supervisor import Child, Relayed, Supervisor
 from fedhealth.supernode.daemonlog import setup_site_logging
+from fedhealth.supernode.heartbeat import DEFAULT as HEARTBEAT_DEFAULT
 from fedhealth.supernode.settings import SiteSettings
 from fedhealth.supernode.sitestatus import DaemonEvent, watch_line
 
@@ -90,7 +91,8 @@ def supernode_argv(s: SiteSettings) -> list[str]:
     Returns
     -------
     list of str
-        ``python -m fedhealth.supernode.paced --pull-interval S --enforce-approval <policy> --
+        ``python -m fedhealth.supernode.paced --pull-interval S [--heartbeat-interval S]
+        --enforce-approval <policy> --
         <flower-supernode args>``: the site's app gate (approved hashes, trusted publishers,
         ``apps.jsonl``; :mod:`fedhealth.supernode.approval`), TLS root and authentication key
         (or ``--insecure``), node config, ClientApp API port, and ``--isolation process`` for
@@ -102,6 +104,11 @@ def supernode_argv(s: SiteSettings) -> list[str]:
         "fedhealth.supernode.paced",
         "--pull-interval",
         str(s.pull_interval),
+        *(
+            ("--heartbeat-interval", str(s.heartbeat_interval))
+            if s.heartbeat_interval != HEARTBEAT_DEFAULT
+            else ()
+        ),
         "--enforce-approval",
         "--site-name",
         s.name,

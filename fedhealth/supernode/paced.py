@@ -38,6 +38,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from fedhealth.errors import PatchMismatch
+from fedhealth.supernode.heartbeat import set_heartbeat_interval
 
 log = logging.getLogger("fedhealth.supernode")
 
@@ -328,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run only approved apps (fails closed; the site daemon always sets it)",
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=None,
+        help="seconds between heartbeats the SuperNode declares (Flower: 30; dead after twice "
+        "this; fedhealth.supernode.heartbeat)",
+    )
     parser.add_argument("--site-name", default="site", help="the site's name, for refusals")
     parser.add_argument(
         "--approved-app", action="append", default=[], metavar="SHA256", help="approved FAB hash"
@@ -346,10 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         paced = pace(args.pull_interval)
-    except ValueError as exc:
+        if args.heartbeat_interval is not None:  # fails closed, unlike the pull interval
+            set_heartbeat_interval(args.heartbeat_interval)
+    except (ValueError, PatchMismatch) as exc:
         parser.error(str(exc))
     if paced:
         log.info("SuperNode pull interval %.2f s", args.pull_interval)
+    if args.heartbeat_interval is not None:
+        log.info("SuperNode heartbeat interval %g s", args.heartbeat_interval)
     if args.enforce_approval:
         _gate(parser, args, rest)
     push_stranded_replies()

@@ -12,6 +12,8 @@ from fedhealth.errors import ConfigError
 from fedhealth.privacy.policy import SitePolicy
 from fedhealth.protocol.keys import PRIVACY_UNITS
 from fedhealth.service.settings import load_settings
+from fedhealth.supernode.heartbeat import DEFAULT as HEARTBEAT_DEFAULT
+from fedhealth.supernode.heartbeat import LIMITS as HEARTBEAT_LIMITS
 from fedhealth.supernode.paced import MAX_INTERVAL
 
 ISOLATION = ("warm", "subprocess")
@@ -83,6 +85,10 @@ class SiteSettings:
     pull_interval : float
         Seconds between the SuperNode's polls, in (0, 3] (default 0.5; Flower: 3 s;
         :mod:`fedhealth.supernode.paced`).
+    heartbeat_interval : float
+        Seconds between the SuperNode's heartbeats, in [10, 1800] (default 30, Flower's): the
+        SuperLink takes the site for dead after twice this without one. Heartbeats go on while
+        the site uploads (:mod:`fedhealth.supernode.heartbeat`).
     backoff_initial : float
         Seconds before the first restart of the SuperNode (default 1.0).
     backoff_max : float
@@ -123,6 +129,7 @@ class SiteSettings:
     appio_port: int = 9094
     isolation: str = "warm"
     pull_interval: float = 0.5
+    heartbeat_interval: float = HEARTBEAT_DEFAULT
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     stop_grace: float = 30.0
@@ -183,6 +190,12 @@ class SiteSettings:
             raise ConfigError(
                 f"site config: pull_interval={self.pull_interval!r}: need "
                 f"0 < pull_interval <= {MAX_INTERVAL:g} (seconds)"
+            )
+        low, high = HEARTBEAT_LIMITS
+        if not low <= self.heartbeat_interval <= high:
+            raise ConfigError(
+                f"site config: heartbeat_interval={self.heartbeat_interval!r}: need "
+                f"{low:g} <= heartbeat_interval <= {high:g} (seconds; the SuperLink's limits)"
             )
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"site config: log_level={self.log_level!r}: one of {LOG_LEVELS}")

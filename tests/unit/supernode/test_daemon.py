@@ -77,6 +77,13 @@ def test_site_yaml_relative_paths_and_errors_name_the_key(tmp_path):
     assert argv[argv.index("--superlink") + 1] == "link.example.org:9092"
     with pytest.raises(ConfigError, match="pull_interval=5.0"):
         load(tmp_path / "site.yaml", ["pull_interval=5"])
+    assert "--heartbeat-interval" not in argv  # Flower's 30 s: its SuperNode unchanged
+    argv = daemon.supernode_argv(load(tmp_path / "site.yaml", ["heartbeat_interval=12"]))
+    assert argv[argv.index("--heartbeat-interval") + 1] == "12.0"
+    assert argv.index("--heartbeat-interval") < argv.index("--")  # the launcher's, not Flower's
+    for bad in ("5", "1801"):
+        with pytest.raises(ConfigError, match=f"heartbeat_interval={float(bad)}"):
+            load(tmp_path / "site.yaml", [f"heartbeat_interval={bad}"])
     assert "epsilon-cap=3.5" in daemon.node_config(s)
     with pytest.raises(ConfigError, match="key epsilon_cap"):
         load(tmp_path / "site.yaml", ["epsilon_cap=lots"])
