@@ -263,3 +263,27 @@ def test_a_site_refuses_a_non_finite_global_model_naming_the_tensor(flower_ident
     record = ArrayRecord(state) if dtype is None else pack(state, dtype)
     msg = Message(RecordDict({"arrays": record}), dst_node_id=1, message_type="train")
     assert torch.isfinite(model_from(msg, cfg).state_dict()[key]).all()
+
+
+def test_a_network_with_a_non_persistent_buffer_is_built_for_real(flower_identity, monkeypatch):
+    """Such a buffer is not in the state dict, so on the meta device nothing would fill it: the
+    site builds the network again, for real, and loads the global model into it."""
+    from flwr.app import Message
+
+    from fedhealth.clientapp import global_model
+    from fedhealth.models import build_model
+
+    def with_buffer(model_cfg):
+        net = build_model(model_cfg)
+        net.register_buffer("window", torch.arange(4.0), persistent=False)
+        return net
+
+    cfg = compose([])
+    state = build_model(cfg.model).state_dict()
+    msg = Message(RecordDict({"arrays": pack(state)}), dst_node_id=1, message_type="train")
+    monkeypatch.setattr(global_model, "build_model", with_buffer)
+    model = global_model.model_from(msg, cfg)
+    assert torch.equal(model.window, torch.arange(4.0))  # materialised, its own value
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
