@@ -59,13 +59,16 @@ def _project() -> Path:
     return project_dir()
 
 
-def run_suite(workdir: Path) -> list[Row]:
+def run_suite(workdir: Path, *, privacy: bool = True) -> list[Row]:
     """Build the consortium under ``workdir``, run every attack, stop everything.
 
     Parameters
     ----------
     workdir : Path
         Working directory (created; keys, data, logs, run directory).
+    privacy : bool
+        Keyword-only. Also run the privacy rows (:func:`privacy_rows`, against site-1's data and
+        fresh ledgers; default True). The end-to-end tests run them on their own.
 
     Returns
     -------
@@ -104,7 +107,8 @@ def run_suite(workdir: Path) -> list[Row]:
     finally:
         lab.stop()
     # what a curious coordinator can send the approved ClientApp, against a site's own ledger
-    rows += privacy_rows(lab.root / "privacy", lab.site_data("site-1"))
+    if privacy:
+        rows += privacy_rows(lab.root / "privacy", lab.site_data("site-1"))
     for row in rows:
         row.evidence += [f"note: {n}" for n in lab.notes if "approv" in n and "app" in row.attack]
     return rows
