@@ -73,3 +73,9 @@ def test_the_launcher_refuses_a_bad_interval_before_flower_starts(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "heartbeat interval 5.0: need 10 <= interval <= 1800" in done.stderr
     assert "Starting" not in done.stderr + done.stdout  # Flower's SuperNode never started
+
+
+def test_the_limits_and_default_are_flowers():
+    """Kept as numbers (reading site.yaml needs no Flower import); Flower's own say so."""
+    assert heartbeat.LIMITS == (constant.HEARTBEAT_MIN_INTERVAL, constant.HEARTBEAT_MAX_INTERVAL)
+    assert heartbeat.DEFAULT == constant.HEARTBEAT_DEFAULT_INTERVAL
