@@ -14,7 +14,10 @@ Dice of both and their difference (target: within 0.005). Secure aggregation is 
 comparison so that every update travels in 16 bits too (a secure sum quantises float32 updates
 to its own field: only the global model would be rounded). ``--seeds`` repeats the pair for each
 seed (default 0) and prints the mean difference and its spread: one pair cannot separate a
-0.005 effect from how far two trajectories part.
+0.005 effect from how far two trajectories part. Two statistics are compared: the final round's
+pooled Dice and the mean of the last 5 rounds' (a site's Dice moves by up to 0.1 from one round
+to the next). Finished runs of the pair are read from their run directories, not trained again,
+so a longer ``--seeds`` list adds only the new seeds.
 """
 
 from __future__ import annotations
@@ -45,13 +48,39 @@ DEFAULTS = [
 ]
 
 
+TAIL = 5  # rounds averaged for the second statistic: a round's Dice moves by up to 0.1 per site
+
+
+def summarise(name: str, gaps: list[float], base: list[float]) -> None:
+    """Print the mean of per-seed Dice differences, its spread and what it can resolve."""
+    mean = statistics.fmean(gaps)
+    print(
+        f"{name}: "
+        + ", ".join(f"{g:+.4f}" for g in gaps)
+        + f"; mean {mean:+.4f}; |mean| <= 0.005: "
+        + ("yes" if abs(mean) <= 0.005 else "NO")
+    )
+    if len(gaps) > 1:  # what the mean can resolve, and how far float32 alone moves by seed
+        spread = statistics.stdev(gaps)
+        error = spread / len(gaps) ** 0.5
+        print(
+            f"  sd {spread:.4f}, standard error of the mean {error:.4f}; within 0.005 at two "
+            f"standard errors (|mean| + 2 SE <= 0.005): "
+            f"{'yes' if abs(mean) + 2 * error <= 0.005 else 'NO'}; float32's own value across "
+            f"these seeds: sd {statistics.stdev(base):.4f}"
+        )
+
+
 def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int:
     """Train FedAvg in float32 and in ``dtype`` on the wire, per seed; print Dice and the gaps.
 
-    Each seed trains both (same init, same data order); the pooled Dice difference is reported
-    per seed and as a mean with its standard deviation across seeds.
+    Each seed trains both (same init, same data order); a run directory that already holds the
+    finished run is read, not trained again. Two statistics of the pooled (weighted) Dice are
+    compared per seed and as a mean across seeds: the final round's, and the mean of the last
+    ``TAIL`` rounds' (less moved by where one round's step happened to land).
     """
-    gaps, base = [], []
+    final: dict[str, list[float]] = {"float32": [], dtype: []}
+    tail: dict[str, list[float]] = {"float32": [], dtype: []}
     for seed in seeds:
         dice = {}
         for wire in ("float32", dtype):
@@ -66,8 +95,11 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
                 ]
             )
             t0 = time.perf_counter()
-            last = read_metrics(simulate(cfg).path)[-1]["evaluate"]
-            dice[wire] = (last["sites"], last["weighted"]["dice"], time.perf_counter() - t0)
+            lines = [ln for ln in read_metrics(simulate(cfg).path) if "evaluate" in ln]
+            rounds = [ln["evaluate"]["weighted"]["dice"] for ln in lines[-TAIL:]]
+            dice[wire] = (lines[-1]["evaluate"]["sites"], time.perf_counter() - t0)
+            final[wire].append(rounds[-1])
+            tail[wire].append(statistics.fmean(rounds))
         print(
             f"\nFedAvg Dice with the model and updates on the wire in float32 vs {dtype} "
             f"({cfg.sites} sites, {cfg.rounds} rounds, secure aggregation off, seed {seed}):"
@@ -76,26 +108,14 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
         for site in sorted(dice["float32"][0]):
             a, b = dice["float32"][0][site]["dice"], dice[dtype][0][site]["dice"]
             print(f"{site:<12}{a:>12.4f}{b:>12.4f}{b - a:>+12.4f}")
-        gap = dice[dtype][1] - dice["float32"][1]
-        gaps.append(gap)
-        base.append(dice["float32"][1])
-        print(f"{'pooled':<12}{dice['float32'][1]:>12.4f}{dice[dtype][1]:>12.4f}{gap:>+12.4f}")
-        print(f"wall time {dice['float32'][2]:.0f}s float32, {dice[dtype][2]:.0f}s {dtype}")
-    mean = statistics.fmean(gaps)
-    spread = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
-    error = spread / len(gaps) ** 0.5
-    print(
-        f"\npooled Dice difference {dtype} - float32 over seeds {seeds}: "
-        + ", ".join(f"{g:+.4f}" for g in gaps)
-        + f"; mean {mean:+.4f} (sd {spread:.4f}); |mean| <= 0.005: "
-        + ("yes" if abs(mean) <= 0.005 else "NO")
-    )
-    if len(gaps) > 1:  # what the mean can resolve, and how far float32 alone moves by seed
-        print(
-            f"standard error of the mean {error:.4f} (resolves 0.005: "
-            f"{'yes' if 2 * error <= 0.005 else 'NO'}); float32's own pooled Dice across these "
-            f"seeds: sd {statistics.stdev(base):.4f}"
-        )
+        for label, stat in (("pooled", final), (f"last {TAIL} mean", tail)):
+            a, b = stat["float32"][-1], stat[dtype][-1]
+            print(f"{label:<12}{a:>12.4f}{b:>12.4f}{b - a:>+12.4f}")
+        print(f"wall time {dice['float32'][1]:.0f}s float32, {dice[dtype][1]:.0f}s {dtype}")
+    print(f"\npooled Dice difference {dtype} - float32 over seeds {seeds}:")
+    for label, stat in (("final round", final), (f"mean of the last {TAIL} rounds", tail)):
+        gaps = [b - a for a, b in zip(stat["float32"], stat[dtype], strict=True)]
+        summarise(label, gaps, stat["float32"])
     return 0
 
 

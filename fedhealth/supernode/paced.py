@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     Parameters
     ----------
     argv : list of str, optional
-        ``--pull-interval S -- <flower-supernode args>`` (default None: ``sys.argv[1:]``).
+        ``[--pull-interval S] [--enforce-approval] [--heartbeat-interval S] --
+        <flower-supernode args>`` (default None: ``sys.argv[1:]``).
 
     Returns
     -------
