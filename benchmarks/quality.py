@@ -22,12 +22,15 @@ so a longer ``--seeds`` list adds only the new seeds.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from fedhealth.config import compose
+from fedhealth.data.synth import MARKER
 from fedhealth.runs.rundir import read_metrics
 from fedhealth.simulation import simulate
 from fedhealth.training import baselines
@@ -112,7 +115,12 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
             a, b = stat["float32"][-1], stat[dtype][-1]
             print(f"{label:<12}{a:>12.4f}{b:>12.4f}{b - a:>+12.4f}")
         print(f"wall time {dice['float32'][1]:.0f}s float32, {dice[dtype][1]:.0f}s {dtype}")
-    print(f"\npooled Dice difference {dtype} - float32 over seeds {seeds}:")
+    cohort = Path(cfg.data.root) / MARKER  # written by the first run that found no cohort there
+    made_by = json.loads(cohort.read_text())["seed"] if cohort.is_file() else "?"
+    print(
+        f"\npooled Dice difference {dtype} - float32 over seeds {seeds} (every seed trains on "
+        f"the synthetic cohort in {cfg.data.root}, written with seed {made_by}):"
+    )
     for label, stat in (("final round", final), (f"mean of the last {TAIL} rounds", tail)):
         gaps = [b - a for a, b in zip(stat["float32"], stat[dtype], strict=True)]
         summarise(label, gaps, stat["float32"])
