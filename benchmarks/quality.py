@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fedhealth.config import compose
 from fedhealth.data.synth import MARKER
-from fedhealth.runs.rundir import read_metrics
+from fedhealth.runs.rundir import RunDir, read_metrics
 from fedhealth.simulation import simulate
 from fedhealth.training import baselines
 
@@ -97,10 +97,12 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
                     f"run_name=quality-transport-{wire}-seed{seed}",
                 ]
             )
-            t0 = time.perf_counter()
-            lines = [ln for ln in read_metrics(simulate(cfg).path) if "evaluate" in ln]
+            path = Path(cfg.run_root) / str(cfg.run_name)
+            if not (path / "manifest.json").is_file() or not RunDir.create(cfg).finished:
+                path = simulate(cfg).path  # (a finished run of another config: ConfigError)
+            lines = [ln for ln in read_metrics(path) if "evaluate" in ln]
             rounds = [ln["evaluate"]["weighted"]["dice"] for ln in lines[-TAIL:]]
-            dice[wire] = (lines[-1]["evaluate"]["sites"], time.perf_counter() - t0)
+            dice[wire] = (lines[-1]["evaluate"]["sites"], lines[-1]["elapsed_s"])
             final[wire].append(rounds[-1])
             tail[wire].append(statistics.fmean(rounds))
         print(
@@ -114,7 +116,7 @@ def compare_transport(dtype: str, overrides: list[str], seeds: list[int]) -> int
         for label, stat in (("pooled", final), (f"last {TAIL} mean", tail)):
             a, b = stat["float32"][-1], stat[dtype][-1]
             print(f"{label:<12}{a:>12.4f}{b:>12.4f}{b - a:>+12.4f}")
-        print(f"wall time {dice['float32'][1]:.0f}s float32, {dice[dtype][1]:.0f}s {dtype}")
+        print(f"run time {dice['float32'][1]:.0f}s float32, {dice[dtype][1]:.0f}s {dtype}")
     cohort = Path(cfg.data.root) / MARKER  # written by the first run that found no cohort there
     made_by = json.loads(cohort.read_text())["seed"] if cohort.is_file() else "?"
     print(
