@@ -335,7 +335,8 @@ def deploy_and_run(
                         require_dp=False,
                         require_secure_aggregation=False,
                         min_secagg_sites=2,
-                        release=["train-seconds"],  # what round_costs splits the round by
+                        # train-seconds: what round_costs splits the round by
+                        release=["train-seconds", "evaluation"],
                     ),
                 ],
             )

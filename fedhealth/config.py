@@ -175,6 +175,10 @@ def validate(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+MAX_SW_OVERLAP = 0.9  # windows overlap by at most 90%: 0.999 would step one voxel at a time
+MAX_RES_UNITS = 8  # residual units per U-Net level: each adds two convolutions' activations
+
+
 def _check_ranges(cfg: Config) -> None:
     checks = {
         "sites": cfg.sites >= 1,
@@ -184,7 +188,9 @@ def _check_ranges(cfg: Config) -> None:
         "data.patch_size": cfg.data.patch_size >= 16 and cfg.data.patch_size % 4 == 0,
         "data.fov": cfg.data.fov >= 16,
         "data.target_spacing": cfg.data.target_spacing > 0,
-        "data.sw_overlap": 0 <= cfg.data.sw_overlap < 1,
+        "data.sw_overlap": 0 <= cfg.data.sw_overlap <= MAX_SW_OVERLAP,
+        "model.num_res_units": 0 <= cfg.model.num_res_units <= MAX_RES_UNITS,
+        "train.weight_decay": cfg.train.weight_decay >= 0,
         "data.sw_batch_size": cfg.data.sw_batch_size >= 1,
         "train.local_epochs": cfg.train.local_epochs >= 1,
         "train.batch_size": cfg.train.batch_size >= 1,
@@ -201,7 +207,7 @@ def _check_ranges(cfg: Config) -> None:
         and (cfg.federation.pack_arrays or cfg.federation.transport_dtype == "float32"),
         "federation.reply_poll_interval": 0.01 <= cfg.federation.reply_poll_interval <= 10,
         "federation.rejoin_wait": cfg.federation.rejoin_wait >= 0,
-        "federation.secagg_threshold": 0 < cfg.federation.secagg_threshold <= 1,
+        "federation.secagg_threshold": 0.5 < cfg.federation.secagg_threshold <= 1,
         "federation.secagg_max_examples": cfg.federation.secagg_max_examples >= 1,
         "privacy.epsilon": cfg.privacy.epsilon > 0,
         "privacy.delta": 0 < cfg.privacy.delta < 1,

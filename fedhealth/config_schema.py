@@ -24,7 +24,7 @@ class ModelConfig:
     strides : list of int, default [2, 2]
         U-Net downsampling strides, one fewer than ``channels``.
     num_res_units : int, default 1
-        Residual units per U-Net block.
+        Residual units per U-Net block, in [0, 8].
     norm : str, default "instance"
         ``"instance"`` or ``"group"`` (never BatchNorm: it breaks DP-SGD).
     num_groups : int, default 4
@@ -73,7 +73,7 @@ class DataConfig:
     target_spacing : float, default 1.25
         Isotropic voxel edge every volume is resampled to (after reorientation to RAS), in mm.
     sw_overlap : float, default 0.25
-        Overlap of neighbouring sliding windows at evaluation and prediction, in [0, 1).
+        Overlap of neighbouring sliding windows at evaluation and prediction, in [0, 0.9].
     sw_batch_size : int, default 4
         Windows per forward pass of the sliding-window inference.
     heterogeneity : float, default 1.0
@@ -110,7 +110,7 @@ class TrainConfig:
     lr_decay : float, default 0.9
         Factor applied to the learning rate per round, in (0, 1].
     weight_decay : float, default 0.0
-        Adam's L2 weight decay.
+        Adam's L2 weight decay (>= 0).
     num_threads : int, default 1
         Torch CPU threads.
     device : str, default "auto"
@@ -217,7 +217,8 @@ class FederationConfig:
     secure_aggregation : bool, default True
         Run SecAgg+ so the coordinator sees only the sum of the updates.
     secagg_threshold : float, default 0.51
-        Shamir threshold as a fraction of the round's sites, in (0, 1].
+        Shamir threshold as a fraction of the round's sites, in (0.5, 1] (a site refuses half
+        or less of its share holders).
     secagg_degree : int, default 0
         Neighbours per site in the masking graph; 0 means all (SecAgg); -1 SecAgg+'s
         ``2 * ceil(log2 n)`` (near-constant cost per site at scale; the Shamir threshold is then

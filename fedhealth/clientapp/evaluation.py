@@ -17,6 +17,7 @@ from fedhealth.clientapp.instruction import Instruction, Site, derive_seed
 from fedhealth.clientapp.sitelog import emit, emit_failure
 from fedhealth.config import Config
 from fedhealth.data.loading import SiteData
+from fedhealth.privacy.policy import refuse
 from fedhealth.protocol import keys as K
 from fedhealth.training import seed_everything
 from fedhealth.training.scoring import evaluate_items
@@ -46,7 +47,16 @@ def evaluate_model(
         ``dice`` (mean over foreground classes, in [0, 1]), ``dice-<k>`` per foreground class
         ``k``, ``loss`` and ``num-examples`` (test volumes); only ``num-examples`` 0 when the
         site has no labelled test case (it reports no Dice).
+
+    Raises
+    ------
+    PolicyRefused
+        The site's ``policy.release`` lacks ``evaluation`` (reply 1007 ``[policy: release]``):
+        the metrics of any model the coordinator sends are un-noised statistics of the site's
+        test cases, so a site may withhold them; nothing is read or evaluated then.
     """
+    if not site.policy.releases("evaluation"):
+        refuse(site.name, "release", f"round {server_round}: evaluation is not in policy.release")
     if not data.test:
         log.info("site %s round %d: no labelled test case, no Dice", site.name, server_round)
         return {K.NUM_EXAMPLES: 0}
@@ -85,9 +95,10 @@ def folded_evaluation(
     -------
     dict of str to (int or float)
         :func:`evaluate_model`'s metrics, prefixed ``eval-``; empty when the instruction has
-        no ``evaluate-round`` or the evaluation failed (logged: the update is still sent).
+        no ``evaluate-round``, the site's ``policy.release`` lacks ``evaluation`` (nothing is
+        evaluated), or the evaluation failed (logged: the update is still sent).
     """
-    if instruction.evaluate_round is None:
+    if instruction.evaluate_round is None or not site.policy.releases("evaluation"):
         return {}
     evaluate_round = instruction.evaluate_round
     try:

@@ -180,7 +180,7 @@ def train_update(
     if not isinstance(loader.dataset, Sized):
         raise ConfigError(f"site {site.name}: the training set has no length")
     num_examples = len(loader.dataset)
-    model = model_from(msg, cfg)  # a model that does not fit is refused before any charge
+    model, incoming = model_from(msg, cfg), received(msg)  # not fitting: refused, no charge
     run_key = instruction.run_key or str(context.run_id)
     guard = (  # one release per (run, round): a retry that arrives mid-training waits, resends
         ReleaseStore(site.budget.ledger_path).lock(run_key, instruction.server_round)
@@ -216,7 +216,7 @@ def train_update(
                 cfg.privacy.max_grad_norm,
                 accountant=cfg.privacy.accountant,
                 grad_sample_mode=DP_READY[cfg.model.name],
-                noise_seed=site.round_noise_seed(cfg.seed, instruction.server_round),
+                noise_seed=site.round_noise_seed(cfg.seed, run_key, request.server_round, incoming),
             )
             releases = ReleaseStore(budget.ledger_path)
             stored = releases.load(request.run, request.server_round, entry)
@@ -241,7 +241,7 @@ def train_update(
     # the update goes back in the form and wire dtype the global model came in; an update for
     # a secure sum stays float32 (quantised to the sum's own fixed-point field, never rounded
     # to 16 bits first). Rounding comes after Opacus's noise: post-processing.
-    wire = packed_dtype(received(msg))
+    wire = packed_dtype(incoming)
     arrays = ArrayRecord(state) if wire is None else pack(state, "float32" if secure else wire)
     check_outgoing(arrays, msg, site.name)
     trained = Trained(

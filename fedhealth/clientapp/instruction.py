@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,26 +56,40 @@ class Site:
     noise_seed: int | None = None
     device: str = "auto"
 
-    def round_noise_seed(self, run_seed: int, server_round: int) -> int | None:
-        """Seed the round's DP noise from the site's own seed, if the site set one.
+    def round_noise_seed(
+        self, run_seed: int, run_key: str, server_round: int, model: ArrayRecord
+    ) -> int | None:
+        """Seed a release's DP noise from the site's own seed, if the site set one.
+
+        Two charged releases never share noise: the seed covers everything that makes the
+        ledger charge again (run key, round, global model), so a coordinator cannot get the
+        same noise twice by renaming its run or nudging the model and subtract it away.
 
         Parameters
         ----------
         run_seed : int
-            The run's seed (with the site's secret seed, runs stay apart).
+            The run's seed.
+        run_key : str
+            The run's key (``run-key``).
         server_round : int
             The server round.
+        model : ArrayRecord
+            The global model received (hashed with :func:`model_digest` only when the site
+            set a seed).
 
         Returns
         -------
         int or None
             None (the default): noise from the OS entropy
-            (:func:`fedhealth.training.private.site_generator`); otherwise a seed derived from
-            the site's seed, the run's seed, the site's name and the round.
+            (:func:`fedhealth.training.private.site_generator`); otherwise 63 bits of sha256
+            over the site's seed and name, the run's seed and key, the round and the model.
         """
         if self.noise_seed is None:
             return None
-        return derive_seed(run_seed, f"{self.name}/{self.noise_seed}", server_round, "dp-noise")
+        release = json.dumps(
+            [self.noise_seed, self.name, run_seed, run_key, server_round, model_digest(model)]
+        )
+        return int.from_bytes(hashlib.sha256(release.encode()).digest()[:8], "little") >> 1
 
     def reply_fields(self, dp: bool) -> dict[str, ConfigRecordValues]:
         """Return what a train reply's ``site`` record says about the site's privacy policy.
@@ -227,7 +242,8 @@ class Instruction:
         Raises
         ------
         ConfigError
-            The message has no ``config`` record, or a round key has the wrong type.
+            The message has no ``config`` record, or a round key has the wrong type or is
+            negative.
         """
         record = msg.content.config_records.get(K.CONFIG)
         if record is None:
@@ -236,11 +252,11 @@ class Instruction:
         evaluate_round = settings.get(K.EVALUATE_ROUND)
         return cls(
             settings=settings,
-            server_round=_integer(settings.get(K.SERVER_ROUND, 0), K.SERVER_ROUND),
+            server_round=_round(settings.get(K.SERVER_ROUND, 0), K.SERVER_ROUND),
             run_key=str(settings.get(K.RUN_KEY) or ""),
-            proximal_mu=_number(settings.get(K.PROXIMAL_MU, 0.0), K.PROXIMAL_MU),
+            proximal_mu=_mu(settings.get(K.PROXIMAL_MU, 0.0)),
             evaluate_round=(
-                None if evaluate_round is None else _integer(evaluate_round, K.EVALUATE_ROUND)
+                None if evaluate_round is None else _round(evaluate_round, K.EVALUATE_ROUND)
             ),
         )
 
@@ -297,6 +313,20 @@ def _integer(value: ConfigRecordValues, key: str) -> int:
     if number != int(number):
         raise ConfigError(f"instruction field '{key}'={value!r}: not an integer")
     return int(number)
+
+
+def _round(value: ConfigRecordValues, key: str) -> int:
+    number = _integer(value, key)
+    if number < 0:
+        raise ConfigError(f"instruction field '{key}'={value!r}: a round number is never negative")
+    return number
+
+
+def _mu(value: ConfigRecordValues) -> float:
+    mu = _number(value, K.PROXIMAL_MU)
+    if not 0 <= mu < float("inf"):
+        raise ConfigError(f"instruction field '{K.PROXIMAL_MU}'={value!r}: must be finite, >= 0")
+    return mu
 
 
 def _number(value: ConfigRecordValues, key: str) -> float:

@@ -10,7 +10,10 @@ resends those exact bytes. The update is stored before it is sent: if the site d
 storing, nothing left the site, and training again is a first release.
 
 Stored in safetensors (no pickle) beside the ledger, ``<ledger dir>/releases/``, owner-only;
-only the last two rounds of a run are kept.
+only the last two rounds of a run are kept. An older update's file is replaced by an empty
+``.purged`` marker (written before the update is deleted): a coordinator that asks for that
+round again with the same global model (no new charge) is refused instead of getting a
+second, freshly noised release.
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ __all__ = ["ReleaseStore", "resend"]
 log = logging.getLogger("fedhealth.site")
 
 KEEP_ROUNDS = 2  # a retry asks for the round in flight, or at most the one before
+PURGED = ".purged"  # marks a released update deleted by the purge: that round is never retrained
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new entry in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ReleaseStore:
@@ -99,10 +112,16 @@ class ReleaseStore:
         Raises
         ------
         LedgerError
-            The stored file exists but cannot be read (the site must not train again then:
-            that would be a second release).
+            The stored file exists but cannot be read, or was purged (the site must not train
+            again then: that would be a second release).
         """
         path = self._path(run, server_round, entry)
+        if not path.is_file() and path.with_suffix(PURGED).is_file():
+            raise LedgerError(
+                f"{path.with_suffix(PURGED)}: round {server_round} of this run was released and "
+                f"its update deleted (only the last {KEEP_ROUNDS} rounds are kept); refusing to "
+                "train it again (it would be a second release under one charge)"
+            )
         if not path.is_file():
             return None
         try:
@@ -160,6 +179,10 @@ class ReleaseStore:
         ]:
             kept_round = int(old.name.split("-r", 1)[1].split("-", 1)[0].split(".", 1)[0])
             if kept_round <= server_round - KEEP_ROUNDS:
+                if old.suffix == ".safetensors":  # the marker first: a crash keeps the refusal
+                    marker = old.with_suffix(PURGED)
+                    marker.touch(mode=0o600)
+                    _fsync_dir(marker.parent)
                 old.unlink(missing_ok=True)
         return path
 

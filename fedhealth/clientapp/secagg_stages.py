@@ -27,7 +27,7 @@ from flwr.app import (
 
 from fedhealth.clientapp.sitelog import emit_failure
 from fedhealth.errors import ConfigError
-from fedhealth.privacy.policy import node_policy
+from fedhealth.privacy.policy import node_policy, refuse
 from fedhealth.protocol import keys as K
 from fedhealth.protocol.packing import flatten, packed_dtype, packed_vector
 from fedhealth.protocol.replies import error_reply, node_site_name
@@ -81,14 +81,17 @@ def handle_stage(
         name = node_site_name(node)
         policy = node_policy(node, None if privacy is None else privacy.site_policy)
         if stage == K.STAGE_ADVERTISE:  # the sum's size, before any key exists or data is read
-            policy.check_secure_sum(name, _int(rec, K.SECAGG_SIZE), stage)
+            size, neighbours = _int(rec, K.SECAGG_SIZE), _ints(rec, K.SECAGG_NEIGHBOURS)
+            policy.check_secure_sum(name, size, stage)
             params = SecAggParams(
                 _int(rec, K.SECAGG_THRESHOLD),
                 _float(rec, K.SECAGG_CLIP),
                 _int(rec, K.SECAGG_LEVELS),
                 _int(rec, K.SECAGG_MAX_EXAMPLES),
             )
-            agent = SecAggSite(_int(rec, K.SECAGG_SITE_ID), params, _ints(rec, K.SECAGG_NEIGHBOURS))
+            params.check(size)  # threshold within the sum, a sum that cannot wrap
+            check_threshold(name, params.threshold, len(set(neighbours)) + 1)
+            agent = SecAggSite(_int(rec, K.SECAGG_SITE_ID), params, neighbours)
             c_pub, s_pub = agent.advertise()
             reply = RecordDict(
                 {K.SECAGG: ConfigRecord({K.SECAGG_PUBLIC_C: c_pub, K.SECAGG_PUBLIC_S: s_pub})}
@@ -136,6 +139,38 @@ def handle_stage(
     except Exception as exc:  # noqa: BLE001 - every failure becomes a catalogued error reply
         emit_failure(log, exc, site=name, server_round=_server_round(msg), phase=stage)
         return error_reply(msg, exc, stage, name)
+
+
+def check_threshold(site: str, threshold: int, holders: int) -> None:
+    """Refuse a Shamir threshold of half the share holders or fewer.
+
+    At unmask, each holder reveals either a site's self-mask seed share (the coordinator says
+    it survived) or its masking-key share (it dropped), never both; with ``threshold`` above
+    half the holders, no two disjoint sets of holders both reach it, so a coordinator that
+    tells sites different survivor lists cannot rebuild both secrets of one site and unmask its
+    update (Bonawitz et al. 2017, https://eprint.iacr.org/2017/281, Sec. 6: t > n/2).
+
+    Parameters
+    ----------
+    site : str
+        The site's name.
+    threshold : int
+        The announced Shamir threshold.
+    holders : int
+        The site's share holders: its neighbours and itself.
+
+    Raises
+    ------
+    PolicyRefused
+        ``2 * threshold <= holders`` (reply 1007, ``[policy: secagg-threshold]``).
+    """
+    if 2 * threshold <= holders:
+        refuse(
+            site,
+            K.SECAGG_THRESHOLD,
+            f"advertise: a Shamir threshold of {threshold} among {holders} share holders; this "
+            "site shares its secrets only with a threshold above half the holders",
+        )
 
 
 def _mask(

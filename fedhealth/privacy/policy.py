@@ -19,7 +19,10 @@ from typing import Any
 from fedhealth.errors import ConfigError, PolicyRefused
 from fedhealth.protocol.keys import NODE_POLICY
 
-RELEASABLE = ("loss", "train-seconds", "num-examples", "sample-rate", "noise-multiplier", "history")
+RELEASABLE = (
+    *("loss", "train-seconds", "num-examples", "sample-rate", "noise-multiplier", "history"),
+    "evaluation",
+)
 """What a site may release to the coordinator beyond the minimal reply (``policy.release``)."""
 
 
@@ -40,8 +43,8 @@ class SitePolicy:
         subtract its own update from the sum and learn the other's). Checked when the round's
         sites are announced and again before the site reveals its unmasking shares.
     max_epsilon_per_run : float, default 0.0
-        The most epsilon one run may spend at this site (the run's own phases, composed by the
-        site's accountant); 0: only the site's overall cap applies.
+        The most epsilon one run (``run-key``, named by the coordinator) may spend here, composed
+        by the site's accountant; 0: only the site's overall cap, which bounds every run, applies.
     max_rounds_per_run : int, default 100
         The most rounds one run may train here; 0: no limit.
     max_noise_multiplier : float, default 10.0
@@ -70,9 +73,11 @@ class SitePolicy:
     models : list of str, default []
         The model architectures (``model.name``) the site trains; empty: every model of the
         installed fedhealth.
-    release : list of str, default []
+    release : list of str, default ["evaluation"]
         What the site releases beyond the minimal reply (the update, the example count inside
         the secure sum, epsilon spent and its ledger standing): any of :data:`RELEASABLE`.
+        ``evaluation``: Dice, loss and test-volume count of any model the coordinator sends,
+        un-noised and uncharged (without it, evaluate instructions are refused).
 
     Raises
     ------
@@ -98,7 +103,7 @@ class SitePolicy:
     max_sw_batch_size: int = 32
     max_num_threads: int = 0
     models: list[str] = field(default_factory=list)
-    release: list[str] = field(default_factory=list)
+    release: list[str] = field(default_factory=lambda: ["evaluation"])
 
     def validate(self, where: str = "site policy") -> SitePolicy:
         """Check the limits together.
@@ -134,11 +139,8 @@ class SitePolicy:
             "max_num_threads": self.max_num_threads >= 0,
             "release": set(self.release) <= set(RELEASABLE),
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                f"{where}: out of range: {', '.join(bad)} (release: any of {RELEASABLE})"
-            )
+        if bad := [name for name, ok in checks.items() if not ok]:
+            raise ConfigError(f"{where}: out of range: {', '.join(bad)} (release: {RELEASABLE})")
         return self
 
     def releases(self, what: str) -> bool:
@@ -189,7 +191,7 @@ class SitePolicy:
                     f"{where}: policy field {name}={value!r}: expected {want.__name__}"
                 )
         values: dict[str, Any] = {
-            k: (float(v) if type(defaults[k]) is float else v) for k, v in raw.items()
+            k: float(v) if type(defaults[k]) is float else v for k, v in raw.items()
         }
         return cls(**values).validate(where)
 

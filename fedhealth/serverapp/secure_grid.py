@@ -72,7 +72,7 @@ class SecureGrid(DelegatingGrid):
         The ServerApp's grid; everything but train rounds passes through to it.
     threshold_fraction : float, default 0.51
         Shamir threshold as a fraction of the round's sites (at least 2; above one half, so no
-        two disjoint groups can each unmask); in (0, 1].
+        two disjoint groups can each unmask); in (0.5, 1]: sites refuse a lower one.
     degree : int, default 0
         Neighbours per site in the SecAgg+ graph; 0 = all (SecAgg); -1 = SecAgg+'s
         logarithmic degree (:func:`~fedhealth.security.secagg_primitives.auto_degree`); >= -1.
@@ -110,7 +110,7 @@ class SecureGrid(DelegatingGrid):
         last_round: int | None = None,
     ) -> None:
         checks = {
-            "threshold_fraction": 0 < threshold_fraction <= 1,
+            "threshold_fraction": 0.5 < threshold_fraction <= 1,
             "degree": degree >= -1,
             "clipping_range": clipping_range > 0,
             "max_examples": max_examples >= 1,

@@ -46,6 +46,35 @@ def replays(site: Site, other_data: Path) -> Row:
     return row
 
 
+def replay_after_purge(site: Site) -> Row:
+    """Ask round 1 again, same global model, after round 3 made the site delete its update."""
+    row = Row(
+        "replay after the update was purged",
+        "round 1, then round 3 (the site keeps only the last 2 rounds' updates), then round 1 "
+        "again with the same global model (already charged: no new entry)",
+        "refused (reply 1005): never trained again under the first charge",
+    )
+
+    def ask(server_round: int) -> Any:
+        msg = site.instruction(("rounds=3",), run="purged", server_round=server_round)
+        return site.deliver(msg)
+
+    first, third = update_bytes(ask(1)), update_bytes(ask(3))
+    reply = ask(1)
+    charged = [e for e in site.entries() if e[0] == "purged"]
+    row.evidence += [f"rounds 1 and 3 released: {bool(first) and bool(third)}"]
+    row.evidence += [f"round 1 again: {outcome(reply)}; ledger entries for the run: {len(charged)}"]
+    row.refused = (
+        bool(first)
+        and bool(third)
+        and reply.has_error()
+        and reply.error.code == 1005
+        and len(charged) == 2
+    )
+    row.happened = "refused, nothing trained or charged" if row.refused else "a second release"
+    return row
+
+
 def retry_while_training(site: Site) -> Row:
     """Deliver the same round twice at once: the retry must wait, then resend the same bytes."""
     row = Row(

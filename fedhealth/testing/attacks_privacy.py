@@ -24,6 +24,7 @@ from fedhealth.privacy.policy import SitePolicy
 from fedhealth.testing.attacks_ledger import (
     concurrent_runs,
     one_patient_fewer,
+    replay_after_purge,
     replays,
     retry_while_training,
     same_instruction_twice,
@@ -101,31 +102,88 @@ def policy_rows(strict: Site, plain: Site) -> list[Row]:
     return rows
 
 
-def secure_sum_too_small(site: Site) -> Row:
-    """Announce a secure sum of two sites (each could subtract its own update from the sum)."""
+def out_of_range_fields(site: Site) -> Row:
+    """Send instruction fields no coordinator's config would allow, one at a time.
+
+    The coordinator validates its own config, but the site reads what arrives: each value is
+    written straight into an otherwise valid train instruction's ``config`` record.
+    """
+    from fedhealth.protocol import keys as K
+
+    cases: list[tuple[str, float | int | str]] = [
+        ("model.num_res_units", 300),  # 600 convolutions' activations
+        ("data.sw_overlap", 0.999),  # sliding windows one voxel apart
+        ("train.weight_decay", -1.0),
+        ("train.lr_decay", 0.0),
+        ("model.norm", "batch"),  # BatchNorm breaks DP-SGD's per-sample gradients
+        ("model.in_channels", 7),  # not the sequences the site's dataset.json declares
+        ("privacy.accountant", "none"),
+        (K.PROXIMAL_MU, -1.0),
+        (K.SERVER_ROUND, -1),
+        (K.EVALUATE_ROUND, -2),
+    ]
+    row = Row(
+        "out-of-range instruction fields",
+        "a train instruction with, one at a time: "
+        + ", ".join(f"{key}={value!r}" for key, value in cases),
+        "each refused with an error reply before anything is read, trained or charged",
+    )
+    before, held = site.snapshot(), []
+    for key, value in cases:
+        msg = site.instruction()
+        msg.content[K.CONFIG][key] = value
+        reply = site.deliver(msg)
+        held.append(reply.has_error() and reply.error.code in (1001, 1003, 1007))
+        row.evidence += [f"{key}={value!r}: {outcome(reply)}"]
+    unchanged = site.snapshot() == before
+    row.evidence += [f"ledger files unchanged: {unchanged}"]
+    row.refused = all(held) and unchanged
+    row.happened = "every field refused, nothing charged" if row.refused else "NOT all refused"
+    return row
+
+
+def _advertise(site: Site, neighbours: list[int], threshold: int) -> Any:
+    """Send the site a secure sum's advertise stage: it is site 1 among ``neighbours``."""
     from flwr.app import ConfigRecord, ConfigRecordValues, Message, RecordDict
 
     from fedhealth.protocol import keys as K
 
-    def advertise() -> Any:
-        record: dict[str, ConfigRecordValues] = {
-            K.SECAGG_SITE_ID: 1,
-            K.SECAGG_NEIGHBOURS: [2],
-            K.SECAGG_THRESHOLD: 2,
-            K.SECAGG_CLIP: 8.0,
-            K.SECAGG_LEVELS: 1 << 20,
-            K.SECAGG_MAX_EXAMPLES: 1024,
-            K.SECAGG_SIZE: 2,
-        }
-        content = RecordDict({K.SECAGG: ConfigRecord(record)})
-        return site.app(Message(content, 0, f"train.{K.STAGE_ADVERTISE}"), site.context())
+    record: dict[str, ConfigRecordValues] = {
+        K.SECAGG_SITE_ID: 1,
+        K.SECAGG_NEIGHBOURS: neighbours,
+        K.SECAGG_THRESHOLD: threshold,
+        K.SECAGG_CLIP: 8.0,
+        K.SECAGG_LEVELS: 1 << 20,
+        K.SECAGG_MAX_EXAMPLES: 1024,
+        K.SECAGG_SIZE: len(neighbours) + 1,
+    }
+    content = RecordDict({K.SECAGG: ConfigRecord(record)})
+    return site.app(Message(content, 0, f"train.{K.STAGE_ADVERTISE}"), site.context())
 
+
+def secure_sum_too_small(site: Site) -> Row:
+    """Announce a secure sum of two sites (each could subtract its own update from the sum)."""
     return _refused_before_training(
         site,
         "secure sum of 2 sites",
         "a secure-aggregation round announcing 2 sites (the site's policy: at least 3)",
-        advertise,
+        lambda: _advertise(site, [2], 2),
         "min_secagg_sites",
+    )
+
+
+def secagg_threshold_too_low(site: Site) -> Row:
+    """Announce a Shamir threshold of half the share holders (2 of 4).
+
+    Sites told different survivor lists at unmask would then reveal two seed shares and two
+    key shares of one site: enough to rebuild both and unmask its update.
+    """
+    return _refused_before_training(
+        site,
+        "Shamir threshold of half",
+        "a secure sum of 4 sites announcing threshold 2 (half the share holders)",
+        lambda: _advertise(site, [2, 3, 4], 2),
+        "threshold",  # fedhealth.protocol.keys.SECAGG_THRESHOLD
     )
 
 
@@ -217,9 +275,26 @@ def privacy_rows(workdir: Path, data: Path) -> list[Row]:
     plain_policy = dataclasses.replace(strict.policy, require_secure_aggregation=False)
     plain = Site(workdir / "plain", data, plain_policy)
     rows = policy_rows(strict, plain)
+    withheld = Site(workdir / "withheld", data, dataclasses.replace(plain_policy, release=[]))
+
+    def evaluate() -> Any:  # un-noised, uncharged statistics of the site's test cases
+        return withheld.deliver(withheld.instruction(message_type="evaluate"))
+
+    rows.append(
+        _refused_before_training(
+            withheld,
+            "evaluation the site withholds",
+            "an evaluate instruction to a site whose policy.release lacks evaluation",
+            evaluate,
+            "release",
+        )
+    )
+    rows.append(out_of_range_fields(plain))
     rows.append(secure_sum_too_small(strict))
+    rows.append(secagg_threshold_too_low(strict))
     rows += non_finite_global_models(plain)
     rows.append(replays(plain, one_patient_fewer(data, workdir / "changed-data")))
+    rows.append(replay_after_purge(plain))
     rows.append(retry_while_training(plain))
     rows.append(same_instruction_twice(plain))
     _, rate, steps = plain.phases()[0]  # what one round of this run costs at this site

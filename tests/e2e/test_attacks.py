@@ -65,7 +65,7 @@ def test_every_privacy_row_holds_against_a_site(tmp_path):
     before = sorted((p.relative_to(data), p.stat().st_mtime_ns) for p in data.rglob("*"))
     rows = privacy_rows(tmp_path / "work", data)
     table = format_table(rows)
-    assert len(rows) == 24 and all(row.refused is True for row in rows), table
+    assert len(rows) == 28 and all(row.refused is True for row in rows), table
     found = [re.search(r"\[policy: (\w+)\]", row.expected) for row in rows[:9]]
     fields = {m.group(1) for m in found if m is not None}
     assert len(fields) == 9, table  # one row per policy field

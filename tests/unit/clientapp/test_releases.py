@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedhealth.clientapp import handlers
 from fedhealth.config import compose, site_settings
+from fedhealth.errors import ErrorCode
 from fedhealth.models import build_model
 from fedhealth.privacy.ledger import PrivacyLedger
 from fedhealth.protocol import keys as K
@@ -23,9 +24,17 @@ from tests.conftest import PLAIN_TRAIN_POLICY
 TINY = ["model.channels=[2,4]", "model.strides=[2]", "rounds=3", "train.local_epochs=1"]
 
 
-def _train(cohort: Path, ledger: Path, *overrides: str, server_round: int = 1, **node):
+def _train(
+    cohort: Path,
+    ledger: Path,
+    *overrides: str,
+    server_round: int = 1,
+    run_key: str = "release-test",
+    refused: bool = False,
+    **node,
+):
     cfg = compose([*TINY, *overrides])
-    settings = {**site_settings(cfg), K.SERVER_ROUND: server_round, K.RUN_KEY: "release-test"}
+    settings = {**site_settings(cfg), K.SERVER_ROUND: server_round, K.RUN_KEY: run_key}
     torch_model = build_model(compose(TINY).model)  # the same global model every time
     content = RecordDict(
         {K.ARRAYS: ArrayRecord(torch_model.state_dict()), K.CONFIG: ConfigRecord(settings)}
@@ -41,6 +50,9 @@ def _train(cohort: Path, ledger: Path, *overrides: str, server_round: int = 1, *
     }
     context = Context(run_id=1, node_id=0, node_config=config, state=RecordDict(), run_config={})
     reply = handlers.handle(Message(content, 0, "train"), context, "train")
+    if refused:
+        assert reply.has_error(), "trained"
+        return None, reply
     assert not reply.has_error(), reply.error
     arrays = reply.content[K.ARRAYS]
     vector = np.concatenate([a.numpy().ravel() for a in arrays.values()])
@@ -110,3 +122,36 @@ def test_only_the_last_rounds_of_a_run_are_kept(cohort, tmp_path, flower_identit
     locks = sorted(p.name.split("-r")[1][:6] for p in releases.glob("*.lock"))
     assert locks == ["000002", "000003"]  # a round's lock goes with its release
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "ledger" / "releases").iterdir())
+
+
+def test_a_purged_round_asked_again_is_refused_not_trained_again(cohort, tmp_path, flower_identity):
+    """Round 1, round 3 (round 1's update deleted), round 1 again with the same global model.
+
+    The ledger already charged that (run, round, model), so training it again would be a
+    second, freshly noised release under one charge: the site refuses.
+    """
+    import torch
+
+    for server_round in (1, 3):
+        torch.manual_seed(0)
+        _train(cohort, tmp_path / "ledger", server_round=server_round)
+    torch.manual_seed(0)
+    _, reply = _train(cohort, tmp_path / "ledger", server_round=1, refused=True)
+    assert reply.error.code == int(ErrorCode.SITE_LEDGER), reply.error
+    assert _entries(tmp_path / "ledger") == 2  # nothing charged, nothing trained
+    torch.manual_seed(0)
+    _, again = _train(cohort, tmp_path / "ledger", server_round=3)  # the kept round: resent
+    assert not again.has_error()
+
+
+def test_a_seeded_site_draws_other_noise_under_another_run_key(cohort, tmp_path, flower_identity):
+    """Two charged releases never share noise, even at a site with its own fixed seed."""
+    import torch
+
+    seeded = {K.NODE_NOISE_SEED: 7}
+    torch.manual_seed(0)
+    one, _ = _train(cohort, tmp_path / "ledger", run_key="run-a", **seeded)
+    torch.manual_seed(0)
+    two, _ = _train(cohort, tmp_path / "ledger", run_key="run-b", **seeded)
+    assert _entries(tmp_path / "ledger") == 2
+    assert one.tobytes() != two.tobytes()

@@ -241,3 +241,25 @@ def test_unmask_with_a_made_up_survivor_reveals_nothing(flower_identity, monkeyp
     reply = handle_stage(_unmask(1, [1, 2, 99], [3]), contexts[1], K.STAGE_UNMASK)
     assert reply.has_error(), "the site revealed its shares for a sum of two real sites"
     assert revealed == []
+
+
+@pytest.mark.parametrize(("threshold", "refused"), [(2, True), (3, False)])
+def test_a_threshold_of_half_the_share_holders_is_refused(flower_identity, threshold, refused):
+    # 4 holders, threshold 2: sites told different survivor lists could reveal 2 seed shares
+    # and 2 key shares of one site, enough to rebuild both and unmask its update
+    context = _context(1)
+    record = {**_setup(1, 4, (1, 2, 3, 4)), K.SECAGG_THRESHOLD: threshold}
+    reply = handle_stage(_message(1, K.STAGE_ADVERTISE, record), context, K.STAGE_ADVERTISE)
+    assert reply.has_error() is refused, reply.error if reply.has_error() else "answered"
+    if refused:
+        assert reply.error.code == POLICY_CODE, reply.error
+        assert reply.error.reason.endswith(f"[policy: {K.SECAGG_THRESHOLD}]"), reply.error.reason
+        assert STATE_KEY not in context.state, "no key made for a sum the site refuses"
+
+
+def test_the_coordinator_never_asks_for_a_threshold_of_half():
+    from fedhealth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.secagg_threshold"):
+        compose(["federation.secagg_threshold=0.5"])
+    assert compose(["federation.secagg_threshold=0.51"]).federation.secagg_threshold == 0.51

@@ -158,6 +158,25 @@ def test_evaluation_is_not_refused_by_the_dp_policy(cohort, tmp_path, flower_ide
     assert prepared.site.policy.require_dp
 
 
+def test_a_site_that_withholds_evaluation_refuses_it_and_folds_none(
+    cohort, tmp_path, flower_identity
+):
+    """Dice of any model the coordinator sends is an uncharged statistic of the test cases."""
+    withheld = SitePolicy(require_secure_aggregation=False, release=[]).to_json()
+    msg, context = _instruction(cohort / "site-0", tmp_path / "ledger", **{K.NODE_POLICY: withheld})
+    reply = handlers.handle(Message(msg.content, 0, "evaluate"), context, "evaluate")
+    assert reply.has_error() and reply.error.code == int(ErrorCode.SITE_REFUSED_POLICY)
+    assert reply.error.reason.endswith("[policy: release]"), reply.error.reason
+    msg.content[K.CONFIG][K.EVALUATE_ROUND] = 0  # evaluation folded into a train instruction
+    trained = handlers.handle(msg, context, "train")
+    assert not trained.has_error(), trained.error
+    assert not [k for k in trained.content[K.METRICS] if k.startswith(K.FOLDED_PREFIX)]
+    released, context = _instruction(cohort / "site-0", tmp_path / "released")  # the default
+    released.content[K.CONFIG][K.EVALUATE_ROUND] = 0
+    folded = handlers.handle(released, context, "train").content[K.METRICS]
+    assert f"{K.FOLDED_PREFIX}{K.DICE}" in folded
+
+
 def test_a_bad_policy_value_in_the_node_config_is_refused(cohort, tmp_path, flower_identity):
     bad_policies = ('{"require_dp": "no"}', '{"min_secagg_sites": 1}', '{"colour": 1}', "{")
     for node in ({K.NODE_PRIVACY_UNIT: "visit"}, *({K.NODE_POLICY: p} for p in bad_policies)):

@@ -32,7 +32,8 @@ def test_defaults_require_dp_and_secure_sums_of_three() -> None:
     assert policy.require_dp is True
     assert policy.require_secure_aggregation is True
     assert policy.min_secagg_sites == 3
-    assert policy.max_epsilon_per_run == 0.0 and policy.models == [] and policy.release == []
+    assert policy.max_epsilon_per_run == 0.0 and policy.models == []
+    assert policy.release == ["evaluation"]  # per-site Dice leaves unless the site drops it
     assert policy.validate() is policy
     assert node_policy({}) == policy, "no policy in the node config: the defaults"
 

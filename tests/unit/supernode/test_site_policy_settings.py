@@ -106,7 +106,8 @@ def test_site_check_states_the_policy_and_warns_on_an_opt_out(tmp_path):
 
     strict = policy_item()
     assert "DP required" in strict.detail and "at least 3 sites per sum" in strict.detail
-    assert "WARNING" not in strict.detail and "releases only the minimum" in strict.detail
+    assert "WARNING" not in strict.detail and "releases also ['evaluation']" in strict.detail
+    assert "releases only the minimum" in policy_item("policy.release=[]").detail
     loose = policy_item("policy.require_dp=false", "policy.require_secure_aggregation=false")
     assert loose.detail.count("WARNING") == 2, loose.detail
     assert "releases also ['loss']" in policy_item("policy.release=[loss]").detail
