@@ -57,37 +57,39 @@ class Site:
     device: str = "auto"
 
     def round_noise_seed(
-        self, run_seed: int, run_key: str, server_round: int, model: ArrayRecord
+        self, settings: Settings, model: ArrayRecord, dataset_fingerprint: str
     ) -> int | None:
         """Seed a release's DP noise from the site's own seed, if the site set one.
 
-        Two charged releases never share noise: the seed covers everything that makes the
-        ledger charge again (run key, round, global model), so a coordinator cannot get the
-        same noise twice by renaming its run or nudging the model and subtract it away.
+        Two releases share noise only when everything else is the same too (every instruction
+        field but the run's key, the global model, the dataset), and so are the same bytes: a
+        coordinator that renames its run, nudges the model or any setting, or asks again after
+        the data changed never gets the same noise on another computation to subtract away.
 
         Parameters
         ----------
-        run_seed : int
-            The run's seed.
-        run_key : str
-            The run's key (``run-key``).
-        server_round : int
-            The server round.
+        settings : dict of str to ConfigRecordValues
+            The instruction's config record (the run config, round, FedProx mu, ...).
         model : ArrayRecord
             The global model received (hashed with :func:`model_digest` only when the site
             set a seed).
+        dataset_fingerprint : str
+            The training data's fingerprint (:attr:`fedhealth.data.datalist.SiteData.fingerprint`).
 
         Returns
         -------
         int or None
             None (the default): noise from the OS entropy
             (:func:`fedhealth.training.private.site_generator`); otherwise 63 bits of sha256
-            over the site's seed and name, the run's seed and key, the round and the model.
+            over the site's seed and name, those settings, the model and the dataset.
         """
         if self.noise_seed is None:
             return None
+        fields = {k: v for k, v in settings.items() if k != K.RUN_KEY}
         release = json.dumps(
-            [self.noise_seed, self.name, run_seed, run_key, server_round, model_digest(model)]
+            [self.noise_seed, self.name, fields, model_digest(model), dataset_fingerprint],
+            sort_keys=True,
+            default=repr,
         )
         return int.from_bytes(hashlib.sha256(release.encode()).digest()[:8], "little") >> 1
 

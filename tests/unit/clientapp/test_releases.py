@@ -144,14 +144,25 @@ def test_a_purged_round_asked_again_is_refused_not_trained_again(cohort, tmp_pat
     assert not again.has_error()
 
 
-def test_a_seeded_site_draws_other_noise_under_another_run_key(cohort, tmp_path, flower_identity):
-    """Two charged releases never share noise, even at a site with its own fixed seed."""
-    import torch
+def test_a_seeded_site_shares_noise_only_between_identical_computations():
+    """A site's own noise seed: the same noise only when run key alone differs (same bytes)."""
+    from fedhealth.clientapp.instruction import Site
 
-    seeded = {K.NODE_NOISE_SEED: 7}
-    torch.manual_seed(0)
-    one, _ = _train(cohort, tmp_path / "ledger", run_key="run-a", **seeded)
-    torch.manual_seed(0)
-    two, _ = _train(cohort, tmp_path / "ledger", run_key="run-b", **seeded)
-    assert _entries(tmp_path / "ledger") == 2
-    assert one.tobytes() != two.tobytes()
+    site = Site("hospital-a", Path("."), noise_seed=7)
+    settings = {**site_settings(compose(TINY)), K.SERVER_ROUND: 1, K.RUN_KEY: "run-a"}
+    model = ArrayRecord(build_model(compose(TINY).model).state_dict())
+    seed = site.round_noise_seed(settings, model, "data-1")
+    assert 0 <= seed < 2**63
+    assert site.round_noise_seed({**settings, K.RUN_KEY: "run-b"}, model, "data-1") == seed
+    nudged = ArrayRecord(
+        {k: v + 1e-3 for k, v in build_model(compose(TINY).model).state_dict().items()}
+    )
+    others = [
+        site.round_noise_seed({**settings, "train.lr": 0.05}, model, "data-1"),
+        site.round_noise_seed({**settings, K.SERVER_ROUND: 2}, model, "data-1"),
+        site.round_noise_seed(settings, nudged, "data-1"),
+        site.round_noise_seed(settings, model, "data-2"),  # a patient fewer
+        Site("hospital-b", Path("."), noise_seed=7).round_noise_seed(settings, model, "data-1"),
+    ]
+    assert seed not in others and len(set(others)) == len(others)
+    assert Site("hospital-a", Path(".")).round_noise_seed(settings, model, "data-1") is None
