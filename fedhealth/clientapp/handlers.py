@@ -216,7 +216,7 @@ def train_update(
                 cfg.privacy.max_grad_norm,
                 accountant=cfg.privacy.accountant,
                 grad_sample_mode=DP_READY[cfg.model.name],
-                noise_seed=site.round_noise_seed(instruction.settings, incoming, data.fingerprint),
+                noise_seed=site.round_noise_seed(instruction.settings, data.fingerprint),
             )
             releases = ReleaseStore(budget.ledger_path)
             stored = releases.load(request.run, request.server_round, entry)

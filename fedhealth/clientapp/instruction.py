@@ -56,23 +56,20 @@ class Site:
     noise_seed: int | None = None
     device: str = "auto"
 
-    def round_noise_seed(
-        self, settings: Settings, model: ArrayRecord, dataset_fingerprint: str
-    ) -> int | None:
+    def round_noise_seed(self, settings: Settings, dataset_fingerprint: str) -> int | None:
         """Seed a release's DP noise from the site's own seed, if the site set one.
 
-        Two releases share noise only when everything else is the same too (every instruction
-        field but the run's key, the global model, the dataset), and so are the same bytes: a
-        coordinator that renames its run, nudges the model or any setting, or asks again after
-        the data changed never gets the same noise on another computation to subtract away.
+        The seed covers every instruction field but the run's key (the run config, round, FedProx
+        mu, ...) and the dataset: a coordinator that renames its run and changes any setting, or
+        asks again after the data changed, never gets the same noise on another computation to
+        subtract away. (It does not cover the global model, which two runs meant to match
+        aggregate in their own float order: a seeded site's noise is reproducible by design,
+        which is why the setting is for tests only.)
 
         Parameters
         ----------
         settings : dict of str to ConfigRecordValues
-            The instruction's config record (the run config, round, FedProx mu, ...).
-        model : ArrayRecord
-            The global model received (hashed with :func:`model_digest` only when the site
-            set a seed).
+            The instruction's config record.
         dataset_fingerprint : str
             The training data's fingerprint (:attr:`fedhealth.data.datalist.SiteData.fingerprint`).
 
@@ -81,15 +78,13 @@ class Site:
         int or None
             None (the default): noise from the OS entropy
             (:func:`fedhealth.training.private.site_generator`); otherwise 63 bits of sha256
-            over the site's seed and name, those settings, the model and the dataset.
+            over the site's seed and name, those settings and the dataset's fingerprint.
         """
         if self.noise_seed is None:
             return None
         fields = {k: v for k, v in settings.items() if k != K.RUN_KEY}
         release = json.dumps(
-            [self.noise_seed, self.name, fields, model_digest(model), dataset_fingerprint],
-            sort_keys=True,
-            default=repr,
+            [self.noise_seed, self.name, fields, dataset_fingerprint], sort_keys=True, default=repr
         )
         return int.from_bytes(hashlib.sha256(release.encode()).digest()[:8], "little") >> 1
 

@@ -64,6 +64,11 @@ def node_config(s: SiteSettings) -> str:
     if s.egress_log:
         items[K.NODE_EGRESS_LOG] = str(Path(s.egress_log).resolve())
     if s.dp_noise_seed is not None:
+        log.warning(
+            "site %s: dp_noise_seed is set: its DP noise is reproducible by whoever knows the "
+            "seed (for tests that compare runs; never on patient data)",
+            s.name,
+        )
         items[K.NODE_NOISE_SEED] = s.dp_noise_seed
     for key, value in items.items():
         if isinstance(value, str) and ("'" in value or "\n" in value):
