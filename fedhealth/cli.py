@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedhealth.cli_compose import add_compose_commands
 from fedhealth.cli_data import add_data_commands
@@ -56,10 +56,36 @@ def _console(rounds: int) -> Callable[[Any], AbstractContextManager[object]]:
     def console(run_dir: Any) -> Iterator[object]:
         log_file = run_dir.path.resolve() / "simulate.log"
         with quiet_console(log_file), RoundProgress(rounds):
-            print(f"log: {log_file} (fedhealth simulate -v ... prints it here)", file=sys.stderr)
+            print(f"log: {log_file} (fedhealth -v simulate ... prints it here)", file=sys.stderr)
             yield log_file
 
     return console
+
+
+def _leave_interrupted() -> NoReturn:
+    """End a Ctrl-C'd simulation now: exit 130 without waiting for Flower's threads.
+
+    Flower's simulation leaves the ServerApp's thread polling and its Ray actor pool's
+    workers blocked in ``ray.get`` on actors that died with the interrupt; the interpreter
+    would join them at exit forever. Every file the run wrote is whole (atomic writes), and
+    the same command resumes the run, so the process shuts Ray down (at most 15 s) and exits.
+    """
+    import os
+    import threading
+
+    print("fedhealth: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+
+    def stop_ray() -> None:
+        import ray
+
+        ray.shutdown()
+
+    stopping = threading.Thread(target=stop_ray, daemon=True)
+    stopping.start()
+    stopping.join(15)
+    logging.shutdown()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -86,7 +112,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"strategy {cfg.strategy.name}, model {cfg.model.name}",
         flush=True,
     )
-    run_dir = simulate(cfg, console=None if args.verbose else _console(cfg.rounds))
+    try:
+        run_dir = simulate(cfg, console=None if args.verbose else _console(cfg.rounds))
+    except KeyboardInterrupt:
+        _leave_interrupted()
     evaluated = [
         line for line in read_metrics(run_dir.path) if line.get("evaluate", {}).get("sites")
     ]

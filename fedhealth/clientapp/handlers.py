@@ -383,7 +383,7 @@ def handle(
         The reply: metrics (and the update, for training), or a catalogued error that names
         no file, patient or stack frame.
     """
-    name, server_round = node_site_name(context.node_config), None
+    name, server_round = node_site_name(context.node_config, site_dirs), None
     try:
         site, data, cfg, instruction, seed = prepare(
             msg, context, phase, site_dirs, privacy, device=device

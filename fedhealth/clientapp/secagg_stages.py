@@ -78,7 +78,7 @@ def handle_stage(
     try:
         rec = _record(msg.content.config_records.get(K.SECAGG), K.SECAGG)
         node = context.node_config
-        name = node_site_name(node)
+        name = node_site_name(node, site_dirs)
         policy = node_policy(node, None if privacy is None else privacy.site_policy)
         if stage == K.STAGE_ADVERTISE:  # the sum's size, before any key exists or data is read
             size, neighbours = _int(rec, K.SECAGG_SIZE), _ints(rec, K.SECAGG_NEIGHBOURS)

@@ -7,7 +7,8 @@ Kept free of torch and MONAI so that the light protocol stages of secure aggrega
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 
 from flwr.app import Error, Message
 
@@ -60,21 +61,27 @@ def error_reply(msg: Message, exc: Exception, phase: str, name: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def node_site_name(node: Mapping[str, object]) -> str:
+def node_site_name(node: Mapping[str, object], site_dirs: Sequence[str] | None = None) -> str:
     """Name the site from its node config, for error replies sent before its policy is read.
 
     Parameters
     ----------
     node : mapping
         The SuperNode's node config.
+    site_dirs : sequence of str, optional
+        Simulation only: every virtual site's folder, by partition id (default None).
 
     Returns
     -------
     str
-        ``site-name``; in simulation ``site-<partition-id>``; else ``"unknown"``.
+        ``site-name``; in simulation the partition's folder name (as the site names itself),
+        or ``site-<partition-id>`` without ``site_dirs``; else ``"unknown"``.
     """
     if NODE_SITE_NAME in node:
         return str(node[NODE_SITE_NAME])
     if NODE_PARTITION_ID in node:
-        return f"site-{node[NODE_PARTITION_ID]}"
+        index = node[NODE_PARTITION_ID]
+        if site_dirs is not None and isinstance(index, int) and 0 <= index < len(site_dirs):
+            return PurePath(site_dirs[index]).name
+        return f"site-{index}"
     return "unknown"

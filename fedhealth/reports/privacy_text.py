@@ -142,6 +142,21 @@ def check_sentence(report: PrivacyReport) -> str:
     )
     if report.withheld:
         out += f" Not recomputed here (history kept at the site): {', '.join(report.withheld)}."
+    above = [
+        (s.site, r.independent_epsilon, s.epsilon_cap)
+        for s in report.sites
+        for r in s.rows
+        if r.independent_epsilon is not None and r.independent_epsilon > s.epsilon_cap
+    ]
+    if above:
+        site, eps, cap = max(above, key=lambda a: a[1] / a[2])
+        out += (
+            f" dp-accounting's figure is above the cap at {len({a[0] for a in above})} site(s) "
+            f"(at most {eps:.3f} against {site}'s cap {cap:g}, +{100 * (eps / cap - 1):.2f}%): "
+            "the two libraries evaluate the Renyi DP curve at different orders and convert it "
+            "to (epsilon, delta) with their own bounds, within the 1% above; each site enforces "
+            "its cap with its own accountant (Opacus), whose figure is at or below it."
+        )
     return out
 
 

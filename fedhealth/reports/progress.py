@@ -137,10 +137,13 @@ def quiet_console(log_file: Path) -> Iterator[Path]:
     }
     loggers = [logging.getLogger(name or None) for name in sorted(names)]
     kept = {lg.name: [h for h in lg.handlers if _is_terminal(h)] for lg in loggers}
+    propagate = {lg.name: lg.propagate for lg in loggers}
     for lg in loggers:
         for h in kept[lg.name]:
             lg.removeHandler(h)
         lg.addHandler(handler)
+        if lg is not logging.root:  # its records reach the file here, not again through root
+            lg.propagate = False
     logging.captureWarnings(True)
     try:
         yield log_file
@@ -148,6 +151,7 @@ def quiet_console(log_file: Path) -> Iterator[Path]:
         logging.captureWarnings(False)
         for lg in loggers:
             lg.removeHandler(handler)
+            lg.propagate = propagate[lg.name]
             for h in kept[lg.name]:
                 lg.addHandler(h)
         handler.close()

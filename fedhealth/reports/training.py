@@ -40,7 +40,8 @@ def training_report(run_dir: Path | str, baselines: dict[str, Any] | None = None
         ``sites`` -> Dice (and ``dice-<k>``), ``rejected``/``failed``/``refused`` with reasons),
         ``final`` (site -> Dice of the last evaluated round), ``cases`` (site -> test cases
         scored; ``training`` the summed training examples when the secure sum released it),
-        ``baselines``, ``privacy_report`` (file name, when written).
+        ``baselines``, ``privacy_report`` (file name, when written), ``refused`` (round ->
+        site -> reason, rounds that never completed included).
 
     Raises
     ------
@@ -89,6 +90,7 @@ def training_report(run_dir: Path | str, baselines: dict[str, Any] | None = None
         "final": final,
         "cases": {"test": cases, "training": training},
         "baselines": baselines or {},
+        "refused": {str(r): sites for r, sites in sorted(refused.items())},
         "privacy_report": "privacy-report.html"
         if (path / "privacy-report.html").is_file()
         else None,
@@ -213,17 +215,30 @@ def to_html(report: dict[str, Any]) -> str:
         + [_cell(report["baselines"][m].get(site)) for m in models]
         for site, d in sorted(report["final"].items())
     ]
-    events = [
-        [str(r["round"]), kind, site, reason]
-        for r in report["rounds"]
-        for kind in ("rejected", "refused")
-        for site, reason in sorted(r[kind].items())
-    ] + [
-        [str(r["round"]), f"failed ({phase})", str(n), ""]
-        for r in report["rounds"]
-        for phase, n in r["failed"].items()
-        if n
-    ]
+    events = (
+        [
+            [str(r["round"]), "rejected", site, reason]
+            for r in report["rounds"]
+            for site, reason in sorted(r["rejected"].items())
+        ]
+        + [  # from the privacy table: also rounds every site refused (no metrics line)
+            [server_round, "refused", site, reason]
+            for server_round, sites in report.get("refused", {}).items()
+            for site, reason in sorted(sites.items())
+        ]
+        + [
+            [
+                str(r["round"]),
+                f"failed ({phase})",
+                f"{n} site(s)",
+                "an error reply, or no reply in time: the run's log names each site",
+            ]
+            for r in report["rounds"]
+            for phase, n in r["failed"].items()
+            if n
+        ]
+    )
+    events.sort(key=lambda row: int(row[0]))  # by round; within one, as listed above
     link = html.escape(report["privacy_report"] or "")
     privacy = (
         f'<p>Privacy: <a href="{link}">the privacy budget report</a>.</p>'

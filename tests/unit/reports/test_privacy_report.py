@@ -109,3 +109,15 @@ def test_cli_report_and_a_forged_figure_fails_the_check(ledger_root, capsys):
         + "\n"
     )
     assert main(["report", "privacy", str(ledger_root / "forged")]) == 1
+
+
+def test_an_independent_figure_above_the_cap_is_explained_not_left_bare(ledger_root):
+    from fedhealth.reports.privacy_text import check_sentence
+
+    rep = report.load(ledger_root)
+    assert "above the cap" not in check_sentence(rep)
+    site = rep.sites[0]
+    site.epsilon_cap = site.rows[-1].independent_epsilon * 0.999  # dp-accounting 0.1% above
+    sentence = check_sentence(rep)
+    assert "above the cap at 1 site(s)" in sentence and site.site in sentence
+    assert "+0.10%" in sentence and "Opacus" in sentence

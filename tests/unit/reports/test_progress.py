@@ -45,16 +45,23 @@ def test_library_lines_and_warnings_go_to_the_log_file_not_the_terminal(tmp_path
     printing = logging.StreamHandler(terminal)
     flwr.addHandler(printing)
     flwr.setLevel(logging.INFO)
+    ours = logging.getLogger("fedhealth")
+    level, before = ours.level, (ours.propagate, list(ours.handlers))
+    ours.setLevel(logging.INFO)  # as the CLI sets it
     try:
         with quiet_console(tmp_path / "run" / "simulate.log") as log_file:
             flwr.info("Flower chatter")
             logging.getLogger("ray").warning("Ray chatter")
+            logging.getLogger("fedhealth.coordinator").info("our own line")
             warnings.warn("a library's warning", UserWarning, stacklevel=1)
         flwr.info("after the run")
     finally:
         flwr.removeHandler(printing)
+        ours.setLevel(level)
     text = log_file.read_text()
     assert "Flower chatter" in text and "Ray chatter" in text and "a library's warning" in text
     assert "after the run" not in text
+    assert text.count("our own line") == 1, "a propagating logger's line is written once"
+    assert (ours.propagate, ours.handlers) == before, "the fedhealth logger is as it was"
     assert terminal.getvalue() == "after the run\n", "the terminal handler is back afterwards"
     assert "chatter" not in capsys.readouterr().err

@@ -79,6 +79,19 @@ def test_the_html_embeds_drawn_plots_tables_and_the_privacy_link(run_dir):
     assert json.loads(paths["json"].read_text())["final"] == {"site-a": 0.7}
 
 
+def test_the_html_names_failures_and_refusals_of_rounds_that_never_completed(run_dir):
+    page = write_training_report(run_dir)["html"].read_text()
+    row = "<tr><td>3</td><td>failed (train)</td><td>1 site(s)</td><td>an error reply"
+    assert row in page  # a count, said as one, with where to find the names
+    refusals = [{"round": 1, "site": s, "status": "refused", "reason": "budget"} for s in "xy"]
+    (run_dir / "privacy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refusals))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 0}) + "\n")  # none completed
+    page = write_training_report(run_dir)["html"].read_text()
+    assert "every site took part" not in page
+    for site in "xy":
+        assert f"<td>1</td><td>refused</td><td>{site}</td><td>budget</td>" in page
+
+
 def test_report_training_command_merges_baseline_files(run_dir, tmp_path, capsys):
     base = tmp_path / "centralized.json"
     base.write_text(json.dumps({"centralized": {"site-a": 0.9, "pooled": 0.9}}))
