@@ -92,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run ``fedhealth simulate``: the federation on the simulation engine, then its reports."""
     from fedhealth.config import compose
     from fedhealth.runs.rundir import read_metrics
-    from fedhealth.simulation import simulate
+    from fedhealth.simulation import SITES_LOG, simulate
 
     if args.info:
         from fedhealth.config import config_groups
@@ -120,6 +120,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         line for line in read_metrics(run_dir.path) if line.get("evaluate", {}).get("sites")
     ]
     print(f"\nrun directory: {run_dir.path.resolve()}")
+    print(f"site logs: {run_dir.path.resolve() / SITES_LOG}")
     if evaluated:
         last = evaluated[-1]
         print(

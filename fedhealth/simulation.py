@@ -54,6 +54,8 @@ def ensure_sites(cfg: Config) -> list[Path]:
     return dirs
 
 
+SITES_LOG = "sites.log"
+"""Every virtual site's own log lines, in the run directory (each site names itself)."""
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_ACCEL_ENV = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 
@@ -196,7 +198,11 @@ def simulate(
         run_simulation(
             server_app=make_server_app(cfg, run_dir),
             client_app=make_client_app(
-                tuple(map(str, dirs)), cfg.privacy, client_mods, device=cfg.train.device
+                tuple(map(str, dirs)),
+                cfg.privacy,
+                client_mods,
+                device=cfg.train.device,
+                site_log=str(run_dir.path.resolve() / SITES_LOG),
             ),
             num_supernodes=cfg.sites,
             backend_config=backend,

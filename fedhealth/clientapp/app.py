@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedhealth.clientapp.sitelog import install_site_logging
+from fedhealth.clientapp.sitelog import install_site_logging, log_to_file
 from fedhealth.protocol.keys import STAGES
 
 if TYPE_CHECKING:  # torch, MONAI and Opacus load only where a handler needs them, so the light
@@ -26,6 +26,7 @@ def make_client_app(
     privacy: PrivacyConfig | None = None,
     mods: list[Mod] | None = None,
     device: str = "auto",
+    site_log: str | None = None,
 ) -> ClientApp:
     """Build the site's ClientApp and give its process the site log.
 
@@ -46,6 +47,9 @@ def make_client_app(
     device : str, default "auto"
         Simulation: where every virtual site trains (``train.device``); a deployed site's
         node config ``device`` (site.yaml) wins.
+    site_log : str, optional
+        Simulation: a file every virtual site's process appends its site log to
+        (:func:`fedhealth.clientapp.sitelog.log_to_file`; default None: stderr only).
 
     Returns
     -------
@@ -56,16 +60,22 @@ def make_client_app(
     install_site_logging(events=site_dirs is None)  # simulation: no site daemon reads events
     app = ClientApp(mods=mods or [])
 
+    def logged() -> None:  # in the process that handles the message (a Ray worker)
+        if site_log is not None:
+            log_to_file(site_log)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
+        logged()
         return handlers.handle(msg, context, "train", site_dirs, privacy, device)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         from fedhealth.clientapp import handlers
 
+        logged()
         return handlers.handle(msg, context, "evaluate", site_dirs, privacy, device)
 
     from fedhealth.clientapp.secagg_stages import handle_stage
@@ -73,6 +83,7 @@ def make_client_app(
     for stage in STAGES:
 
         def run_stage(msg: Message, context: Context, stage: str = stage) -> Message:
+            logged()
             return handle_stage(msg, context, stage, site_dirs, privacy, device)
 
         app.train(stage)(run_stage)

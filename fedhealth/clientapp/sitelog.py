@@ -146,3 +146,35 @@ def install_site_logging(stream: TextIO | None = None, *, events: bool = True) -
     site_log.setLevel(logging.INFO)
     site_log.propagate = False
     return handler
+
+
+_LOG_FILE: dict[str, logging.Handler] = {}
+
+
+def log_to_file(path: str) -> None:
+    """Append this process's site log to ``path`` too (one such file per process at a time).
+
+    A simulation's virtual sites run in Ray's worker processes, whose stderr goes to Ray's own
+    log folder: with this, every site's lines (the data file that could not be read, a
+    refusal and its limit) land in the run directory instead. Appends are whole lines; a
+    worker that serves another run next writes to that run's file only.
+
+    Parameters
+    ----------
+    path : str
+        The log file (created, or appended to).
+    """
+    if path in _LOG_FILE:
+        return
+    site_log = logging.getLogger(SITE_LOGGER)
+    for old in _LOG_FILE.values():
+        site_log.removeHandler(old)
+        old.close()
+    _LOG_FILE.clear()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(HUMAN_FORMAT))
+    handler.setLevel(logging.INFO)
+    site_log.addHandler(handler)
+    if site_log.getEffectiveLevel() > logging.INFO:
+        site_log.setLevel(logging.INFO)
+    _LOG_FILE[path] = handler

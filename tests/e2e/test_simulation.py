@@ -148,6 +148,8 @@ def test_a_site_with_a_corrupt_scan_fails_alone_and_the_run_goes_on(cohort, tmp_
         assert set(line["evaluate"]["sites"]) == {"site-0", "site-2"}
         assert line["train"]["failed"] == line["evaluate"]["failed"] == 1
     assert run.manifest["rounds_completed"] == 2 and run.manifest["finished"]
+    sites_log = (run.path / "sites.log").read_text()  # not only in Ray's own log folder
+    assert str(victim) in sites_log and "site site-1" in sites_log, sites_log[-2000:]
 
 
 def _address(hex_address: str) -> str:
@@ -358,7 +360,8 @@ def test_ctrl_c_exits_130_at_once_and_the_same_command_resumes(cohort, tmp_path)
             if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2:
                 break  # round 1 completed: the run is mid-way
             time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be interrupted: {proc.stderr.read()}")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)  # it used to hang here for good
     finally:
