@@ -5,6 +5,7 @@
     fedhealth baseline centralized|local [...]   the comparison points for federation
     fedhealth predict --model RUN --data D --out O   segment a hospital's scans (its own grid)
     fedhealth report privacy <run dir | ledger>  privacy budget report for a privacy officer
+    fedhealth report training <run dir>          training report: Dice per site, loss, plots
     fedhealth certs init|site|check              consortium CA, coordinator TLS, site keys
     fedhealth site run|check|status --config site.yaml        the hospital's daemon
     fedhealth server run|launch --config coordinator.yaml     the coordinator service, runs
@@ -256,7 +257,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``fedhealth`` argument parser with every subcommand."""
-    parser = _Parser(prog="fedhealth", description=__doc__)
+    parser = _Parser(prog="fedhealth", description=(__doc__ or "").replace("``", "`"))
     parser.add_argument(
         "-v",
         "--verbose",

@@ -8,6 +8,7 @@ What crosses the network is never this object: :func:`flatten` turns it into pla
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -175,49 +176,54 @@ def validate(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-MAX_SW_OVERLAP = 0.9  # windows overlap by at most 90%: 0.999 would step one voxel at a time
-MAX_RES_UNITS = 8  # residual units per U-Net level: each adds two convolutions' activations
+MAX_SW_OVERLAP, MAX_RES_UNITS = 0.9, 8  # 0.999 overlap: windows one voxel apart; units/level
 
 
 def _check_ranges(cfg: Config) -> None:
-    checks = {
-        "sites": cfg.sites >= 1,
-        "rounds": cfg.rounds >= 1,
-        "data.train_per_site": cfg.data.train_per_site >= 1,
-        "data.test_per_site": cfg.data.test_per_site >= 1,
-        "data.patch_size": cfg.data.patch_size >= 16 and cfg.data.patch_size % 4 == 0,
-        "data.fov": cfg.data.fov >= 16,
-        "data.target_spacing": cfg.data.target_spacing > 0,
-        "data.sw_overlap": 0 <= cfg.data.sw_overlap <= MAX_SW_OVERLAP,
-        "model.num_res_units": 0 <= cfg.model.num_res_units <= MAX_RES_UNITS,
-        "train.weight_decay": cfg.train.weight_decay >= 0,
-        "data.sw_batch_size": cfg.data.sw_batch_size >= 1,
-        "train.local_epochs": cfg.train.local_epochs >= 1,
-        "train.batch_size": cfg.train.batch_size >= 1,
-        "train.device": re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device) is not None,
-        "federation.gpus_per_site": cfg.federation.gpus_per_site >= 0,
-        "train.lr": cfg.train.lr > 0,
-        "train.lr_decay": 0 < cfg.train.lr_decay <= 1,
-        "strategy.min_sites": 1 <= cfg.strategy.min_sites,
-        "strategy.fraction_train": 0 < cfg.strategy.fraction_train <= 1,
-        "federation.round_timeout": cfg.federation.round_timeout >= 0,
-        "federation.site_link_mbps": cfg.federation.site_link_mbps > 0,
-        "federation.transport_dtype": cfg.federation.transport_dtype
-        in ("float32", "float16", "bfloat16")
-        and (cfg.federation.pack_arrays or cfg.federation.transport_dtype == "float32"),
-        "federation.reply_poll_interval": 0.01 <= cfg.federation.reply_poll_interval <= 10,
-        "federation.rejoin_wait": cfg.federation.rejoin_wait >= 0,
-        "federation.secagg_threshold": 0.5 < cfg.federation.secagg_threshold <= 1,
-        "federation.secagg_max_examples": cfg.federation.secagg_max_examples >= 1,
-        "privacy.epsilon": cfg.privacy.epsilon > 0,
-        "privacy.delta": 0 < cfg.privacy.delta < 1,
-        "privacy.max_grad_norm": cfg.privacy.max_grad_norm > 0,
-        "privacy.accountant": cfg.privacy.accountant in ("rdp", "prv"),
-        "privacy.noise_multiplier": cfg.privacy.noise_multiplier >= 0,
-    }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ConfigError(f"config field(s) out of range: {', '.join(bad)}")
+    d, t, f, p = cfg.data, cfg.train, cfg.federation, cfg.privacy
+    checks = [  # (field, holds, the rule in words)
+        ("sites", cfg.sites >= 1, ">= 1"),
+        ("rounds", cfg.rounds >= 1, ">= 1"),
+        ("data.train_per_site", d.train_per_site >= 1, ">= 1"),
+        ("data.test_per_site", d.test_per_site >= 1, ">= 1"),
+        ("data.patch_size", d.patch_size >= 16 and d.patch_size % 4 == 0, ">= 16, a multiple of 4"),
+        ("data.fov", d.fov >= 16, ">= 16"),
+        ("data.target_spacing", d.target_spacing > 0, "> 0"),
+        ("data.sw_overlap", 0 <= d.sw_overlap <= MAX_SW_OVERLAP, f"in [0, {MAX_SW_OVERLAP}]"),
+        ("model.num_res_units", 0 <= cfg.model.num_res_units <= MAX_RES_UNITS,
+         f"in [0, {MAX_RES_UNITS}]"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("data.sw_batch_size", d.sw_batch_size >= 1, ">= 1"),
+        ("train.local_epochs", t.local_epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+         "auto, cpu, cuda or cuda:N"),
+        ("federation.gpus_per_site", f.gpus_per_site >= 0, ">= 0"),
+        ("train.lr", t.lr > 0, "> 0"),
+        ("train.lr_decay", 0 < t.lr_decay <= 1, "in (0, 1]"),
+        ("strategy.min_sites", 1 <= cfg.strategy.min_sites, ">= 1"),
+        ("strategy.fraction_train", 0 < cfg.strategy.fraction_train <= 1, "in (0, 1]"),
+        ("federation.round_timeout", f.round_timeout >= 0, ">= 0"),
+        ("federation.site_link_mbps", f.site_link_mbps > 0, "> 0"),
+        ("federation.transport_dtype", f.transport_dtype in ("float32", "float16", "bfloat16")
+         and (f.pack_arrays or f.transport_dtype == "float32"),
+         "float32, float16 or bfloat16; 16 bits need federation.pack_arrays"),
+        ("federation.reply_poll_interval", 0.01 <= f.reply_poll_interval <= 10, "in [0.01, 10]"),
+        ("federation.rejoin_wait", f.rejoin_wait >= 0, ">= 0"),
+        ("federation.secagg_threshold", 0.5 < f.secagg_threshold <= 1, "in (0.5, 1]"),
+        ("federation.secagg_max_examples", f.secagg_max_examples >= 1, ">= 1"),
+        ("privacy.epsilon", p.epsilon > 0, "> 0"),
+        ("privacy.delta", 0 < p.delta < 1, "in (0, 1)"),
+        ("privacy.max_grad_norm", p.max_grad_norm > 0, "> 0"),
+        ("privacy.accountant", p.accountant in ("rdp", "prv"), "rdp or prv"),
+        ("privacy.noise_multiplier", p.noise_multiplier >= 0, ">= 0"),
+    ]  # fmt: skip
+    if bad := [
+        f"{name}={functools.reduce(getattr, name.split('.'), cast(Any, cfg))!r} ({rule})"
+        for name, ok, rule in checks
+        if not ok
+    ]:
+        raise ConfigError(f"config field(s) out of range: {'; '.join(bad)}")
 
 
 def to_yaml(cfg: Config) -> str:

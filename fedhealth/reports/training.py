@@ -215,6 +215,13 @@ def to_html(report: dict[str, Any]) -> str:
         + [_cell(report["baselines"][m].get(site)) for m in models]
         for site, d in sorted(report["final"].items())
     ]
+    weighted = [r["dice"] for r in report["rounds"] if r["dice"] is not None]
+    if final_rows and weighted:  # the last evaluated round's, weighted by test cases
+        cases = [c for c in report["cases"]["test"].values() if isinstance(c, int)]
+        final_rows.append(
+            ["weighted", _cell(weighted[-1]), _cell(sum(cases) if cases else None)]
+            + [_cell(report["baselines"][m].get("pooled")) for m in models]
+        )
     events = (
         [
             [str(r["round"]), "rejected", site, reason]

@@ -260,6 +260,6 @@ def test_a_threshold_of_half_the_share_holders_is_refused(flower_identity, thres
 def test_the_coordinator_never_asks_for_a_threshold_of_half():
     from fedhealth.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="federation.secagg_threshold"):
-        compose(["federation.secagg_threshold=0.5"])
+    with pytest.raises(ConfigError, match=r"federation.secagg_threshold=0.5 \(in \(0.5, 1\]\)"):
+        compose(["federation.secagg_threshold=0.5"])  # the value and the rule, named
     assert compose(["federation.secagg_threshold=0.51"]).federation.secagg_threshold == 0.51

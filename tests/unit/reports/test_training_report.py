@@ -76,6 +76,7 @@ def test_the_html_embeds_drawn_plots_tables_and_the_privacy_link(run_dir):
     assert '<a href="privacy-report.html">' in page
     assert "<td>site-b</td><td>budget</td>" in page and "non-finite update" in page
     assert "<th>local:site-a</th>" in page and "<td>0.6500</td>" in page
+    assert "<tr><td>weighted</td><td>0.7000</td><td>4</td>" in page  # round 3: site-a alone
     assert json.loads(paths["json"].read_text())["final"] == {"site-a": 0.7}
 
 
