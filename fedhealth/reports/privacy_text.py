@@ -29,11 +29,22 @@ def explanation(report: PrivacyReport) -> str:
     """
     trained = [s for s in report.sites if any(r.status == "trained" for r in s.rows)]
     if not trained:
+        spent = sorted(
+            {s.site for s in report.sites for r in s.rows if r.reason.startswith("budget")}
+        )
         return (
             "What these numbers mean for patients. No hospital trained the shared model with "
             "differential privacy in this report: every site refused (see the reasons) or "
-            "trained without it. There is no epsilon to quote, and nothing here is a privacy "
-            "guarantee." + unit_sentences(report)
+            "trained without it. There is no epsilon to quote for this run, and nothing here is "
+            "a privacy guarantee."
+            + (
+                f" Refused for a spent budget: {', '.join(spent)}. Such a site's ledger already "
+                "holds earlier runs' epsilon up to its cap, which only the site's own ledger "
+                "report shows (fedhealth report privacy <its ledger.sqlite>)."
+                if spent
+                else ""
+            )
+            + unit_sentences(report)
         )
     eps, delta = sorted({(s.epsilon_cap, s.delta) for s in trained})[0]
     return (

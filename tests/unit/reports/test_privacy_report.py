@@ -121,3 +121,13 @@ def test_an_independent_figure_above_the_cap_is_explained_not_left_bare(ledger_r
     sentence = check_sentence(rep)
     assert "above the cap at 1 site(s)" in sentence and site.site in sentence
     assert "+0.10%" in sentence and "Opacus" in sentence
+
+
+def test_a_run_every_site_refused_for_budget_points_to_the_ledgers(tmp_path):
+    from fedhealth.reports.privacy_text import explanation
+
+    rows = [{"round": 1, "site": s, "status": "refused", "reason": "budget"} for s in "ab"]
+    (tmp_path / "privacy.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = explanation(report.load(tmp_path))
+    assert "No hospital trained" in text
+    assert "Refused for a spent budget: a, b." in text and "ledger.sqlite" in text
