@@ -113,6 +113,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"strategy {cfg.strategy.name}, model {cfg.model.name}",
         flush=True,
     )
+    manifest = Path(cfg.run_root) / str(cfg.run_name) / "manifest.json"
+    if cfg.run_name and manifest.is_file() and json.loads(manifest.read_text()).get("finished"):
+        print(f"run {cfg.run_name} already finished: nothing trained; its results and reports")
     try:
         run_dir = simulate(cfg, console=None if args.verbose else _console(cfg.rounds))
     except KeyboardInterrupt:

@@ -36,6 +36,11 @@ __all__ = ["Tracker", "attach", "metrics_of_line", "store_uri", "ui_hint"]
 log = logging.getLogger("fedhealth.tracking")
 
 
+# MLflow's own SQLite store query uses SQLAlchemy's deprecated ``noload`` strategy: a notice
+# for MLflow's developers, not for a run's user (mlflow/store/tracking); every MlflowClient here.
+warnings.filterwarnings("ignore", message=".*``noload`` loader strategy is deprecated")
+
+
 def store_uri(cfg: Config) -> tuple[str, str | None]:
     """Return the tracking URI and, for the offline store, its artifact location.
 
@@ -112,9 +117,6 @@ class Tracker:
     def __init__(self, run_dir: RunDir, cfg: Config) -> None:
         for chatter in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(chatter).setLevel(logging.WARNING)  # "creating tables", per store
-        # MLflow's own SQLite store query uses SQLAlchemy's deprecated ``noload`` strategy: a
-        # notice for MLflow's developers, not for a run's user (mlflow/store/tracking).
-        warnings.filterwarnings("ignore", message=".*``noload`` loader strategy is deprecated")
         from mlflow.tracking import MlflowClient
 
         self.uri, artifacts = store_uri(cfg)
