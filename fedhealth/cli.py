@@ -124,7 +124,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         line for line in read_metrics(run_dir.path) if line.get("evaluate", {}).get("sites")
     ]
     print(f"\nrun directory: {run_dir.path.resolve()}")
-    print(f"site logs: {run_dir.path.resolve() / SITES_LOG}")
+    if (run_dir.path / SITES_LOG).is_file():
+        print(f"site logs: {run_dir.path.resolve() / SITES_LOG}")
     if evaluated:
         last = evaluated[-1]
         print(

@@ -53,7 +53,7 @@ def evaluate_model(
     PolicyRefused
         The site's ``policy.release`` lacks ``evaluation`` (reply 1007 ``[policy: release]``):
         the metrics of any model the coordinator sends are un-noised statistics of the site's
-        test cases, so a site may withhold them; nothing is read or evaluated then.
+        test cases, so a site may withhold them; no image is read or evaluated then.
     """
     if not site.policy.releases("evaluation"):
         refuse(site.name, "release", f"round {server_round}: evaluation is not in policy.release")
@@ -95,11 +95,14 @@ def folded_evaluation(
     -------
     dict of str to (int or float)
         :func:`evaluate_model`'s metrics, prefixed ``eval-``; empty when the instruction has
-        no ``evaluate-round``, the site's ``policy.release`` lacks ``evaluation`` (nothing is
-        evaluated), or the evaluation failed (logged: the update is still sent).
+        no ``evaluate-round`` or the evaluation failed (logged: the update is still sent);
+        only ``eval-withheld`` = 1 when the site's ``policy.release`` lacks ``evaluation``
+        (nothing is evaluated; the coordinator counts no failure).
     """
-    if instruction.evaluate_round is None or not site.policy.releases("evaluation"):
+    if instruction.evaluate_round is None:
         return {}
+    if not site.policy.releases("evaluation"):
+        return {f"{K.FOLDED_PREFIX}{K.EVALUATION_WITHHELD}": 1}
     evaluate_round = instruction.evaluate_round
     try:
         emit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +61,10 @@ class Site:
         """Seed a release's DP noise from the site's own seed, if the site set one.
 
         The seed covers every instruction field but the run's key (the run config, round, FedProx
-        mu, ...) and the dataset: a coordinator that renames its run and changes any setting, or
-        asks again after the data changed, never gets the same noise on another computation to
-        subtract away. (It does not cover the global model, which two runs meant to match
-        aggregate in their own float order: a seeded site's noise is reproducible by design,
-        which is why the setting is for tests only.)
+        mu, ...) and the dataset: a changed setting, or a patient fewer, gets other noise. It does
+        not cover the global model (two runs meant to match aggregate in their own float order),
+        so another model for the same round, charged again, gets the same noise: a seeded site's
+        noise is reproducible by design, which is why the setting is for tests only.
 
         Parameters
         ----------
@@ -307,15 +307,18 @@ def model_digest(arrays: ArrayRecord) -> str:
 
 def _integer(value: ConfigRecordValues, key: str) -> int:
     number = _number(value, key)
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise ConfigError(f"instruction field '{key}'={value!r}: not an integer")
     return int(number)
 
 
+MAX_ROUND = 1_000_000  # a round number beyond any run's (and within SQLite's integers)
+
+
 def _round(value: ConfigRecordValues, key: str) -> int:
     number = _integer(value, key)
-    if number < 0:
-        raise ConfigError(f"instruction field '{key}'={value!r}: a round number is never negative")
+    if not 0 <= number <= MAX_ROUND:
+        raise ConfigError(f"instruction field '{key}'={value!r}: not a round in [0, {MAX_ROUND}]")
     return number
 
 

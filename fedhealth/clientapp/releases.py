@@ -12,8 +12,8 @@ storing, nothing left the site, and training again is a first release.
 Stored in safetensors (no pickle) beside the ledger, ``<ledger dir>/releases/``, owner-only;
 only the last two rounds of a run are kept. An older update's file is replaced by an empty
 ``.purged`` marker (written before the update is deleted): a coordinator that asks for that
-round again with the same global model (no new charge) is refused instead of getting a
-second, freshly noised release.
+round again with the same global model (no new charge) is refused (1007 ``[policy:
+released]``) instead of getting a second, freshly noised release.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedhealth.errors import LedgerError
+from fedhealth.errors import LedgerError, PolicyRefused
 from fedhealth.privacy.ledger import Entry
 
 __all__ = ["ReleaseStore", "resend"]
@@ -112,15 +112,19 @@ class ReleaseStore:
         Raises
         ------
         LedgerError
-            The stored file exists but cannot be read, or was purged (the site must not train
-            again then: that would be a second release).
+            The stored file exists but cannot be read (the site must not train again then:
+            that would be a second release).
+        PolicyRefused
+            The update was released and later purged (reply 1007 ``[policy: released]``).
         """
         path = self._path(run, server_round, entry)
         if not path.is_file() and path.with_suffix(PURGED).is_file():
-            raise LedgerError(
+            raise PolicyRefused(
                 f"{path.with_suffix(PURGED)}: round {server_round} of this run was released and "
                 f"its update deleted (only the last {KEEP_ROUNDS} rounds are kept); refusing to "
-                "train it again (it would be a second release under one charge)"
+                "train it again (a second release under one charge). A run started over needs "
+                "a new run_name. Nothing was trained or charged.",
+                field="released",
             )
         if not path.is_file():
             return None

@@ -332,11 +332,23 @@ class RunDir:
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """Return the JSON objects of a JSON-lines file, in order; none if it does not exist."""
+    """Return the JSON objects of a JSON-lines file, in order; none if it does not exist.
+
+    A last line cut short by a crash or Ctrl-C mid-write (no newline after it, not JSON) is
+    left out: :func:`fedhealth.io.append_line` loses at most the line being written. Any other
+    line that is not JSON raises (``json.JSONDecodeError``, a ``ValueError``).
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:

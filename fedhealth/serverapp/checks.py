@@ -30,8 +30,7 @@ from fedhealth.serverapp.replies import (
 log = logging.getLogger("fedhealth.coordinator")
 
 TRAIN_METRICS: Final = (K.NUM_EXAMPLES,)
-"""What a plain train reply must report (FedAvg's weight); its loss only if the site releases
-it. Beside a masked update a site reports neither: both are inside the secure sum."""
+"""What a plain train reply must report (FedAvg's weight); beside a masked update, nothing."""
 EVALUATE_METRICS: Final = (K.NUM_EXAMPLES, K.DICE, K.LOSS)
 """What an evaluation (its own reply, or folded into a train reply) must report."""
 EVALUATE_BOUNDS: Final = {K.dice_of_class(k): (0.0, 1.0) for k in range(1, K.MAX_CLASSES)}
@@ -264,12 +263,14 @@ def check_folded_evaluation(
     name : str
         The site's name.
     metrics : dict[str, MetricRecordValues]
-        The evaluation's metrics, prefix removed; empty when the site sent none (a failure).
-    max_examples : int
-        Upper bound on the example count.
-    server_round : int
-        The evaluated round, for the log.
+        The evaluation's metrics, prefix removed: none, a failure; only ``withheld``, the site's
+        policy withholds its evaluation (not a failure).
+    max_examples, server_round : int
+        Upper bound on the example count; the evaluated round, for the log.
     """
+    if metrics.get(K.EVALUATION_WITHHELD):
+        log.info("round %d evaluate: site %s withholds its evaluation", server_round, name)
+        return
     if not metrics:
         entry.failed["evaluate"] += 1
         log.warning("round %d evaluate: site %s trained but sent no evaluation", server_round, name)

@@ -294,8 +294,8 @@ def sort_replies(
             continue
         if msg.error.code in REFUSALS and phase == "train":
             entry.refused[node_names.get(node, f"node-{node}")] = refusal(msg.error.reason)
-        else:
-            entry.failed[phase] += 1
+        elif phase != "evaluate" or refusal(msg.error.reason) != "policy: release":
+            entry.failed[phase] += 1  # (a site whose policy withholds evaluation: not failed)
         log.warning(  # the reason is the site's text: shortened, quoted
             "round %d %s: node %d replied with error %d: %r",
             server_round,

@@ -97,6 +97,10 @@ def _check_policy(s: SiteSettings) -> CheckItem:
         f"at most {p.max_model_parameters:,} parameters, patch {p.max_patch_size}, grid >= "
         f"{p.min_target_spacing:g} mm, batch {p.max_batch_size}, {p.max_sw_batch_size} windows",
         f"releases also {p.release}" if p.release else "releases only the minimum",
+        ""
+        if p.releases("evaluation")
+        else "evaluation withheld (no 'evaluation' in release): this site refuses evaluate "
+        "instructions and the consortium gets no Dice from it",
     ]
     return CheckItem("policy", True, "; ".join(item for item in limits if item))
 

@@ -52,7 +52,7 @@ def replay_after_purge(site: Site) -> Row:
         "replay after the update was purged",
         "round 1, then round 3 (the site keeps only the last 2 rounds' updates), then round 1 "
         "again with the same global model (already charged: no new entry)",
-        "refused (reply 1005): never trained again under the first charge",
+        "refused (reply 1007 [policy: released]): never trained again under the first charge",
     )
 
     def ask(server_round: int) -> Any:
@@ -68,7 +68,8 @@ def replay_after_purge(site: Site) -> Row:
         bool(first)
         and bool(third)
         and reply.has_error()
-        and reply.error.code == 1005
+        and reply.error.code == 1007
+        and reply.error.reason.endswith("[policy: released]")
         and len(charged) == 2
     )
     row.happened = "refused, nothing trained or charged" if row.refused else "a second release"

@@ -120,6 +120,8 @@ def out_of_range_fields(site: Site) -> Row:
         ("privacy.accountant", "none"),
         (K.PROXIMAL_MU, -1.0),
         (K.SERVER_ROUND, -1),
+        (K.SERVER_ROUND, float("inf")),
+        (K.SERVER_ROUND, 1e300),
         (K.EVALUATE_ROUND, -2),
     ]
     row = Row(

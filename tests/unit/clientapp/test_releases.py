@@ -137,7 +137,8 @@ def test_a_purged_round_asked_again_is_refused_not_trained_again(cohort, tmp_pat
         _train(cohort, tmp_path / "ledger", server_round=server_round)
     torch.manual_seed(0)
     _, reply = _train(cohort, tmp_path / "ledger", server_round=1, refused=True)
-    assert reply.error.code == int(ErrorCode.SITE_LEDGER), reply.error
+    assert reply.error.code == int(ErrorCode.SITE_REFUSED_POLICY), reply.error
+    assert reply.error.reason.endswith("[policy: released]"), reply.error.reason
     assert _entries(tmp_path / "ledger") == 2  # nothing charged, nothing trained
     torch.manual_seed(0)
     _, again = _train(cohort, tmp_path / "ledger", server_round=3)  # the kept round: resent

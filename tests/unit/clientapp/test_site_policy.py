@@ -170,11 +170,12 @@ def test_a_site_that_withholds_evaluation_refuses_it_and_folds_none(
     msg.content[K.CONFIG][K.EVALUATE_ROUND] = 0  # evaluation folded into a train instruction
     trained = handlers.handle(msg, context, "train")
     assert not trained.has_error(), trained.error
-    assert not [k for k in trained.content[K.METRICS] if k.startswith(K.FOLDED_PREFIX)]
+    folded = [k for k in trained.content[K.METRICS] if k.startswith(K.FOLDED_PREFIX)]
+    assert folded == [f"{K.FOLDED_PREFIX}{K.EVALUATION_WITHHELD}"]  # said, not evaluated
     released, context = _instruction(cohort / "site-0", tmp_path / "released")  # the default
     released.content[K.CONFIG][K.EVALUATE_ROUND] = 0
-    folded = handlers.handle(released, context, "train").content[K.METRICS]
-    assert f"{K.FOLDED_PREFIX}{K.DICE}" in folded
+    evaluated = handlers.handle(released, context, "train").content[K.METRICS]
+    assert f"{K.FOLDED_PREFIX}{K.DICE}" in evaluated
 
 
 def test_a_bad_policy_value_in_the_node_config_is_refused(cohort, tmp_path, flower_identity):

@@ -196,7 +196,7 @@ def _constants(prefix: str = "") -> dict[str, str]:
 
 RECORD_NAMES = ["ARRAYS", "METRICS", "CONFIG", "SITE", "SECAGG", "MASKED"]
 INSTRUCTION_KEYS = ["SERVER_ROUND", "EVALUATE_ROUND", "RUN_KEY", "PROXIMAL_MU"]
-METRIC_KEYS = ["NUM_EXAMPLES", "LOSS", "DICE", "STEPS", "TRAIN_SECONDS"]
+METRIC_KEYS = ["NUM_EXAMPLES", "LOSS", "DICE", "STEPS", "TRAIN_SECONDS", "EVALUATION_WITHHELD"]
 LEDGER_KEYS = ["LEDGER_ENTRIES", "LEDGER_HEAD", "LEDGER_HEAD_PREV"]
 PRIVACY_KEYS = [
     "EPSILON",
@@ -297,3 +297,24 @@ def test_prefixes_separate_what_they_must():
 def test_instruction_keys_do_not_collide_with_the_run_config_sent_with_them():
     settings = site_settings(compose([]))
     assert not set(settings) & {getattr(K, n) for n in INSTRUCTION_KEYS}
+
+
+def test_a_site_that_withholds_evaluation_is_not_counted_as_failed(flower_identity):
+    """Its policy's choice, folded or in an evaluate phase: no failure, no warning of one."""
+    from fedhealth.errors import PolicyRefused
+    from fedhealth.serverapp.checks import check_folded_evaluation
+
+    entry = RoundLog()
+    check_folded_evaluation(
+        entry, SITE, {K.EVALUATION_WITHHELD: 1}, max_examples=10, server_round=1
+    )
+    check_folded_evaluation(entry, "other", {}, max_examples=10, server_round=1)  # sent none
+    assert entry.failed["evaluate"] == 1 and SITE not in entry.evaluate
+    ins = Message(RecordDict(), NODE, "evaluate")
+    withheld = error_reply(ins, PolicyRefused("no", field="release"), "evaluate", SITE)
+    broken = error_reply(ins, UpdateRejected("bad"), "evaluate", SITE)
+    evaluated = RoundLog()
+    kept = sort_replies(
+        [withheld, broken], server_round=1, phase="evaluate", entry=evaluated, node_names={}
+    )
+    assert kept == [] and evaluated.failed["evaluate"] == 1 and not evaluated.refused

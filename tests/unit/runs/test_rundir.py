@@ -63,3 +63,16 @@ def test_a_run_that_died_before_its_initial_checkpoint_starts_afresh(tmp_path):
     assert again.resumed_from is None and not again.finished
     again.end_round(0, {"w": np.zeros(3, np.float32)})
     assert RunDir.create(cfg).resumed_from == 0  # from here on, a resume
+
+
+def test_a_last_line_cut_mid_write_is_left_out_and_any_other_bad_line_raises(tmp_path):
+    import json as _json
+
+    import pytest
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "tra')  # Ctrl-C mid-append
+    assert read_jsonl(path) == [{"round": 0}, {"round": 1}]
+    path.write_text('{"round": 0}\n{"round": 1, "tra\n{"round": 2}\n')  # not the crash's line
+    with pytest.raises(_json.JSONDecodeError):
+        read_jsonl(path)
