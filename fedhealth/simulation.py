@@ -83,8 +83,11 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
     Ray 2.55 binds its GCS, raylet, object manager and worker gRPC servers to the node's IP
     address; by default that is the host's external address (and ``*`` for some), and it
     replaces ``127.0.0.1`` given as ``_node_ip_address`` by that address unless Ray believes it
-    is not a cluster (:data:`RAY_LOOPBACK_ENV` ``=0``). This sets that switch for this process
-    and its Ray children (and in Ray's constants when ``ray`` is already imported), and turns
+    is not a cluster (:data:`RAY_LOOPBACK_ENV` ``=0``). Ray's ``address="local"`` starts a new
+    instance even when another process on this machine runs one (without it, ``ray.init``
+    joins the cluster ``ray start`` last advertised and refuses ``num_cpus``). This sets that
+    switch for this process and its Ray children (and in Ray's constants when ``ray`` is
+    already imported), and turns
     the dashboard off. Measured with ``ss -ltnp``: loopback only. Ray's processes (the simulated
     sites' actors among them) also inherit glibc's allocator settings of Flower's own processes
     (:data:`~fedhealth.service.process.MALLOC_SETTINGS`, unless this environment sets them): a
@@ -109,7 +112,12 @@ def ray_loopback_args(num_cpus: int) -> dict[str, Any]:
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # imported earlier in this process: the switch was read already
         constants.__dict__["ENABLE_RAY_CLUSTER"] = False
-    return {"num_cpus": num_cpus, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    return {  # "local": a new instance, never one found on this machine (ray_current_cluster)
+        "address": "local",
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "_node_ip_address": "127.0.0.1",
+    }
 
 
 def ray_init_args(cfg: Config) -> dict[str, Any]:

@@ -353,7 +353,17 @@ def test_ctrl_c_exits_130_at_once_and_the_same_command_resumes(cohort, tmp_path)
         "run_name=ctrl-c",
     ]
     run = tmp_path / "ctrl-c"
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def interruptible() -> None:  # pytest-xdist's workers ignore SIGINT; children inherit it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,  # noqa: PLW1509 - no threads in between: only a signal reset
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:

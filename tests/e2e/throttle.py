@@ -73,7 +73,10 @@ class ThrottledLink:
                     pass
 
     def longest_upload(self, gap: float = 1.0) -> tuple[float, int]:
-        """The longest stretch of upstream traffic with no pause over ``gap`` seconds.
+        """The stretch of upstream traffic (no pause over ``gap`` seconds) that carried most bytes.
+
+        (By bytes, not duration: the SuperNode's polls every 0.5 s make long stretches of a few
+        kB, which under load can outlast the update's own upload.)
 
         Returns
         -------
@@ -87,7 +90,7 @@ class ThrottledLink:
             if start is None or t - last > gap:
                 start, total = t, 0
             total, last = total + n, t
-            if last - start > best[0]:
+            if total > best[1]:
                 best = (last - start, total)
         return best
 

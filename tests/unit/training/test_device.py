@@ -64,6 +64,7 @@ def test_the_cpu_keeps_the_sites_secret_generator() -> None:
 def test_simulation_resources_and_cluster_address() -> None:
     local = ray_init_args(compose(["federation.ray_num_cpus=2"]))
     assert local["num_cpus"] == 2 and local["_node_ip_address"] == "127.0.0.1"
+    assert local["address"] == "local"  # never another process's cluster found on this machine
     joined = ray_init_args(compose(["federation.ray_address=10.0.0.5:6379"]))
     assert joined == {"address": "10.0.0.5:6379"}  # the cluster's nodes bring their resources
     on_this_machine = ray_init_args(compose(["federation.ray_address=127.0.0.1:6379"]))
